@@ -1,0 +1,77 @@
+"""Start the real server (`python server.py`) on an ephemeral loopback port and stop it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_LISTEN_RE = re.compile(r"listening on http://[^:]+:(\d+)")
+
+
+class ServerProcess:
+    """A `python server.py` child process bound to 127.0.0.1 on a port the kernel picks."""
+
+    def __init__(self, env: dict[str, str] | None = None, startup_timeout: float = 15.0) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("WSAPP_")}
+        full_env.pop("REDIS_URL", None)
+        full_env.update({"PORT": "0", "HOST": "127.0.0.1", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py")],
+            cwd=ROOT,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.log: list[str] = []
+        self._port_found = threading.Event()
+        self.port = 0
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        if not self._port_found.wait(startup_timeout):
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            match = _LISTEN_RE.search(line)
+            if match and not self._port_found.is_set():
+                self.port = int(match.group(1))
+                self._port_found.set()
+        self._port_found.set()
+
+    def http(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def ws(self, path: str = "/") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def terminate(self) -> None:
+        """Send SIGTERM (graceful drain) without waiting."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+
+    def log_text(self) -> str:
+        return "".join(self.log)

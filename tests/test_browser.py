@@ -1,0 +1,225 @@
+"""End to end: the chat page in headless Chromium talks to a Python WebSocket client through the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websocket
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.harness import ServerProcess
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+SCREENSHOT = Path("/tmp/wsapp-page.png")
+HOSTILE_TEXT = "<img src=x onerror=alert(1)><b>bold</b>"
+WAIT_SECONDS = 10.0
+
+pytestmark = pytest.mark.chromium
+
+Frame = dict[str, Any]
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    """Debian's Chromium through Debian's chromedriver: explicit paths, so Selenium downloads nothing."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        message = f"needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with tempfile.TemporaryDirectory(prefix="wsapp-chromium-") as profile:
+        options = Options()
+        options.binary_location = str(CHROMIUM)
+        for flag in (
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1000,720",
+            f"--user-data-dir={profile}",
+        ):
+            options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        service = Service(executable_path=str(CHROMEDRIVER), log_output=subprocess.DEVNULL)
+        driver = webdriver.Chrome(service=service, options=options)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def recv_until(
+    conn: websocket.WebSocket, wanted: Callable[[Frame], bool], timeout: float = WAIT_SECONDS
+) -> Frame:
+    """Read JSON frames until one matches; fail with everything seen if none does in time."""
+    deadline = time.monotonic() + timeout
+    seen: list[Frame] = []
+    while (left := deadline - time.monotonic()) > 0:
+        conn.settimeout(left)
+        try:
+            frame = json.loads(conn.recv())
+        except websocket.WebSocketTimeoutException:
+            break
+        seen.append(frame)
+        if wanted(frame):
+            return frame
+    raise AssertionError(f"no matching frame within {timeout} s; got {seen}")
+
+
+def python_client(server: ServerProcess, name: str, room: str) -> tuple[websocket.WebSocket, Frame]:
+    """A websocket-client connection that has joined `room`; returns it and the `joined` frame."""
+    conn = websocket.create_connection(server.ws(f"/ws?name={name}"), timeout=WAIT_SECONDS)
+    recv_until(conn, lambda f: f["type"] == "welcome")
+    conn.send(json.dumps({"type": "join", "room": room}))
+    return conn, recv_until(conn, lambda f: f["type"] == "joined" and f["room"] == room)
+
+
+def wait_for(driver: webdriver.Chrome, condition: Callable[[webdriver.Chrome], Any], what: str) -> Any:
+    return WebDriverWait(driver, WAIT_SECONDS, poll_frequency=0.05).until(condition, f"timed out: {what}")
+
+
+def page_texts(driver: webdriver.Chrome, selector: str) -> list[str]:
+    """textContent of every match, read in one script so a re-render cannot leave stale elements."""
+    script = "return [...document.querySelectorAll(arguments[0])].map((node) => node.textContent);"
+    return driver.execute_script(script, selector)
+
+
+def join_room(driver: webdriver.Chrome, name: str, room: str) -> None:
+    """Fill in the join form of the loaded page and wait until the page is in the room."""
+    for field, value in (("name", name), ("room", room)):
+        box = driver.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    driver.find_element(By.ID, "join-btn").click()
+    wait_for(
+        driver,
+        lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "connected",
+        "page joins its room",
+    )
+
+
+def test_page_chats_with_python_client(server: ServerProcess, browser: webdriver.Chrome) -> None:
+    tag = uuid.uuid4().hex[:8]
+    room, page_name, py_name = f"e2e-{tag}", f"page-{tag}", f"py-{tag}"
+
+    browser.get(server.http("/"))
+    assert browser.find_element(By.ID, "room").get_attribute("value") == "lobby"
+    join_room(browser, page_name, room)
+
+    conn, joined = python_client(server, py_name, room)
+    try:
+        assert page_name in joined["members"]
+
+        wait_for(browser, lambda d: py_name in page_texts(d, "#members li"), "page lists the Python client")
+
+        conn.send(json.dumps({"type": "publish", "room": room, "data": {"text": HOSTILE_TEXT}, "id": "p1"}))
+        recv_until(conn, lambda f: f["type"] == "ack" and f["id"] == "p1")
+        wait_for(
+            browser, lambda d: HOSTILE_TEXT in page_texts(d, "#log .msg .text"), "page shows the message"
+        )
+        # Shown as literal text: the markup in it made no elements and ran no script.
+        assert browser.find_elements(By.CSS_SELECTOR, "#log img, #log b") == []
+        with pytest.raises(NoAlertPresentException):
+            browser.switch_to.alert.text  # noqa: B018 - reading it is what raises when there is no alert
+        assert py_name in page_texts(browser, "#log .msg .from")
+
+        typed = f"hello from the page {tag} <i>é ✓</i>"
+        text_box = browser.find_element(By.ID, "text")
+        text_box.send_keys(typed)
+        browser.find_element(By.ID, "send-btn").click()
+        message = recv_until(conn, lambda f: f["type"] == "message" and f["from"] == page_name)
+        assert message["room"] == room
+        assert message["data"] == {"text": typed}
+        wait_for(
+            browser,
+            lambda d: d.find_elements(By.CSS_SELECTOR, "#log .msg.own[data-state='delivered']"),
+            "page marks its message delivered on ack",
+        )
+        # Own message shown once (rendered locally, not echoed back as well).
+        assert page_texts(browser, "#log .msg .text").count(typed) == 1
+        assert browser.find_element(By.ID, "text").get_attribute("value") == ""
+        browser.save_screenshot(str(SCREENSHOT))
+    finally:
+        conn.close()
+
+    wait_for(
+        browser, lambda d: py_name not in page_texts(d, "#members li"), "page drops the client that left"
+    )
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+
+
+# Keeps every WebSocket the page opens reachable, so the test can cut one as a network drop would.
+TRACK_SOCKETS = """
+window.__sockets = [];
+window.WebSocket = class extends window.WebSocket {
+  constructor(...args) { super(...args); window.__sockets.push(this); }
+};
+"""
+
+
+def test_page_replays_missed_messages_after_reconnect(
+    server: ServerProcess, browser: webdriver.Chrome
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    room, page_name, py_name = f"e2e-{tag}", f"page-{tag}", f"py-{tag}"
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": TRACK_SOCKETS})
+    browser.execute_cdp_cmd("Network.enable", {})
+
+    conn, _ = python_client(server, py_name, room)
+    try:
+        browser.get(server.http("/"))
+        join_room(browser, page_name, room)
+        conn.send(json.dumps({"type": "publish", "room": room, "data": {"text": "before"}, "id": "b"}))
+        wait_for(
+            browser, lambda d: "before" in page_texts(d, "#log .msg .text"), "page shows the first message"
+        )
+
+        # Offline, the page's reconnect attempts fail until the test lets them through.
+        browser.execute_cdp_cmd(
+            "Network.emulateNetworkConditions",
+            {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+        )
+        browser.execute_script("window.__sockets.at(-1).close();")
+        recv_until(
+            conn, lambda f: f["type"] == "presence" and f["event"] == "leave" and f["who"] == page_name
+        )
+        missed = [f"missed {n}" for n in range(3)]
+        for n, text in enumerate(missed):
+            conn.send(json.dumps({"type": "publish", "room": room, "data": {"text": text}, "id": f"m{n}"}))
+            recv_until(conn, lambda f, n=n: f["type"] == "ack" and f["id"] == f"m{n}")
+        assert browser.find_element(By.ID, "status").get_attribute("data-state") != "connected"
+
+        browser.execute_cdp_cmd(
+            "Network.emulateNetworkConditions",
+            {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+        )
+        recv_until(conn, lambda f: f["type"] == "presence" and f["event"] == "join" and f["who"] == page_name)
+        wait_for(
+            browser,
+            lambda d: page_texts(d, "#log .msg .text") == ["before", *missed],
+            "page replays the missed messages once each, in order",
+        )
+        assert browser.find_element(By.ID, "status").get_attribute("data-state") == "connected"
+    finally:
+        conn.close()

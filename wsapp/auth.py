@@ -1,0 +1,67 @@
+"""Pre-upgrade admission: the Origin policy and JWT tokens (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import jwt
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a token says the client is, and which rooms it may join (None = any)."""
+
+    sub: str
+    rooms: frozenset[str] | None
+
+
+class AuthError(Exception):
+    """Missing or invalid token; answered with HTTP 401 before the upgrade."""
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Same-origin pages and clients without Origin are allowed; others must be listed (or `*`)."""
+    if not origin:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if "*" in allowed or origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc or not host:
+        return False
+    default_port = "443" if parts.scheme == "https" else "80"
+    return _with_port(parts.netloc, default_port) == _with_port(host.strip().lower(), default_port)
+
+
+def _with_port(netloc: str, default_port: str) -> str:
+    if netloc.endswith("]") or ":" not in netloc.rsplit("]", 1)[-1]:
+        return f"{netloc}:{default_port}"
+    return netloc
+
+
+def bearer_token(query_token: str | None, authorization: str | None) -> str | None:
+    if query_token:
+        return query_token
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip() or None
+    return None
+
+
+def verify_token(token: str | None, secret: str) -> Identity:
+    """Decode an HS256 JWT that must carry `sub` and `exp`; optional `rooms` list."""
+    if not token:
+        raise AuthError("a token is required (?token= or Authorization: Bearer)")
+    try:
+        claims = jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+    except jwt.PyJWTError as exc:
+        raise AuthError(f"invalid token: {exc}") from None
+    sub = claims["sub"]
+    if not isinstance(sub, str) or not sub:
+        raise AuthError("invalid token: 'sub' must be a non-empty string")
+    rooms = claims.get("rooms")
+    if rooms is not None:
+        if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
+            raise AuthError("invalid token: 'rooms' must be a list of room names")
+        return Identity(sub, frozenset(rooms))
+    return Identity(sub, None)

@@ -1,0 +1,71 @@
+"""In-process history backend: the default, for a single process (no Redis)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+
+class _RoomLog:
+    __slots__ = ("seq", "messages")
+
+    def __init__(self, keep: int) -> None:
+        self.seq = 0
+        self.messages: deque[tuple[int, bytes]] = deque(maxlen=keep)
+
+
+class MemoryBackend:
+    """Sequence numbers and a capped history per room, in this process's memory.
+
+    Rooms nobody is in keep their history so a reconnecting client can catch up, but only the
+    `max_idle_rooms` most recently emptied ones: room names come from clients, memory must not.
+    """
+
+    def __init__(self, history: int, max_idle_rooms: int = 10000) -> None:
+        self._keep = history
+        self._max_idle = max_idle_rooms
+        self._rooms: dict[str, _RoomLog] = {}
+        self._idle: OrderedDict[str, None] = OrderedDict()
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    def _log(self, room: str) -> _RoomLog:
+        log = self._rooms.get(room)
+        if log is None:
+            log = self._rooms[room] = _RoomLog(self._keep)
+        self._idle.pop(room, None)
+        return log
+
+    def next_seq(self, room: str) -> int:
+        log = self._log(room)
+        log.seq += 1
+        return log.seq
+
+    def current_seq(self, room: str) -> int:
+        log = self._rooms.get(room)
+        return log.seq if log else 0
+
+    def append(self, room: str, seq: int, payload: bytes) -> None:
+        if self._keep:
+            self._log(room).messages.append((seq, payload))
+
+    def since(self, room: str, seq: int) -> tuple[list[bytes], bool]:
+        log = self._rooms.get(room)
+        if log is None:
+            return [], seq > 0
+        if seq > log.seq:
+            # The client saw numbers this room never reached: the room was forgotten and restarted.
+            return [payload for _, payload in log.messages], True
+        missed = [payload for s, payload in log.messages if s > seq]
+        oldest_kept = log.messages[0][0] if log.messages else log.seq + 1
+        gone = seq + 1 < oldest_kept and seq < log.seq
+        return missed, gone
+
+    def room_emptied(self, room: str) -> None:
+        if room not in self._rooms:
+            return
+        self._idle[room] = None
+        while len(self._idle) > self._max_idle:
+            old, _ = self._idle.popitem(last=False)
+            del self._rooms[old]

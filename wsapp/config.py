@@ -1,0 +1,138 @@
+"""Settings from the environment (Heroku style) into one frozen object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from wsapp.exceptions import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of the server; build it with `Settings.from_env()` or directly in tests."""
+
+    port: int = 8080
+    host: str = "0.0.0.0"
+    redis_url: str | None = None
+    log_level: str = "INFO"
+    # Frame layer limits (DESIGN.md section 4).
+    max_message_bytes: int = 1024 * 1024
+    max_fragments: int = 16384
+    # Connection limits, checked before the 101.
+    max_connections: int = 20000
+    max_connections_per_ip: int = 1000
+    handshake_timeout: float = 10.0
+    # Per connection: token bucket (0 = off), rooms, JSON nesting.
+    rate_limit: float = 100.0
+    rate_burst: int = 200
+    max_rooms: int = 32
+    max_json_depth: int = 32
+    history: int = 100
+    # Backpressure: frames and bytes waiting for one slow client before it is closed with 1013.
+    send_queue: int = 4096
+    send_queue_bytes: int = 16 * 1024 * 1024
+    slow_consumer_grace: float = 2.0
+    # Liveness and shutdown.
+    ping_interval: float = 20.0
+    ping_timeout: float = 50.0
+    drain_seconds: float = 10.0
+    # Security.
+    allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    jwt_secret: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read PORT, HOST, REDIS_URL, LOG_LEVEL and WSAPP_*; raise ConfigError naming a bad variable."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        settings = cls(
+            port=reader.get("PORT", 8080, _int_range(0, 65535)),
+            host=reader.get("HOST", "0.0.0.0", _nonempty),
+            redis_url=env.get("REDIS_URL") or None,
+            log_level=reader.get("LOG_LEVEL", "INFO", _log_level),
+            max_message_bytes=reader.get("WSAPP_MAX_MESSAGE_BYTES", 1024 * 1024, _int_range(125, 2**40)),
+            max_fragments=reader.get("WSAPP_MAX_FRAGMENTS", 16384, _int_range(0, 2**31)),
+            max_connections=reader.get("WSAPP_MAX_CONNECTIONS", 20000, _int_range(1, 10**7)),
+            max_connections_per_ip=reader.get("WSAPP_MAX_CONNECTIONS_PER_IP", 1000, _int_range(1, 10**7)),
+            handshake_timeout=reader.get("WSAPP_HANDSHAKE_TIMEOUT", 10.0, _float_range(0.1, 3600)),
+            rate_limit=reader.get("WSAPP_RATE_LIMIT", 100.0, _float_range(0, 10**9)),
+            rate_burst=reader.get("WSAPP_RATE_BURST", 200, _int_range(1, 10**9)),
+            max_rooms=reader.get("WSAPP_MAX_ROOMS", 32, _int_range(1, 10**6)),
+            max_json_depth=reader.get("WSAPP_MAX_JSON_DEPTH", 32, _int_range(1, 1000)),
+            history=reader.get("WSAPP_HISTORY", 100, _int_range(0, 10**6)),
+            send_queue=reader.get("WSAPP_SEND_QUEUE", 4096, _int_range(1, 10**7)),
+            send_queue_bytes=reader.get("WSAPP_SEND_QUEUE_BYTES", 16 * 1024 * 1024, _int_range(1024, 2**40)),
+            slow_consumer_grace=reader.get("WSAPP_SLOW_CONSUMER_GRACE", 2.0, _float_range(0, 3600)),
+            ping_interval=reader.get("WSAPP_PING_INTERVAL", 20.0, _float_range(0.05, 86400)),
+            ping_timeout=reader.get("WSAPP_PING_TIMEOUT", 50.0, _float_range(0.05, 86400)),
+            drain_seconds=reader.get("WSAPP_DRAIN_SECONDS", 10.0, _float_range(0, 3600)),
+            allowed_origins=reader.get("WSAPP_ALLOWED_ORIGINS", (), _origins),
+            jwt_secret=env.get("WSAPP_JWT_SECRET") or None,
+        )
+        if settings.ping_timeout <= settings.ping_interval:
+            raise ConfigError("WSAPP_PING_TIMEOUT must be longer than WSAPP_PING_INTERVAL")
+        return settings
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        raw = self._env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _float_range(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _nonempty(raw: str) -> str:
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(part.strip().rstrip("/").lower() for part in raw.split(",") if part.strip())
+    for origin in origins:
+        if origin != "*" and "://" not in origin:
+            raise ValueError(f"origin {origin!r} needs a scheme, e.g. https://example.com")
+    return origins

@@ -1,0 +1,278 @@
+"""One WebSocket connection: the only code that reads from or writes to an upgraded socket.
+
+Reading happens in the connection's own greenlet (the WSGI request greenlet). Writing goes through
+the connection's bounded backlog: `send()` appends a ready-made frame and marks the connection
+dirty; once per event-loop turn the process-wide `Outbox` hands each dirty connection's whole
+backlog to the kernel in one non-blocking `send`. Only when the kernel buffer is full does a
+connection get a writer greenlet of its own, which finishes the job with a blocking `sendall`.
+So a broadcast to N clients costs N list appends plus one syscall per client per loop turn,
+frames queued in the same turn are coalesced, and an idle connection costs no writer greenlet.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+from wsapp.config import Settings
+from wsapp.exceptions import FrameError
+from wsapp.frames import OP_CLOSE, OP_PING, OP_PONG, FrameParser, encode_close, encode_frame
+from wsapp.metrics import Stats
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 65536
+# How long a closing handshake may take before the socket is simply shut.
+CLOSE_TIMEOUT = 3.0
+
+MessageHandler = Callable[["Connection", int, bytes], None]
+
+
+class Outbox:
+    """Coalesces writes: every connection marked during one loop turn is flushed once, right after."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Connection] = []
+        self._scheduled = False
+
+    def mark(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for conn in dirty:
+            conn.flush_nowait()
+
+
+class Connection:
+    """An upgraded socket: frame parsing, control frames, the send backlog and the close handshake."""
+
+    def __init__(
+        self,
+        sock: Any,
+        rfile: Any,
+        remote_ip: str,
+        path: str,
+        settings: Settings,
+        stats: Stats,
+        outbox: Outbox,
+    ) -> None:
+        self.id = secrets.token_hex(6)
+        self.name = ""
+        self.remote_ip = remote_ip
+        self.path = path
+        self.state: dict[str, Any] = {}
+        self._sock = sock
+        self._raw = sock._sock  # the non-blocking OS socket under gevent's wrapper
+        self._rfile = rfile
+        self._settings = settings
+        self._stats = stats
+        self._outbox = outbox
+        self._parser = FrameParser(settings.max_message_bytes, settings.max_fragments)
+        self._backlog: deque[bytes | memoryview] = deque()
+        self._backlog_bytes = 0
+        self._max_frames = settings.send_queue
+        self._max_bytes = settings.send_queue_bytes
+        self._dirty = False
+        self._writer: gevent.Greenlet | None = None
+        self._flushed = Event()
+        self._flushed.set()
+        self.closing = False
+        self._dead = False
+        now = time.monotonic()
+        self.opened = now
+        self.last_seen = now
+        self.last_ping = now
+        self.over_capacity_since: float | None = None
+        self.close_deadline: float | None = None
+
+    # ---- sending -------------------------------------------------------------------------------
+
+    def send(self, frame: bytes) -> bool:
+        """Queue a ready-made server frame; False (and counted as a drop) if the connection is closing."""
+        if self.closing:
+            self._stats.drops += 1
+            return False
+        self._backlog.append(frame)
+        self._backlog_bytes += len(frame)
+        if self._backlog_bytes > self._max_bytes or len(self._backlog) > self._max_frames:
+            self._over_capacity()
+        if not self._dirty:
+            self._dirty = True
+            self._outbox.mark(self)
+        return True
+
+    def send_text(self, payload: bytes) -> bool:
+        return self.send(encode_frame(0x1, payload))
+
+    def _send_control(self, frame: bytes) -> None:
+        """Pings, pongs and close frames: queued even while closing, never counted against the caps."""
+        if self._dead:
+            return
+        self._backlog.append(frame)
+        self._backlog_bytes += len(frame)
+        if not self._dirty:
+            self._dirty = True
+            self._outbox.mark(self)
+
+    def ping(self) -> None:
+        self.last_ping = time.monotonic()
+        self._send_control(encode_frame(OP_PING, b""))
+
+    def flush_nowait(self) -> None:
+        """Hand the backlog to the kernel without blocking; start the writer greenlet for any rest."""
+        self._dirty = False
+        if self._writer is not None or self._dead or not self._backlog:
+            return
+        backlog = self._backlog
+        data = backlog[0] if len(backlog) == 1 else b"".join(backlog)
+        backlog.clear()
+        self._backlog_bytes = 0
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort()
+            return
+        if sent < len(data):
+            rest = memoryview(data)[sent:]
+            backlog.appendleft(rest)
+            self._backlog_bytes += len(rest)
+            self._flushed.clear()
+            self._writer = gevent.spawn(self._write_loop)
+        elif self.over_capacity_since is not None:
+            self.over_capacity_since = None
+
+    def _write_loop(self) -> None:
+        try:
+            backlog = self._backlog
+            while backlog and not self._dead:
+                data = backlog[0] if len(backlog) == 1 else b"".join(backlog)
+                backlog.clear()
+                self._backlog_bytes = 0
+                self._sock.sendall(data)
+                if self.over_capacity_since is not None and self._backlog_bytes <= self._max_bytes:
+                    self.over_capacity_since = None
+        except OSError:
+            self.abort()
+        finally:
+            self._writer = None
+            self._flushed.set()
+
+    def _over_capacity(self) -> None:
+        """The client is not reading fast enough: give it a grace period, then close it with 1013."""
+        now = time.monotonic()
+        if self.over_capacity_since is None:
+            self.over_capacity_since = now
+        hard_limit = self._backlog_bytes > 2 * self._max_bytes or len(self._backlog) > 2 * self._max_frames
+        if hard_limit or now - self.over_capacity_since >= self._settings.slow_consumer_grace:
+            self.kick_slow_consumer()
+
+    def kick_slow_consumer(self) -> None:
+        if self.closing:
+            return
+        self._stats.slow_consumer_kicks += 1
+        log.warning("conn %s slow consumer: %d bytes queued, closing 1013", self.id, self._backlog_bytes)
+        # What it did not read in time is dropped with it; nobody else waits for it.
+        self._stats.drops += len(self._backlog)
+        self._backlog.clear()
+        self._backlog_bytes = 0
+        self.close(1013, "slow consumer")
+
+    # ---- closing -------------------------------------------------------------------------------
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake: queue a close frame after everything already queued."""
+        if self.closing:
+            return
+        self.closing = True
+        self.close_deadline = time.monotonic() + CLOSE_TIMEOUT
+        self._send_control(encode_close(code, reason))
+
+    def terminate(self, code: int, reason: str) -> None:
+        """Close without waiting for the peer: try to get the close frame out, then shut the socket."""
+        self.close(code, reason)
+        self.flush_nowait()
+        self.abort()
+
+    def abort(self) -> None:
+        """Shut the socket now; the reader sees EOF and cleans up."""
+        if self._dead:
+            return
+        self._dead = True
+        self.closing = True
+        self._backlog.clear()
+        self._backlog_bytes = 0
+        try:
+            self._raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _flush_and_shut(self, timeout: float) -> None:
+        """Write what is queued (close frame included), then shut the socket."""
+        if not self._dead:
+            self.flush_nowait()
+            self._flushed.wait(timeout)
+        self.abort()
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def serve(self, on_message: MessageHandler) -> None:
+        """Read until the connection ends; data messages go to `on_message`. Never raises."""
+        try:
+            self._read_loop(on_message)
+        except FrameError as exc:
+            self._stats.protocol_errors += 1
+            log.info("conn %s protocol error %d: %s", self.id, exc.close_code, exc.reason)
+            if not self.closing:
+                self.close(exc.close_code, exc.reason)
+        except OSError as exc:
+            log.debug("conn %s socket error: %s", self.id, exc)
+        except gevent.GreenletExit:
+            raise
+        except Exception:
+            self._stats.internal_errors += 1
+            log.exception("conn %s internal error", self.id)
+            if not self.closing:
+                self.close(1011, "internal error")
+        finally:
+            self._flush_and_shut(CLOSE_TIMEOUT)
+
+    def _read_loop(self, on_message: MessageHandler) -> None:
+        read = self._rfile.read1
+        feed = self._parser.feed
+        stats = self._stats
+        while True:
+            data = read(READ_CHUNK)
+            if not data:
+                return
+            self.last_seen = time.monotonic()
+            for opcode, payload in feed(data):
+                if opcode < OP_CLOSE:
+                    if self.closing:
+                        continue  # after our close frame, data is read and discarded (RFC 6455 1.4)
+                    stats.messages_in += 1
+                    stats.bytes_in += len(payload)  # type: ignore[arg-type]
+                    on_message(self, opcode, payload)  # type: ignore[arg-type]
+                elif opcode == OP_PING:
+                    self._send_control(encode_frame(OP_PONG, payload))  # type: ignore[arg-type]
+                elif opcode == OP_CLOSE:
+                    if not self.closing:
+                        code, _reason = payload  # type: ignore[misc]
+                        self.closing = True
+                        self._send_control(encode_close(code))
+                    return
+                # OP_PONG: liveness only, already recorded in last_seen.

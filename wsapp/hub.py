@@ -1,0 +1,131 @@
+"""Rooms, members, presence and fan-out. No sockets, no gevent: members are anything with `send`.
+
+A broadcast encodes its JSON and its frame once; every member gets the same `bytes` object.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from wsapp import protocol
+from wsapp.backends import HistoryBackend
+from wsapp.exceptions import MessageError
+from wsapp.metrics import Stats
+
+
+class Member(Protocol):
+    """What the hub needs of a connection."""
+
+    id: str
+    name: str
+
+    def send(self, frame: bytes) -> bool:
+        """Queue a ready-made frame; False if the member is closing and it was dropped."""
+
+
+@dataclass
+class JoinResult:
+    seq: int
+    members: list[str]
+    replay: list[bytes] = field(default_factory=list)
+    history_gone: bool = False
+
+
+class Hub:
+    """Room membership and delivery for one process."""
+
+    def __init__(
+        self,
+        backend: HistoryBackend,
+        frame: Callable[[bytes], bytes],
+        stats: Stats,
+        max_rooms: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._backend = backend
+        self._frame = frame
+        self._stats = stats
+        self._max_rooms = max_rooms
+        self._clock = clock
+        # room -> {member: echo}
+        self._rooms: dict[str, dict[Member, bool]] = {}
+        self._member_rooms: dict[Member, set[str]] = {}
+
+    @property
+    def room_count(self) -> int:
+        return len(self._rooms)
+
+    def rooms_of(self, member: Member) -> set[str]:
+        return self._member_rooms.get(member, set())
+
+    def members(self, room: str) -> list[str]:
+        return [m.name for m in self._rooms.get(room, ())]
+
+    def join(self, member: Member, room: str, since: int | None = None, echo: bool = False) -> JoinResult:
+        """Add `member` to `room` (idempotent), tell the others, and collect what it missed."""
+        joined = self._member_rooms.setdefault(member, set())
+        if room not in joined and len(joined) >= self._max_rooms:
+            raise MessageError(protocol.TOO_MANY_ROOMS, f"at most {self._max_rooms} rooms per connection")
+        members = self._rooms.setdefault(room, {})
+        is_new = member not in members
+        members[member] = echo
+        joined.add(room)
+        if is_new:
+            self._fan_out(room, {"type": "presence", "room": room, "event": "join", "who": member.name}, member)
+        result = JoinResult(self._backend.current_seq(room), [m.name for m in members])
+        if since is not None:
+            result.replay, result.history_gone = self._backend.since(room, since)
+        return result
+
+    def leave(self, member: Member, room: str) -> bool:
+        """Remove `member` from `room`; False if it was not there."""
+        members = self._rooms.get(room)
+        if members is None or member not in members:
+            return False
+        del members[member]
+        self._member_rooms[member].discard(room)
+        if members:
+            self._fan_out(room, {"type": "presence", "room": room, "event": "leave", "who": member.name}, member)
+        else:
+            del self._rooms[room]
+            self._backend.room_emptied(room)
+        return True
+
+    def leave_all(self, member: Member) -> None:
+        for room in list(self._member_rooms.get(member, ())):
+            self.leave(member, room)
+        self._member_rooms.pop(member, None)
+
+    def publish(self, member: Member, room: str, data: Any, msg_id: object = None) -> int:
+        """Deliver `data` from `member` to the room; returns the room sequence number assigned."""
+        members = self._rooms.get(room)
+        if members is None or member not in members:
+            raise MessageError(protocol.NOT_IN_ROOM, f"join {room!r} before publishing to it", msg_id)
+        seq = self._backend.next_seq(room)
+        payload = protocol.dumps(
+            {
+                "type": "message",
+                "room": room,
+                "seq": seq,
+                "from": member.name,
+                "ts": int(self._clock() * 1000),
+                "data": data,
+            }
+        )
+        self._backend.append(room, seq, payload)
+        frame = self._frame(payload)
+        sent = 0
+        for other, echo in members.items():
+            if (other is not member or echo) and other.send(frame):
+                sent += 1
+        self._stats.messages_out += sent
+        return seq
+
+    def _fan_out(self, room: str, message: dict[str, Any], skip: Member) -> None:
+        frame = self._frame(protocol.dumps(message))
+        for other in self._rooms.get(room, ()):
+            if other is not skip:
+                other.send(frame)

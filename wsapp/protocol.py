@@ -1,0 +1,133 @@
+"""The JSON rooms protocol of `/ws` (DESIGN.md section 3): parse client messages, build server ones.
+
+No I/O and no gevent: bytes in, frozen dataclasses out; dicts in, JSON bytes out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from wsapp.exceptions import MessageError
+
+ROOM_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+MAX_ID_CHARS = 128
+
+# Stable error codes (the `code` field of `error` messages).
+BAD_JSON = "bad_json"
+BAD_MESSAGE = "bad_message"
+UNKNOWN_TYPE = "unknown_type"
+NOT_IN_ROOM = "not_in_room"
+BAD_ROOM = "bad_room"
+RATE_LIMITED = "rate_limited"
+FORBIDDEN = "forbidden"
+HISTORY_GONE = "history_gone"
+TOO_MANY_ROOMS = "too_many_rooms"
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    room: str
+    since: int | None = None
+    echo: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    room: str
+    data: Any
+    id: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: str | int | None = None
+
+
+Command = Join | Leave | Publish | Ping
+
+
+def parse(raw: bytes | str, max_depth: int = 32) -> Command:
+    """Parse one client text message; raise MessageError with a stable code on anything wrong."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MessageError(BAD_JSON, f"message is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise MessageError(BAD_MESSAGE, "message must be a JSON object")
+    msg_id = obj.get("id")
+    if msg_id is not None and not _valid_id(msg_id):
+        raise MessageError(BAD_MESSAGE, f"id must be a string of at most {MAX_ID_CHARS} characters or an integer")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise MessageError(BAD_MESSAGE, "field 'type' (string) is required", msg_id)
+    if kind == "publish":
+        if "data" not in obj:
+            raise MessageError(BAD_MESSAGE, "publish needs a 'data' field", msg_id)
+        data = obj["data"]
+        if _depth(data) > max_depth:
+            raise MessageError(BAD_MESSAGE, f"data is nested deeper than {max_depth} levels", msg_id)
+        return Publish(_room(obj, msg_id), data, msg_id)
+    if kind == "join":
+        since = obj.get("since")
+        if since is not None and (type(since) is not int or since < 0):
+            raise MessageError(BAD_MESSAGE, "'since' must be a non-negative integer", msg_id)
+        echo = obj.get("echo", False)
+        if type(echo) is not bool:
+            raise MessageError(BAD_MESSAGE, "'echo' must be true or false", msg_id)
+        return Join(_room(obj, msg_id), since, echo)
+    if kind == "leave":
+        return Leave(_room(obj, msg_id))
+    if kind == "ping":
+        return Ping(msg_id)
+    raise MessageError(UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}", msg_id)
+
+
+def _valid_id(value: object) -> bool:
+    if type(value) is int:
+        return True
+    return isinstance(value, str) and len(value) <= MAX_ID_CHARS
+
+
+def _room(obj: dict[str, Any], msg_id: object) -> str:
+    room = obj.get("room")
+    if not isinstance(room, str):
+        raise MessageError(BAD_MESSAGE, "field 'room' (string) is required", msg_id)
+    if not ROOM_RE.fullmatch(room):
+        raise MessageError(BAD_ROOM, "room names are 1-64 characters of A-Z a-z 0-9 _ . : -", msg_id)
+    return room
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value, without recursion."""
+    if not isinstance(value, (dict, list)):
+        return 0
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def dumps(message: dict[str, Any]) -> bytes:
+    """Serialize one server message (compact JSON, UTF-8)."""
+    return orjson.dumps(message)
+
+
+def error(code: str, message: str, msg_id: object = None, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if msg_id is not None:
+        out["id"] = msg_id
+    out.update(extra)
+    return out

@@ -1,0 +1,35 @@
+"""Per-connection message rate limit (token bucket). Pure logic, injectable clock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class TokenBucket:
+    """Allows `rate` messages a second on average and bursts of up to `burst`."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_last", "_clock", "strikes")
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._clock = clock
+        self._last = clock()
+        # Refusals since the last allowed message: a client that keeps going is flooding.
+        self.strikes = 0
+
+    def allow(self) -> bool:
+        now = self._clock()
+        tokens = self._tokens + (now - self._last) * self.rate
+        self._last = now
+        if tokens > self.burst:
+            tokens = self.burst
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            self.strikes = 0
+            return True
+        self._tokens = tokens
+        self.strikes += 1
+        return False

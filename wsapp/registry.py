@@ -1,0 +1,97 @@
+"""Who is connected: the counts behind the connection limits, the heartbeat, and the drain on shutdown."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import gevent
+
+from wsapp.config import Settings
+from wsapp.connection import Connection
+from wsapp.metrics import Stats
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    """All open connections of this process, and one ticker greenlet that watches them.
+
+    One ticker for all connections (rather than a timer greenlet each) keeps 10,000 idle
+    connections cheap: it pings the quiet ones, drops the silent ones, and ends slow consumers and
+    closing handshakes that overstay.
+    """
+
+    def __init__(self, settings: Settings, stats: Stats) -> None:
+        self._settings = settings
+        self._stats = stats
+        self._conns: set[Connection] = set()
+        self._per_ip: Counter[str] = Counter()
+        self._ticker: gevent.Greenlet | None = None
+        self.tick_seconds = max(0.02, min(1.0, settings.ping_interval / 4, settings.slow_consumer_grace / 2 or 1.0))
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._conns))
+
+    def refusal(self, remote_ip: str) -> tuple[str, str] | None:
+        """The HTTP status and reason to refuse a new connection from `remote_ip` with, or None."""
+        if len(self._conns) >= self._settings.max_connections:
+            return "503 Service Unavailable", "server is at its connection limit"
+        if self._per_ip[remote_ip] >= self._settings.max_connections_per_ip:
+            return "429 Too Many Requests", "too many connections from your address"
+        return None
+
+    def add(self, conn: Connection) -> None:
+        self._conns.add(conn)
+        self._per_ip[conn.remote_ip] += 1
+        self._stats.connections = len(self._conns)
+        self._stats.connections_total += 1
+        if self._ticker is None:
+            self._ticker = gevent.spawn(self._tick_forever)
+
+    def remove(self, conn: Connection) -> None:
+        if conn in self._conns:
+            self._conns.discard(conn)
+            self._per_ip[conn.remote_ip] -= 1
+            if not self._per_ip[conn.remote_ip]:
+                del self._per_ip[conn.remote_ip]
+            self._stats.connections = len(self._conns)
+
+    def _tick_forever(self) -> None:
+        while True:
+            gevent.sleep(self.tick_seconds)
+            try:
+                self.tick(time.monotonic())
+            except Exception:  # the watchdog must outlive any one connection's trouble
+                log.exception("heartbeat tick failed")
+
+    def tick(self, now: float) -> None:
+        interval = self._settings.ping_interval
+        timeout = self._settings.ping_timeout
+        grace = self._settings.slow_consumer_grace
+        for conn in list(self._conns):
+            if conn.close_deadline is not None:
+                if now >= conn.close_deadline:
+                    conn.abort()
+                continue
+            if now - conn.last_seen >= timeout:
+                self._stats.ping_timeouts += 1
+                log.info("conn %s silent for %.1fs, dropping", conn.id, now - conn.last_seen)
+                conn.terminate(1001, "ping timeout")
+            elif conn.over_capacity_since is not None and now - conn.over_capacity_since >= grace:
+                conn.kick_slow_consumer()
+            elif now - conn.last_seen >= interval and now - conn.last_ping >= interval:
+                conn.ping()
+
+    def drain(self, deadline: float) -> None:
+        """Close every connection with 1001 after what is queued for it, and wait until they end."""
+        for conn in list(self._conns):
+            conn.close(1001, "going away")
+        while self._conns and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        for conn in list(self._conns):
+            conn.abort()

@@ -1,0 +1,114 @@
+"""`/ws`: one client's session of the JSON rooms protocol, between its connection and the hub."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from wsapp import protocol
+from wsapp.auth import Identity
+from wsapp.config import Settings
+from wsapp.connection import Connection
+from wsapp.exceptions import MessageError
+from wsapp.frames import OP_TEXT
+from wsapp.hub import Hub
+from wsapp.metrics import Stats
+from wsapp.relay import rate_limiter
+
+log = logging.getLogger(__name__)
+
+
+def display_name(requested: str | None) -> str:
+    """The `?name=` if it is 1-32 printable characters, else a generated `guest-xxxx`."""
+    if requested:
+        name = requested.strip()
+        if 1 <= len(name) <= 32 and name.isprintable():
+            return name
+    return "guest-" + secrets.token_hex(2)
+
+
+class RoomsSession:
+    """Parses each message of one connection and carries it out against the hub."""
+
+    def __init__(self, conn: Connection, hub: Hub, settings: Settings, stats: Stats, identity: Identity | None):
+        self.conn = conn
+        self._hub = hub
+        self._settings = settings
+        self._stats = stats
+        self._allowed_rooms = identity.rooms if identity else None
+        self._limiter = rate_limiter(settings)
+
+    def run(self) -> None:
+        conn = self.conn
+        s = self._settings
+        self._reply(
+            {
+                "type": "welcome",
+                "id": conn.id,
+                "name": conn.name,
+                "limits": {
+                    "max_message_bytes": s.max_message_bytes,
+                    "rate_limit": s.rate_limit,
+                    "rate_burst": s.rate_burst,
+                    "max_rooms": s.max_rooms,
+                    "history": s.history,
+                    "ping_interval": s.ping_interval,
+                },
+            }
+        )
+        try:
+            conn.serve(self.on_message)
+        finally:
+            self._hub.leave_all(conn)
+
+    def _reply(self, message: dict[str, object]) -> None:
+        self.conn.send_text(protocol.dumps(message))
+
+    def on_message(self, conn: Connection, opcode: int, payload: bytes) -> None:
+        if opcode != OP_TEXT:
+            conn.close(1003, "/ws takes JSON text messages only")
+            return
+        limiter = self._limiter
+        if limiter is not None and not limiter.allow():
+            self._stats.rate_limited += 1
+            if limiter.strikes > limiter.burst:
+                conn.close(1008, "rate limit exceeded")
+            else:
+                self._reply(protocol.error(protocol.RATE_LIMITED, "slow down: message not processed"))
+            return
+        try:
+            self._dispatch(protocol.parse(payload, self._settings.max_json_depth))
+        except MessageError as exc:
+            self._reply(protocol.error(exc.code, exc.message, exc.msg_id))
+
+    def _dispatch(self, cmd: protocol.Command) -> None:
+        hub = self._hub
+        conn = self.conn
+        if isinstance(cmd, protocol.Publish):
+            seq = hub.publish(conn, cmd.room, cmd.data, cmd.id)
+            if cmd.id is not None:
+                self._reply({"type": "ack", "id": cmd.id, "room": cmd.room, "seq": seq})
+        elif isinstance(cmd, protocol.Join):
+            if self._allowed_rooms is not None and cmd.room not in self._allowed_rooms:
+                raise MessageError(protocol.FORBIDDEN, f"your token does not allow room {cmd.room!r}")
+            result = hub.join(conn, cmd.room, cmd.since, cmd.echo)
+            self._reply({"type": "joined", "room": cmd.room, "seq": result.seq, "members": result.members})
+            if result.history_gone:
+                self._reply(
+                    protocol.error(
+                        protocol.HISTORY_GONE,
+                        "some messages after 'since' are no longer kept; replaying what is",
+                        room=cmd.room,
+                    )
+                )
+            for payload in result.replay:
+                conn.send_text(payload)
+        elif isinstance(cmd, protocol.Leave):
+            if not hub.leave(conn, cmd.room):
+                raise MessageError(protocol.NOT_IN_ROOM, f"not in room {cmd.room!r}")
+            self._reply({"type": "left", "room": cmd.room})
+        else:
+            reply: dict[str, object] = {"type": "pong"}
+            if cmd.id is not None:
+                reply["id"] = cmd.id
+            self._reply(reply)
