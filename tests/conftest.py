@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.harness import ServerProcess
+from tests.rawws import RawClient
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +29,18 @@ def make_server() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def raw() -> Iterator[Callable[..., RawClient]]:
+    """Raw-socket clients (bad frames, bad handshakes); all closed after the test."""
+    opened: list[RawClient] = []
+
+    def open_raw(url: str, headers: dict[str, str] | None = None, **kw: object) -> RawClient:
+        client = RawClient(url, headers, **kw)  # type: ignore[arg-type]
+        opened.append(client)
+        return client
+
+    yield open_raw
+    for client in opened:
+        client.close()

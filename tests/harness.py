@@ -72,6 +72,8 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self._reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def log_text(self) -> str:
         return "".join(self.log)

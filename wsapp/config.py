@@ -72,7 +72,7 @@ class Settings:
             ping_timeout=reader.get("WSAPP_PING_TIMEOUT", 50.0, _float_range(0.05, 86400)),
             drain_seconds=reader.get("WSAPP_DRAIN_SECONDS", 10.0, _float_range(0, 3600)),
             allowed_origins=reader.get("WSAPP_ALLOWED_ORIGINS", (), _origins),
-            jwt_secret=env.get("WSAPP_JWT_SECRET") or None,
+            jwt_secret=reader.get("WSAPP_JWT_SECRET", None, _secret),
         )
         if settings.ping_timeout <= settings.ping_interval:
             raise ConfigError("WSAPP_PING_TIMEOUT must be longer than WSAPP_PING_INTERVAL")
@@ -90,7 +90,8 @@ class _Reader:
         try:
             return parse(raw.strip())
         except ValueError as exc:
-            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+            shown = "(hidden)" if "SECRET" in name else repr(raw)
+            raise ConfigError(f"{name}={shown} is invalid: {exc}") from None
 
 
 def _int_range(low: int, high: int) -> Callable[[str], int]:
@@ -120,6 +121,12 @@ def _float_range(low: float, high: float) -> Callable[[str], float]:
 
 
 def _nonempty(raw: str) -> str:
+    return raw
+
+
+def _secret(raw: str) -> str:
+    if len(raw.encode("utf-8")) < 32:
+        raise ValueError("an HS256 secret needs at least 32 bytes (RFC 7518 3.2)")
     return raw
 
 

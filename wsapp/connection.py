@@ -11,6 +11,7 @@ frames queued in the same turn are coalesced, and an idle connection costs no wr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import socket
@@ -216,10 +217,8 @@ class Connection:
         self.closing = True
         self._backlog.clear()
         self._backlog_bytes = 0
-        try:
+        with contextlib.suppress(OSError):
             self._raw.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def _flush_and_shut(self, timeout: float) -> None:
         """Write what is queued (close frame included), then shut the socket."""

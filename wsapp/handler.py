@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import logging
 import socket
@@ -43,10 +44,8 @@ class WsappHandler(WebSocketHandler):
 
     def handle(self) -> None:
         # Small frames must leave at once: Nagle + delayed ACK would add ~40 ms stalls to fan-out.
-        try:
+        with contextlib.suppress(OSError):
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
         # A client that opens TCP and never finishes its request is dropped after this long.
         self.socket.settimeout(self._services().settings.handshake_timeout)
         super().handle()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 class TokenBucket:
     """Allows `rate` messages a second on average and bursts of up to `burst`."""
 
-    __slots__ = ("rate", "burst", "_tokens", "_last", "_clock", "strikes")
+    __slots__ = ("_clock", "_last", "_tokens", "burst", "rate", "strikes")
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate

@@ -6,7 +6,7 @@ from collections import OrderedDict, deque
 
 
 class _RoomLog:
-    __slots__ = ("seq", "messages")
+    __slots__ = ("messages", "seq")
 
     def __init__(self, keep: int) -> None:
         self.seq = 0

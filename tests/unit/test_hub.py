@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wsapp.backends.memory import MemoryBackend
+from wsapp.exceptions import MessageError
+from wsapp.hub import Hub
+from wsapp.metrics import Stats
+
+
+class FakeMember:
+    """A member that records frames (the hub's only contract with connections is `send`)."""
+
+    def __init__(self, name: str, accept: bool = True) -> None:
+        self.id = name
+        self.name = name
+        self.frames: list[bytes] = []
+        self.accept = accept
+
+    def send(self, frame: bytes) -> bool:
+        self.frames.append(frame)
+        return self.accept
+
+    def messages(self) -> list[dict]:
+        return [json.loads(f) for f in self.frames]
+
+
+def make_hub(history: int = 10, max_rooms: int = 4) -> tuple[Hub, Stats]:
+    stats = Stats()
+    return Hub(MemoryBackend(history), lambda payload: payload, stats, max_rooms, clock=lambda: 12.5), stats
+
+
+def test_publish_encodes_once_and_shares_the_bytes() -> None:
+    hub, stats = make_hub()
+    a, b, c = FakeMember("a"), FakeMember("b"), FakeMember("c")
+    for m in (a, b, c):
+        hub.join(m, "r")
+    a.frames.clear(), b.frames.clear(), c.frames.clear()
+    assert hub.publish(a, "r", {"x": 1}) == 1
+    assert a.frames == []
+    assert b.frames[0] is c.frames[0]  # the very same bytes object
+    assert b.messages() == [{"type": "message", "room": "r", "seq": 1, "from": "a", "ts": 12500, "data": {"x": 1}}]
+    assert stats.messages_out == 2
+
+
+def test_presence_and_members() -> None:
+    hub, _ = make_hub()
+    a, b = FakeMember("a"), FakeMember("b")
+    assert hub.join(a, "r").members == ["a"]
+    assert hub.join(b, "r").members == ["a", "b"]
+    assert a.messages() == [{"type": "presence", "room": "r", "event": "join", "who": "b"}]
+    hub.join(b, "r")  # joining twice is idempotent: no second presence
+    assert len(a.frames) == 1
+    assert hub.leave(b, "r")
+    assert a.messages()[-1] == {"type": "presence", "room": "r", "event": "leave", "who": "b"}
+    assert not hub.leave(b, "r")
+    hub.leave_all(a)
+    assert hub.room_count == 0
+
+
+def test_echo_flag_and_not_in_room() -> None:
+    hub, _ = make_hub()
+    a = FakeMember("a")
+    hub.join(a, "r", echo=True)
+    hub.publish(a, "r", "me")
+    assert a.messages()[-1]["data"] == "me"
+    with pytest.raises(MessageError) as info:
+        hub.publish(a, "other", 1, msg_id="q")
+    assert info.value.code == "not_in_room" and info.value.msg_id == "q"
+
+
+def test_history_since_and_gone() -> None:
+    hub, _ = make_hub(history=3)
+    a = FakeMember("a")
+    hub.join(a, "r")
+    for i in range(5):
+        hub.publish(a, "r", i)
+    late = FakeMember("late")
+    result = hub.join(late, "r", since=3)
+    assert result.seq == 5 and not result.history_gone
+    assert [json.loads(p)["seq"] for p in result.replay] == [4, 5]
+    result = hub.join(FakeMember("later"), "r", since=0)
+    assert result.history_gone and [json.loads(p)["seq"] for p in result.replay] == [3, 4, 5]
+    assert not hub.join(FakeMember("x"), "r", since=2).history_gone
+
+
+def test_room_limit_per_member() -> None:
+    hub, _ = make_hub(max_rooms=2)
+    a = FakeMember("a")
+    hub.join(a, "r1")
+    hub.join(a, "r2")
+    hub.join(a, "r2")  # already in: allowed
+    with pytest.raises(MessageError) as info:
+        hub.join(a, "r3")
+    assert info.value.code == "too_many_rooms"
+
+
+def test_closing_members_are_not_counted_as_deliveries() -> None:
+    hub, stats = make_hub()
+    a, gone = FakeMember("a"), FakeMember("gone", accept=False)
+    hub.join(a, "r")
+    hub.join(gone, "r")
+    hub.publish(a, "r", 1)
+    assert stats.messages_out == 0
+
+
+def test_idle_room_history_is_bounded() -> None:
+    backend = MemoryBackend(history=5, max_idle_rooms=2)
+    for room in ("r1", "r2", "r3"):
+        backend.append(room, backend.next_seq(room), b"m")
+        backend.room_emptied(room)
+    assert backend.current_seq("r1") == 0  # forgotten, oldest idle room
+    assert backend.current_seq("r3") == 1
+    # A client that saw r1 up to 1 learns its history is gone.
+    assert backend.since("r1", 1) == ([], True)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+
+from wsapp import protocol
+from wsapp.exceptions import MessageError
+from wsapp.protocol import Join, Leave, Ping, Publish, parse
+
+
+def test_parses_each_command() -> None:
+    assert parse(b'{"type":"join","room":"lobby"}') == Join("lobby", None, False)
+    assert parse('{"type":"join","room":"a.b:c-d_1","since":4,"echo":true}') == Join("a.b:c-d_1", 4, True)
+    assert parse(b'{"type":"leave","room":"lobby"}') == Leave("lobby")
+    assert parse(b'{"type":"publish","room":"r","data":null,"id":"x"}') == Publish("r", None, "x")
+    assert parse(b'{"type":"publish","room":"r","data":{"a":[1]},"id":3}') == Publish("r", {"a": [1]}, 3)
+    assert parse(b'{"type":"ping"}') == Ping(None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"", "bad_json"),
+        (b"{", "bad_json"),
+        (b'"just a string"', "bad_message"),
+        (b'{"type":"publish","room":"r","data":1,"id":[1]}', "bad_message"),
+        (b'{"type":"publish","room":"r","data":1,"id":"' + b"x" * 129 + b'"}', "bad_message"),
+        (b'{"type":"join","room":"r","since":1.5}', "bad_message"),
+        (b'{"type":"join","room":"r","since":true}', "bad_message"),
+        (b'{"type":"join","room":7}', "bad_message"),
+        (b'{"type":"join","room":"a/b"}', "bad_room"),
+        (b'{"type":"join","room":"caf\xc3\xa9"}', "bad_room"),
+        (b'{"type":"nope"}', "unknown_type"),
+    ],
+)
+def test_errors_have_stable_codes(raw: bytes, code: str) -> None:
+    with pytest.raises(MessageError) as info:
+        parse(raw)
+    assert info.value.code == code
+
+
+def test_error_keeps_the_offending_id() -> None:
+    with pytest.raises(MessageError) as info:
+        parse(b'{"type":"publish","room":"r","id":"m9"}')
+    assert info.value.msg_id == "m9"
+
+
+def test_depth_limit() -> None:
+    ok = b'{"type":"publish","room":"r","data":' + b"[" * 4 + b"]" * 4 + b"}"
+    assert parse(ok, max_depth=4).data == [[[[]]]]
+    deep = b'{"type":"publish","room":"r","data":' + b"[" * 5 + b"]" * 5 + b"}"
+    with pytest.raises(MessageError):
+        parse(deep, max_depth=4)
+
+
+def test_error_message_shape() -> None:
+    assert protocol.error("bad_room", "no", "i1") == {"type": "error", "code": "bad_room", "message": "no", "id": "i1"}
+    assert protocol.dumps({"type": "pong"}) == b'{"type":"pong"}'

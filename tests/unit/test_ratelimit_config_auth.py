@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+
+from wsapp.auth import AuthError, bearer_token, origin_allowed, verify_token
+from wsapp.config import Settings
+from wsapp.exceptions import ConfigError
+from wsapp.ratelimit import TokenBucket
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_burst_then_rate() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=10, burst=3, clock=clock)
+    assert [bucket.allow() for _ in range(4)] == [True, True, True, False]
+    assert bucket.strikes == 1
+    clock.now += 0.15  # one token back (and a half)
+    assert bucket.allow() and not bucket.allow()
+    clock.now += 100  # refills only up to the burst
+    assert sum(bucket.allow() for _ in range(10)) == 3
+
+
+def test_settings_defaults_and_overrides() -> None:
+    s = Settings.from_env({})
+    assert (s.port, s.host, s.max_message_bytes, s.max_fragments) == (8080, "0.0.0.0", 1048576, 16384)
+    assert s.jwt_secret is None and s.allowed_origins == ()
+    s = Settings.from_env({"PORT": "9000", "WSAPP_ALLOWED_ORIGINS": "https://a.example, http://b.example:8000/",
+                           "WSAPP_JWT_SECRET": "hunter2-secret-of-at-least-32-bytes", "WSAPP_RATE_LIMIT": "0"})
+    assert s.port == 9000 and s.rate_limit == 0 and s.jwt_secret == "hunter2-secret-of-at-least-32-bytes"
+    assert s.allowed_origins == ("https://a.example", "http://b.example:8000")
+    assert "hunter2" not in repr(s)  # secrets stay out of logs
+
+
+@pytest.mark.parametrize("env", [{"PORT": "x"}, {"WSAPP_HISTORY": "-1"}, {"WSAPP_PING_INTERVAL": "30",
+                                                                        "WSAPP_PING_TIMEOUT": "10"},
+                                 {"WSAPP_JWT_SECRET": "short"}])
+def test_settings_errors_name_the_variable(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert any(name in str(info.value) for name in env)
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed", "ok"),
+    [
+        (None, "h:8080", (), True),  # non-browser client
+        ("http://h:8080", "h:8080", (), True),  # same origin
+        ("http://H:8080/", "h:8080", (), True),
+        ("https://h", "h:443", (), True),
+        ("http://evil.example", "h:8080", (), False),
+        ("http://h:9999", "h:8080", (), False),
+        ("null", "h:8080", (), False),
+        ("https://app.example", "h:8080", ("https://app.example",), True),
+        ("https://other.example", "h:8080", ("https://app.example",), False),
+        ("http://anything", "h:8080", ("*",), True),
+    ],
+)
+def test_origin_policy(origin: str | None, host: str, allowed: tuple[str, ...], ok: bool) -> None:
+    assert origin_allowed(origin, host, allowed) is ok
+
+
+def test_tokens() -> None:
+    secret = "s3cret-" + "x" * 32
+    good = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60, "rooms": ["a"]}, secret, algorithm="HS256")
+    identity = verify_token(good, secret)
+    assert identity.sub == "alice" and identity.rooms == frozenset({"a"})
+    assert bearer_token(None, f"Bearer {good}") == good
+    expired = jwt.encode({"sub": "a", "exp": int(time.time()) - 10}, secret, algorithm="HS256")
+    no_exp = jwt.encode({"sub": "a"}, secret, algorithm="HS256")
+    wrong_key = jwt.encode({"sub": "a", "exp": int(time.time()) + 60}, "other-" + "y" * 32, algorithm="HS256")
+    for token in (None, "garbage", expired, no_exp, wrong_key):
+        with pytest.raises(AuthError):
+            verify_token(token, secret)
