@@ -122,6 +122,12 @@ class RawClient:
             if frame.opcode == 0x8:
                 return frame
 
+    def recv_until_pong(self) -> Frame:
+        while True:
+            frame = self.recv_frame()
+            if frame.opcode == 0xA:
+                return frame
+
     def closed_by_server(self) -> bool:
         """True once the server has shut the TCP connection (reads EOF)."""
         try:
