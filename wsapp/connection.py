@@ -252,7 +252,8 @@ class Connection:
 
     def _read_loop(self, on_message: MessageHandler) -> None:
         read = self._rfile.read1
-        feed = self._parser.feed
+        parser = self._parser
+        feed = parser.feed
         stats = self._stats
         while True:
             data = read(READ_CHUNK)
@@ -275,3 +276,5 @@ class Connection:
                         self._send_control(encode_close(code))
                     return
                 # OP_PONG: liveness only, already recorded in last_seen.
+            if parser.failed is not None:
+                raise parser.failed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 import struct
 
-from wsapp.exceptions import InvalidPayload, MessageTooBig, PolicyViolation, ProtocolViolation
+from wsapp.exceptions import FrameError, InvalidPayload, MessageTooBig, PolicyViolation, ProtocolViolation
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -104,13 +104,27 @@ class FrameParser:
         self._msg_len = 0
         self._fragments = 0
         self._utf8: codecs.IncrementalDecoder | None = None
-        self._control_parts: list[bytes] = []
+        self.failed: FrameError | None = None
 
     def feed(self, data: bytes) -> list[tuple[int, object]]:
+        """Parse what `data` completes. If a violation follows complete messages in the same read,
+        those messages are returned first and the error is left in `self.failed` for the caller,
+        so a peer's last good messages are still served before the connection fails."""
+        if self.failed is not None:
+            raise self.failed
+        events: list[tuple[int, object]] = []
+        try:
+            self._parse(data, events)
+        except FrameError as exc:
+            if not events:
+                raise
+            self.failed = exc
+        return events
+
+    def _parse(self, data: bytes, events: list[tuple[int, object]]) -> None:
         buf = self._buf + data if self._buf else data
         end = len(buf)
         pos = 0
-        events: list[tuple[int, object]] = []
         while True:
             if self._remaining is None:
                 if end - pos < 2:
@@ -130,7 +144,7 @@ class FrameParser:
                 if opcode == OP_CLOSE:
                     events.append((OP_CLOSE, parse_close(payload)))
                     self._buf = b""
-                    return events
+                    return
                 events.append((opcode, payload))
                 continue
             take = min(remaining, end - pos)
@@ -155,7 +169,6 @@ class FrameParser:
             if self._fin:
                 events.append(self._finish_message())
         self._buf = buf[pos:] if pos < end else b""
-        return events
 
     def _read_header(self, buf: bytes, pos: int, end: int) -> int:
         b0 = buf[pos]

@@ -158,3 +158,12 @@ def test_unmask_with_offset_matches_a_whole_unmask() -> None:
     whole = unmask(data, mask)
     assert unmask(data[:7], mask) + unmask(data[7:], mask, 7 % 4) == whole
     assert unmask(unmask(data, mask), mask) == data
+
+
+def test_good_messages_before_a_violation_in_the_same_read_are_still_returned() -> None:
+    parser = FrameParser(MiB)
+    data = client_frame(OP_TEXT, b"Hello, world!") + client_frame(OP_TEXT, b"x", rsv=2) + client_frame(OP_PING, b"")
+    assert parser.feed(data) == [(OP_TEXT, b"Hello, world!")]
+    assert parser.failed is not None and parser.failed.close_code == 1002
+    with pytest.raises(FrameError):
+        parser.feed(b"more")
