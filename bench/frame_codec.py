@@ -1,0 +1,75 @@
+"""Frame decoding cost: wsapp's hand-written FrameParser against wsproto's FrameProtocol.
+
+    .venv/bin/python bench/frame_codec.py
+
+Both parse the same masked client frames (what a server reads) and deliver whole messages with
+UTF-8 validated text. Reported: messages per second of one core, per payload size, and the ratio.
+This is the measurement behind choosing our own codec (DESIGN.md: "whichever the benchmark favours").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from wsproto.frame_protocol import FrameProtocol, Opcode
+
+from tests.rawws import client_frame
+from wsapp.frames import FrameParser
+
+READ_SIZE = 65536
+
+
+def stream(size: int, count: int, text: bool) -> list[bytes]:
+    """`count` frames of `size` bytes, cut into 64 KiB reads as a socket would deliver them."""
+    payload = (b"a" * size) if text else os.urandom(size)
+    one = client_frame(0x1 if text else 0x2, payload)
+    data = one * count
+    return [data[i : i + READ_SIZE] for i in range(0, len(data), READ_SIZE)]
+
+
+def run_wsapp(reads: list[bytes]) -> int:
+    parser = FrameParser(1 << 30)
+    messages = 0
+    for chunk in reads:
+        messages += len(parser.feed(chunk))
+    return messages
+
+
+def run_wsproto(reads: list[bytes]) -> int:
+    proto = FrameProtocol(client=False, extensions=[])
+    messages = 0
+    for chunk in reads:
+        proto.receive_bytes(chunk)
+        for frame in proto.received_frames():
+            if frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION) and frame.message_finished:
+                messages += 1
+    return messages
+
+
+def best_rate(fn, reads: list[bytes], expected: int, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        assert fn(reads) == expected
+        best = min(best, time.perf_counter() - started)
+    return expected / best
+
+
+def main() -> None:
+    print(f"{'payload':>10} {'kind':>6} {'wsapp msg/s':>14} {'wsproto msg/s':>14} {'ratio':>7}")
+    for size, count in ((32, 200_000), (1024, 100_000), (65536, 2_000), (1 << 20, 100)):
+        for text in (True, False):
+            reads = stream(size, count, text)
+            ours = best_rate(run_wsapp, reads, count)
+            theirs = best_rate(run_wsproto, reads, count)
+            kind = "text" if text else "binary"
+            print(f"{size:>10} {kind:>6} {ours:>14,.0f} {theirs:>14,.0f} {ours / theirs:>6.1f}x")
+
+
+if __name__ == "__main__":
+    main()
