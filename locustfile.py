@@ -15,6 +15,9 @@ get their own rows; ``error frame``, ``bad frame`` and ``unexpected close`` rows
 Send and receive times come from ``time.time()`` in one process, so they share a clock. With
 ``--processes``/workers on several machines the clocks must be synchronised for latencies to mean
 anything. Run the server with ``WSAPP_RATE_LIMIT=0`` or publishers get ``rate_limited`` errors.
+In relay mode every frame from a client that is not part of the test counts as a ``bad frame``.
+Locust rewrites the ``--csv`` files once a second, so they can miss the last second of a run; the
+tables and the ``wsapp load summary`` printed at the end hold the final figures.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import orjson
 import websocket
 from locust import User, events, task
 from locust.env import Environment
-from locust.runners import WorkerRunner
+from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 from locust.stats import StatsEntry
 
 logger = logging.getLogger("wsapp.locust")
@@ -91,20 +94,47 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser: Any, **_kwargs: Any) -> None:
-    parser.add_argument("--mode", choices=("rooms", "relay"), default="rooms",
-                        help="rooms: JSON protocol on /ws; relay: broadcast on / (default rooms)")
-    parser.add_argument("--room-size", type=int, default=10, help="users per room in rooms mode (default 10)")
+    parser.add_argument(
+        "--mode",
+        choices=("rooms", "relay"),
+        default="rooms",
+        help="rooms: JSON protocol on /ws; relay: broadcast on / (default rooms)",
+    )
+    parser.add_argument("--room-size", type=_positive_int, default=10, help="users per room in rooms mode (default 10)")
     parser.add_argument("--room-prefix", default="load", help="room and user name prefix (default load)")
-    parser.add_argument("--publisher-share", type=_share, default=0.1,
-                        help="fraction of users that publish, 0..1 (default 0.1)")
-    parser.add_argument("--publish-rate", type=_positive_float, default=1.0,
-                        help="messages per second per publisher (default 1)")
-    parser.add_argument("--payload-bytes", type=_non_negative_int, default=64,
-                        help="padding bytes added to every published message (default 64)")
-    parser.add_argument("--connect-timeout", type=_positive_float, default=10.0,
-                        help="seconds allowed for the WebSocket handshake and the room join (default 10)")
+    parser.add_argument(
+        "--publisher-share",
+        type=_share,
+        default=0.1,
+        help="fraction of users that publish, 0..1 (default 0.1)",
+    )
+    parser.add_argument(
+        "--publish-rate",
+        type=_positive_float,
+        default=1.0,
+        help="messages per second per publisher (default 1)",
+    )
+    parser.add_argument(
+        "--payload-bytes",
+        type=_non_negative_int,
+        default=64,
+        help="padding bytes added to every published message (default 64)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="seconds allowed for the WebSocket handshake and the room join (default 10)",
+    )
 
 
 @dataclass(frozen=True)
@@ -155,8 +185,15 @@ def is_publisher(number: int, share: float) -> bool:
 
 
 def _fire(name: str, response_time: float, length: int = 0, exception: Exception | None = None) -> None:
-    events.request.fire(request_type=REQUEST_TYPE, name=name, response_time=response_time,
-                        response_length=length, exception=exception, context={}, response=None)
+    events.request.fire(
+        request_type=REQUEST_TYPE,
+        name=name,
+        response_time=response_time,
+        response_length=length,
+        exception=exception,
+        context={},
+        response=None,
+    )
 
 
 def _elapsed_ms(start: float) -> float:
@@ -207,8 +244,13 @@ class WsappUser(User):
         path = f"/ws?name={quote(self.user_name)}" if self.settings.mode == "rooms" else "/"
         start = time.perf_counter()
         try:
-            ws = websocket.create_connection(ws_url(self.host, path), timeout=self.settings.connect_timeout,
-                                             enable_multithread=True)
+            # websocket-client checks UTF-8 in pure Python (~170 us per KiB); orjson.loads checks it anyway.
+            ws = websocket.create_connection(
+                ws_url(self.host, path),
+                timeout=self.settings.connect_timeout,
+                enable_multithread=True,
+                skip_utf8_validation=True,
+            )
         except (*CONNECTION_ERRORS, ValueError) as exc:  # refused, HTTP status instead of 101, timeout
             _fire("connect", _elapsed_ms(start), exception=exc)
             return
@@ -249,8 +291,7 @@ class WsappUser(User):
             return
         sent_at = time.time()
         if self.settings.mode == "rooms":
-            frame = orjson.dumps({"type": "publish", "room": self.room,
-                                  "data": {"t": sent_at, "pad": self.padding}})
+            frame = orjson.dumps({"type": "publish", "room": self.room, "data": {"t": sent_at, "pad": self.padding}})
         else:
             frame = orjson.dumps({"t": sent_at, "pad": self.padding})
         start = time.perf_counter()
@@ -338,9 +379,15 @@ def _on_test_start(environment: Environment, **_kwargs: Any) -> None:
     _run = _RunState()
     if not isinstance(environment.runner, WorkerRunner):
         settings = LoadSettings.from_options(environment.parsed_options)
-        logger.info("wsapp load: mode=%s room_size=%d publisher_share=%g publish_rate=%g/s payload=%dB host=%s",
-                    settings.mode, settings.room_size, settings.publisher_share, settings.publish_rate,
-                    settings.payload_bytes, environment.host or DEFAULT_HOST)
+        logger.info(
+            "wsapp load: mode=%s room_size=%d publisher_share=%g publish_rate=%g/s payload=%dB host=%s",
+            settings.mode,
+            settings.room_size,
+            settings.publisher_share,
+            settings.publish_rate,
+            settings.payload_bytes,
+            environment.host or DEFAULT_HOST,
+        )
 
 
 @events.test_stopping.add_listener
@@ -360,9 +407,11 @@ def summary_lines(environment: Environment) -> list[str]:
         if not name.startswith("deliver ") or entry.num_requests == 0:
             continue
         p50, p95, p99 = (entry.get_response_time_percentile(p) for p in (0.50, 0.95, 0.99))
-        lines.append(f"{name}: {entry.num_requests} deliveries, {entry.total_rps:.1f}/s, "
-                     f"fan-out latency p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms, "
-                     f"max {entry.max_response_time:.0f} ms")
+        lines.append(
+            f"{name}: {entry.num_requests} deliveries, {entry.total_rps:.1f}/s, "
+            f"fan-out latency p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms, "
+            f"max {entry.max_response_time:.0f} ms"
+        )
     if not lines:
         lines.append("no deliveries")
     published = sum(e.num_requests for n, e in entries.items() if n.startswith("publish "))
@@ -374,14 +423,26 @@ def summary_lines(environment: Environment) -> list[str]:
     errors = sum(entries[n].num_failures for n in ("error frame", "bad frame") if n in entries)
     send_failures = sum(e.num_failures for n, e in entries.items() if n.startswith("publish "))
     closes = entries["unexpected close"].num_failures if "unexpected close" in entries else 0
-    lines.append(f"published {published}, connects {connects} ({connect_failures} failed), "
-                 f"join failures {join_failures}, error/bad frames {errors}, send failures {send_failures}, "
-                 f"unexpected closes {closes}")
+    lines.append(
+        f"published {published}, connects {connects} ({connect_failures} failed), "
+        f"join failures {join_failures}, error/bad frames {errors}, send failures {send_failures}, "
+        f"unexpected closes {closes}"
+    )
     return lines
 
 
 @events.test_stop.add_listener
 def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
-    if isinstance(environment.runner, WorkerRunner):
-        return  # the master prints the summary of the aggregated stats
+    # A master's stats are only complete once the workers' last reports are in: it prints at quitting.
+    if isinstance(environment.runner, LocalRunner):
+        _log_summary(environment)
+
+
+@events.quitting.add_listener
+def _on_quitting(environment: Environment, **_kwargs: Any) -> None:
+    if isinstance(environment.runner, MasterRunner):
+        _log_summary(environment)
+
+
+def _log_summary(environment: Environment) -> None:
     logger.info("wsapp load summary:\n  %s", "\n  ".join(summary_lines(environment)))
