@@ -4,7 +4,6 @@
 // names and error messages are data, never markup.
 (() => {
   const PING_MS = 25000; // below common proxy idle cuts (Heroku: 55 s)
-  const SILENCE_MS = 2 * PING_MS + 10000; // no frame at all for this long: the socket is dead
   const BACKOFF_MIN_MS = 500;
   const BACKOFF_MAX_MS = 30000;
   const MAX_LOG_ITEMS = 500; // keeps a long-open tab from growing without bound
@@ -36,6 +35,7 @@
     room: "",
     limits: {},
     lastSeq: null, // highest seq seen in the room; `since` on re-join
+    roomRestarted: false,
     seen: new Set(), // seqs already shown, so a replay never shows a message twice
     members: new Map(), // name -> connection count: one name may be connected twice
     pending: new Map(), // publish id -> list item, until its ack
@@ -45,7 +45,8 @@
     attempt: 0,
     retryTimer: 0,
     pingTimer: 0,
-    lastRx: 0,
+    lastRx: 0, // when the last frame arrived
+    lastPingAt: 0,
   };
 
   function el(tag, className, text) {
@@ -166,6 +167,7 @@
     setStatus("connecting", state.attempt ? `Reconnecting (attempt ${state.attempt + 1})…` : "Connecting…");
     ws.onopen = () => {
       state.lastRx = Date.now();
+      state.lastPingAt = 0;
       state.pingTimer = setInterval(heartbeat, PING_MS);
     };
     ws.onmessage = (event) => {
@@ -181,20 +183,24 @@
     };
     ws.onclose = (event) => {
       if (state.ws !== ws) return;
-      const why = event.code === 1000 || event.code === 1005 ? "" : ` (code ${event.code}${event.reason ? `: ${event.reason}` : ""})`;
-      disconnected(`Disconnected${why}`);
+      const normal = event.code === 1000 || event.code === 1005;
+      const reason = event.reason ? `: ${event.reason}` : "";
+      disconnected(normal ? "Disconnected" : `Disconnected (code ${event.code}${reason})`);
     };
   }
 
   function heartbeat() {
-    if (Date.now() - state.lastRx > SILENCE_MS) {
-      // A half-open TCP connection may never fire `close`; stop waiting for it.
+    // Nothing at all since the previous ping, a whole interval ago: the connection is dead, and a
+    // half-open TCP connection may never fire `close`, so stop waiting for it. (Comparing with the
+    // previous ping rather than the clock keeps throttled timers in background tabs from tripping this.)
+    if (state.lastPingAt && state.lastRx < state.lastPingAt) {
       const ws = state.ws;
       state.ws = null;
       if (ws) ws.close();
       disconnected("Connection timed out");
       return;
     }
+    state.lastPingAt = Date.now();
     send({ type: "ping", id: ++state.pingId });
   }
 
@@ -268,9 +274,10 @@
     state.joined = true;
     state.attempt = 0;
     const seq = typeof msg.seq === "number" ? msg.seq : 0;
-    if (state.lastSeq === null || seq < state.lastSeq) {
-      // First join, or the server forgot the room (restart): count from its current seq.
-      if (state.lastSeq !== null) notice("The room restarted; earlier messages are gone.");
+    // A seq below what we saw: the server forgot the room (a restart) and numbers it anew.
+    state.roomRestarted = state.lastSeq !== null && seq < state.lastSeq;
+    if (state.roomRestarted) notice("The server restarted the room; older messages are gone.");
+    if (state.lastSeq === null || state.roomRestarted) {
       state.lastSeq = seq;
       state.seen.clear();
     }
@@ -318,13 +325,17 @@
 
   function onError(msg) {
     const code = String(msg.code || "error");
+    if (code === "history_gone") {
+      // Not a failure: the re-join worked, only part of what was missed can be replayed.
+      if (!state.roomRestarted) notice("Some messages sent while you were away are no longer kept.");
+      return;
+    }
     showError(`${code}: ${msg.message || "the server refused a request"}`);
     const item = msg.id !== undefined && msg.id !== null ? state.pending.get(msg.id) : undefined;
     if (item) {
       state.pending.delete(msg.id);
       setDelivery(item, "failed", "not delivered");
     }
-    if (code === "history_gone") notice("Some messages were missed while disconnected.");
   }
 
   // ---- user actions ----------------------------------------------------------------------------

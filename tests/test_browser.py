@@ -68,9 +68,7 @@ def browser() -> Iterator[webdriver.Chrome]:
             driver.quit()
 
 
-def recv_until(
-    conn: websocket.WebSocket, wanted: Callable[[Frame], bool], timeout: float = WAIT_SECONDS
-) -> Frame:
+def recv_until(conn: websocket.WebSocket, wanted: Callable[[Frame], bool], timeout: float = WAIT_SECONDS) -> Frame:
     """Read JSON frames until one matches; fail with everything seen if none does in time."""
     deadline = time.monotonic() + timeout
     seen: list[Frame] = []
@@ -111,11 +109,31 @@ def join_room(driver: webdriver.Chrome, name: str, room: str) -> None:
         box.clear()
         box.send_keys(value)
     driver.find_element(By.ID, "join-btn").click()
-    wait_for(
-        driver,
-        lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "connected",
-        "page joins its room",
-    )
+    wait_for(driver, lambda d: status_of(d) == "connected", "page joins its room")
+
+
+def install_page_hooks(driver: webdriver.Chrome, timer_speedup: int = 1) -> None:
+    """Before the page's own script runs: keep its sockets and sent frames reachable, let the test drop
+    its pings, and run its setInterval timers `timer_speedup` times faster."""
+    script = """
+    window.__sockets = [];
+    window.__sent = [];
+    window.__dropPings = false;
+    const realSetInterval = window.setInterval;
+    window.setInterval = (fn, ms, ...args) => realSetInterval(fn, ms / SPEEDUP, ...args);
+    window.WebSocket = class extends window.WebSocket {
+      constructor(...args) { super(...args); window.__sockets.push(this); }
+      send(data) {
+        window.__sent.push(data);
+        if (!(window.__dropPings && JSON.parse(data).type === "ping")) super.send(data);
+      }
+    };
+    """.replace("SPEEDUP", str(timer_speedup))
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
+
+
+def status_of(driver: webdriver.Chrome) -> str:
+    return driver.find_element(By.ID, "status").get_attribute("data-state") or ""
 
 
 def test_page_chats_with_python_client(server: ServerProcess, browser: webdriver.Chrome) -> None:
@@ -134,9 +152,7 @@ def test_page_chats_with_python_client(server: ServerProcess, browser: webdriver
 
         conn.send(json.dumps({"type": "publish", "room": room, "data": {"text": HOSTILE_TEXT}, "id": "p1"}))
         recv_until(conn, lambda f: f["type"] == "ack" and f["id"] == "p1")
-        wait_for(
-            browser, lambda d: HOSTILE_TEXT in page_texts(d, "#log .msg .text"), "page shows the message"
-        )
+        wait_for(browser, lambda d: HOSTILE_TEXT in page_texts(d, "#log .msg .text"), "page shows the message")
         # Shown as literal text: the markup in it made no elements and ran no script.
         assert browser.find_elements(By.CSS_SELECTOR, "#log img, #log b") == []
         with pytest.raises(NoAlertPresentException):
@@ -162,28 +178,15 @@ def test_page_chats_with_python_client(server: ServerProcess, browser: webdriver
     finally:
         conn.close()
 
-    wait_for(
-        browser, lambda d: py_name not in page_texts(d, "#members li"), "page drops the client that left"
-    )
+    wait_for(browser, lambda d: py_name not in page_texts(d, "#members li"), "page drops the client that left")
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
 
 
-# Keeps every WebSocket the page opens reachable, so the test can cut one as a network drop would.
-TRACK_SOCKETS = """
-window.__sockets = [];
-window.WebSocket = class extends window.WebSocket {
-  constructor(...args) { super(...args); window.__sockets.push(this); }
-};
-"""
-
-
-def test_page_replays_missed_messages_after_reconnect(
-    server: ServerProcess, browser: webdriver.Chrome
-) -> None:
+def test_page_replays_missed_messages_after_reconnect(server: ServerProcess, browser: webdriver.Chrome) -> None:
     tag = uuid.uuid4().hex[:8]
     room, page_name, py_name = f"e2e-{tag}", f"page-{tag}", f"py-{tag}"
-    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": TRACK_SOCKETS})
+    install_page_hooks(browser)
     browser.execute_cdp_cmd("Network.enable", {})
 
     conn, _ = python_client(server, py_name, room)
@@ -191,9 +194,7 @@ def test_page_replays_missed_messages_after_reconnect(
         browser.get(server.http("/"))
         join_room(browser, page_name, room)
         conn.send(json.dumps({"type": "publish", "room": room, "data": {"text": "before"}, "id": "b"}))
-        wait_for(
-            browser, lambda d: "before" in page_texts(d, "#log .msg .text"), "page shows the first message"
-        )
+        wait_for(browser, lambda d: "before" in page_texts(d, "#log .msg .text"), "page shows the first message")
 
         # Offline, the page's reconnect attempts fail until the test lets them through.
         browser.execute_cdp_cmd(
@@ -201,14 +202,12 @@ def test_page_replays_missed_messages_after_reconnect(
             {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
         )
         browser.execute_script("window.__sockets.at(-1).close();")
-        recv_until(
-            conn, lambda f: f["type"] == "presence" and f["event"] == "leave" and f["who"] == page_name
-        )
+        recv_until(conn, lambda f: f["type"] == "presence" and f["event"] == "leave" and f["who"] == page_name)
         missed = [f"missed {n}" for n in range(3)]
         for n, text in enumerate(missed):
             conn.send(json.dumps({"type": "publish", "room": room, "data": {"text": text}, "id": f"m{n}"}))
             recv_until(conn, lambda f, n=n: f["type"] == "ack" and f["id"] == f"m{n}")
-        assert browser.find_element(By.ID, "status").get_attribute("data-state") != "connected"
+        assert status_of(browser) != "connected"
 
         browser.execute_cdp_cmd(
             "Network.emulateNetworkConditions",
@@ -220,6 +219,62 @@ def test_page_replays_missed_messages_after_reconnect(
             lambda d: page_texts(d, "#log .msg .text") == ["before", *missed],
             "page replays the missed messages once each, in order",
         )
-        assert browser.find_element(By.ID, "status").get_attribute("data-state") == "connected"
+        assert status_of(browser) == "connected"
     finally:
         conn.close()
+
+
+def test_page_rejoins_a_restarted_server(make_server: Callable[..., ServerProcess], browser: webdriver.Chrome) -> None:
+    tag = uuid.uuid4().hex[:8]
+    room, page_name, py_name = f"e2e-{tag}", f"page-{tag}", f"py-{tag}"
+    first = make_server()
+    browser.get(first.http("/"))
+    join_room(browser, page_name, room)
+    conn, _ = python_client(first, py_name, room)
+    conn.send(json.dumps({"type": "publish", "room": room, "data": {"text": "one"}, "id": "1"}))
+    wait_for(browser, lambda d: "one" in page_texts(d, "#log .msg .text"), "page shows the first message")
+    conn.close()
+    first.stop()
+    wait_for(
+        browser,
+        lambda d: status_of(d) == "reconnecting",
+        "page notices the server went away",
+    )
+
+    # Same port, empty memory: the room's seq starts again at 1, which the page had already seen.
+    second = make_server(PORT=str(first.port))
+    wait_for(
+        browser,
+        lambda d: status_of(d) == "connected",
+        "page reconnects to the new server",
+    )
+    conn, joined = python_client(second, py_name, room)
+    try:
+        assert page_name in joined["members"]
+        conn.send(json.dumps({"type": "publish", "room": room, "data": {"text": "two"}, "id": "2"}))
+        wait_for(
+            browser,
+            lambda d: page_texts(d, "#log .msg .text") == ["one", "two"],
+            "page shows the new server's first message",
+        )
+    finally:
+        conn.close()
+
+
+def test_page_heartbeat_pings_and_drops_a_silent_connection(server: ServerProcess, browser: webdriver.Chrome) -> None:
+    install_page_hooks(browser, timer_speedup=100)  # a ping every 250 ms instead of 25 s
+    browser.get(server.http("/"))
+    join_room(browser, f"page-{uuid.uuid4().hex[:8]}", f"e2e-{uuid.uuid4().hex[:8]}")
+    pings_sent = "return window.__sent.filter((f) => JSON.parse(f).type === 'ping').length;"
+    wait_for(browser, lambda d: d.execute_script(pings_sent) >= 4, "page sends pings")
+    # Answered pings keep the first connection.
+    assert browser.execute_script("return window.__sockets.length;") == 1
+    assert status_of(browser) == "connected"
+
+    browser.execute_script("window.__dropPings = true;")
+    wait_for(
+        browser,
+        lambda d: d.execute_script("return window.__sockets.length;") >= 2,
+        "page gives up on a connection that stopped answering and opens another",
+    )
+    assert browser.execute_script("return window.__sockets[0].readyState;") in (2, 3)  # CLOSING, CLOSED
