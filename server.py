@@ -36,6 +36,8 @@ def main() -> int:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_fd_limit()
+    if settings.redis_url:
+        log.warning("REDIS_URL is set but the Redis broker is not implemented yet: rooms stay in this process")
     app = create_app(settings)
     services = services_of(app)
     server = WSGIServer((settings.host, settings.port), app, handler_class=WsappHandler, log=None, backlog=1024)
@@ -55,8 +57,7 @@ def main() -> int:
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(drain))
     gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(drain))
     server.start()
-    log.info("wsapp listening on http://%s:%d (broker: %s)", settings.host, server.server_port,
-             "redis" if settings.redis_url else "memory")
+    log.info("wsapp listening on http://%s:%d (broker: %s)", settings.host, server.server_port, services.backend.name)
     stopped.wait()
     log.info("stopped")
     return 0

@@ -97,7 +97,8 @@ class RoomsSession:
                 self._reply(
                     protocol.error(
                         protocol.HISTORY_GONE,
-                        "some messages after 'since' are no longer kept; replaying what is",
+                        "not every message after 'since' is still kept (or the room restarted); "
+                        "replaying what is",
                         room=cmd.room,
                     )
                 )

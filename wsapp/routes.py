@@ -58,7 +58,7 @@ def healthz() -> tuple[Response, int]:
     healthy = services.backend.healthy
     body = {
         "status": "ok" if healthy else "degraded",
-        "broker": "redis" if services.settings.redis_url else "memory",
+        "broker": services.backend.name,
         "broker_healthy": healthy,
         "connections": services.stats.connections,
     }

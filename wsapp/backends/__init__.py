@@ -8,6 +8,8 @@ from typing import Protocol
 class HistoryBackend(Protocol):
     """Per-room sequence numbers and the last N messages, as the hub needs them."""
 
+    name: str
+
     def next_seq(self, room: str) -> int:
         """Assign the next sequence number of `room` (1, 2, ...)."""
 

@@ -20,6 +20,8 @@ class MemoryBackend:
     `max_idle_rooms` most recently emptied ones: room names come from clients, memory must not.
     """
 
+    name = "memory"
+
     def __init__(self, history: int, max_idle_rooms: int = 10000) -> None:
         self._keep = history
         self._max_idle = max_idle_rooms
