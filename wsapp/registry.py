@@ -7,6 +7,7 @@ import time
 from collections import Counter
 
 import gevent
+from gevent.event import Event
 
 from wsapp.config import Settings
 from wsapp.connection import Connection
@@ -29,6 +30,8 @@ class Registry:
         self._conns: set[Connection] = set()
         self._per_ip: Counter[str] = Counter()
         self._ticker: gevent.Greenlet | None = None
+        self._empty = Event()
+        self._empty.set()
         self.tick_seconds = max(0.02, min(1.0, settings.ping_interval / 4, settings.slow_consumer_grace / 2 or 1.0))
 
     def __len__(self) -> int:
@@ -50,6 +53,7 @@ class Registry:
         self._per_ip[conn.remote_ip] += 1
         self._stats.connections = len(self._conns)
         self._stats.connections_total += 1
+        self._empty.clear()
         if self._ticker is None:
             self._ticker = gevent.spawn(self._tick_forever)
 
@@ -60,6 +64,8 @@ class Registry:
             if not self._per_ip[conn.remote_ip]:
                 del self._per_ip[conn.remote_ip]
             self._stats.connections = len(self._conns)
+            if not self._conns:
+                self._empty.set()
 
     def _tick_forever(self) -> None:
         while True:
@@ -91,7 +97,6 @@ class Registry:
         """Close every connection with 1001 after what is queued for it, and wait until they end."""
         for conn in list(self._conns):
             conn.close(1001, "going away")
-        while self._conns and time.monotonic() < deadline:
-            gevent.sleep(0.02)
+        self._empty.wait(max(0.0, deadline - time.monotonic()))
         for conn in list(self._conns):
             conn.abort()
