@@ -6,7 +6,8 @@
 #   conformance/run.sh wsapp '9.*'      # a subset (any wstest case patterns); table is printed only
 #
 # Installs its own tools when missing (Python 2.7 venv with wstest, the Node server's packages).
-# A full run writes conformance/results-<target>.md; reports go to conformance/reports/<target>/.
+# A full run writes conformance/results-<target>.md and its report to conformance/reports/<target>/;
+# a subset run only prints, and reports to conformance/reports/<target>-subset/.
 #
 # Environment knobs:
 #   WSAPP_PYTHON        interpreter for server.py (default: .venv/bin/python, else python3)
@@ -29,7 +30,7 @@ log() { printf '[conformance] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -112,6 +113,12 @@ free_port() {
     "$(host_python3)" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
+# CPU seconds (user + system) the server process has used so far; far less sensitive than wall
+# time to whatever else the machine is running.
+server_cpu_seconds() {
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$SERVER_PID/stat"
+}
+
 SERVER_PID=""
 stop_server() {
     [[ -n "$SERVER_PID" ]] || return 0
@@ -165,10 +172,11 @@ main() {
         full=1
     fi
 
-    local pin_server=() pin_client=()
+    local pin_server=() pin_client=() pin_note="not pinned"
     if [[ "${CONFORMANCE_PIN:-1}" != "0" ]] && command -v taskset >/dev/null 2>&1 && (($(nproc) >= 2)); then
         pin_server=(taskset -c 0)
         pin_client=(taskset -c 1)
+        pin_note="server on CPU 0, wstest on CPU 1"
     fi
 
     case "$target" in
@@ -209,7 +217,7 @@ main() {
     esac
     SERVER_PID=$!
     wait_listening "$port"
-    log "$target listening at $url (pid $SERVER_PID)${pin_server:+, pinned to CPU 0}"
+    log "$target listening at $url (pid $SERVER_PID; $pin_note)"
 
     local spec="$outdir/spec.json"
     cat >"$spec" <<EOF
@@ -223,25 +231,32 @@ main() {
 EOF
 
     log "running wstest -m fuzzingclient (cases: ${cases[*]})"
+    # Other work on the machine skews the timings; record how busy it was when the run began.
+    local load
+    load=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo "?")
+    local cpu_before cpu_used="?"
+    cpu_before=$(server_cpu_seconds)
     local started=$EPOCHREALTIME rc=0
     (cd "$outdir" && timeout "${CONFORMANCE_TIMEOUT:-3600}" \
         "${pin_client[@]}" "$AB_VENV/bin/wstest" -m fuzzingclient -s "$spec") >"$outdir/wstest.log" 2>&1 || rc=$?
     local elapsed
     elapsed=$(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    if kill -0 "$SERVER_PID" 2>/dev/null; then
+        cpu_used=$(awk -v a="$cpu_before" -v b="$(server_cpu_seconds)" 'BEGIN { printf "%.2f", b - a }')
+    else
         log "warning: the $target server died during the run; see $SERVER_LOG"
     fi
     stop_server
     ((rc == 0)) || die "wstest exited $rc after ${elapsed}s; see $outdir/wstest.log"
     [[ -f "$outdir/index.json" ]] || die "no index.json in $outdir"
 
-    local summary_args=("$outdir" "$target" --problems
-        --title "Autobahn|Testsuite against **$target** ($url), cases ${cases[*]}, wstest run ${elapsed} s wall.")
+    local summary_args=("$outdir" "$target" --problems --breakdown 9
+        --title "Autobahn|Testsuite against **$target** ($url), cases ${cases[*]}, wstest run ${elapsed} s wall, server CPU ${cpu_used} s, ${pin_note}, load average at start ${load}.")
     if ((full)); then
         summary_args+=(--markdown "$HERE/results-$target.md")
     fi
     "$(host_python3)" "$HERE/summarize.py" "${summary_args[@]}"
-    log "wstest wall time ${elapsed}s; HTML report: $outdir/index.html"
+    log "wstest wall time ${elapsed}s, server CPU ${cpu_used}s; HTML report: $outdir/index.html"
     ((full)) && log "table written to conformance/results-$target.md"
     return 0
 }

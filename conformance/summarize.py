@@ -1,6 +1,7 @@
 """Summarise an Autobahn|Testsuite fuzzingclient report (index.json) per section.
 
-Usage: summarize.py REPORT_DIR AGENT [--markdown FILE] [--title TEXT] [--problems]
+Usage: summarize.py REPORT_DIR AGENT [--markdown FILE] [--title TEXT] [--problems] [--breakdown SECTION]
+       summarize.py REPORT_DIR AGENT --compare OTHER_REPORT_DIR OTHER_AGENT
 
 Prints a Markdown table (one row per top-level section, plus a total) and, with --problems, the
 cases that are not a clean pass, with the suite's own description and expectation so the reader
@@ -13,6 +14,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 BEHAVIORS = ("OK", "NON-STRICT", "INFORMATIONAL", "FAILED", "UNIMPLEMENTED")
@@ -37,10 +39,11 @@ def _empty_row() -> dict:
     return {"cases": 0, "unclean": 0, "ms": 0, **dict.fromkeys(BEHAVIORS, 0)}
 
 
-def section_rows(cases: dict[str, dict]) -> list[dict]:
+def section_rows(cases: dict[str, dict], depth: int = 1) -> list[dict]:
+    """Aggregate per section: depth 1 groups "9.3.1" under "9", depth 2 under "9.3"."""
     rows: dict[str, dict] = defaultdict(_empty_row)
     for case_id, res in cases.items():
-        row = rows[case_id.split(".")[0]]
+        row = rows[".".join(case_id.split(".")[:depth])]
         row["cases"] += 1
         behavior = res.get("behavior", "?")
         row[behavior] = row.get(behavior, 0) + 1
@@ -48,7 +51,7 @@ def section_rows(cases: dict[str, dict]) -> list[dict]:
             row["unclean"] += 1
         row["ms"] += int(res.get("duration") or 0)
     ordered = []
-    for section in sorted(rows, key=int):
+    for section in sorted(rows, key=case_key):
         ordered.append({"section": section, **rows[section]})
     return ordered
 
@@ -56,12 +59,9 @@ def section_rows(cases: dict[str, dict]) -> list[dict]:
 def render_table(rows: list[dict]) -> str:
     columns = ["section", "cases", *BEHAVIORS, "UNCLEAN", "time (s)"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
-    total = {"section": "**total**", **_empty_row()}
     for row in rows:
         lines.append(_row_line(row))
-        for key in ("cases", "unclean", "ms", *BEHAVIORS):
-            total[key] += row.get(key, 0)
-    lines.append(_row_line(total))
+    lines.append(_row_line({"section": "**total**", **_sum_rows(rows)}))
     return "\n".join(lines)
 
 
@@ -70,6 +70,52 @@ def _row_line(row: dict) -> str:
     cells += [str(row.get(b, 0)) for b in BEHAVIORS]
     cells += [str(row["unclean"]), f"{row['ms'] / 1000:.2f}"]
     return "| " + " | ".join(cells) + " |"
+
+
+def render_comparison(a_name: str, a_cases: dict[str, dict], b_name: str, b_cases: dict[str, dict]) -> str:
+    """Side-by-side per-section table; each outcome cell is OK/NON-STRICT/INFORMATIONAL/FAILED/
+    UNIMPLEMENTED/UNCLEAN so the two servers fit on one line."""
+    a_rows = {r["section"]: r for r in section_rows(a_cases)}
+    b_rows = {r["section"]: r for r in section_rows(b_cases)}
+    columns = [
+        "section",
+        "cases",
+        f"{a_name} OK/NS/INFO/FAIL/UNIMPL/UNCLEAN",
+        f"{b_name} OK/NS/INFO/FAIL/UNIMPL/UNCLEAN",
+        f"{a_name} time (s)",
+        f"{b_name} time (s)",
+        f"ratio {a_name}/{b_name}",
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
+    empty = _empty_row()
+    totals = {"**total**": (_sum_rows(a_rows.values()), _sum_rows(b_rows.values()))}
+    pairs = {s: (a_rows.get(s, empty), b_rows.get(s, empty)) for s in sorted(set(a_rows) | set(b_rows), key=case_key)}
+    for section, (a, b) in {**pairs, **totals}.items():
+        cases = str(a["cases"]) if a["cases"] == b["cases"] else f"{a['cases']} / {b['cases']}"
+        ratio = f"{a['ms'] / b['ms']:.2f}" if b["ms"] else "-"
+        cells = [
+            section,
+            cases,
+            _outcomes(a),
+            _outcomes(b),
+            f"{a['ms'] / 1000:.2f}",
+            f"{b['ms'] / 1000:.2f}",
+            ratio,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _sum_rows(rows: Iterable[dict]) -> dict:
+    total = _empty_row()
+    for row in rows:
+        for key in total:
+            total[key] += row.get(key, 0)
+    return total
+
+
+def _outcomes(row: dict) -> str:
+    return "/".join(str(row.get(key, 0)) for key in (*BEHAVIORS, "unclean"))
 
 
 def problem_cases(report_dir: Path, cases: dict[str, dict]) -> list[str]:
@@ -88,9 +134,16 @@ def problem_cases(report_dir: Path, cases: dict[str, dict]) -> list[str]:
             f"  - description: {_one_line(detail.get('description', '?'))}\n"
             f"  - expectation: {_one_line(detail.get('expectation', '?'))}\n"
             f"  - result: {_one_line(detail.get('result', '?'))}\n"
-            f"  - resultClose: {_one_line(detail.get('resultClose', '?'))}"
+            f"  - resultClose: {_one_line(detail.get('resultClose', '?'))}\n"
+            f"  - events expected: {_clip(detail.get('expected'))}; received: {_clip(detail.get('received'))}"
         )
     return out
+
+
+def _clip(value: object, limit: int = 160) -> str:
+    """Section 9 payloads are megabytes; the shape of the events is what matters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _one_line(text: str) -> str:
@@ -104,13 +157,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the table (and problems) to this file")
     parser.add_argument("--title", default=None)
     parser.add_argument("--problems", action="store_true", help="list cases that are not a clean pass")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("REPORT_DIR", "AGENT"),
+        help="print a side-by-side table with this run only",
+    )
+    parser.add_argument(
+        "--breakdown",
+        metavar="SECTION",
+        action="append",
+        default=[],
+        help="also tabulate SECTION's subsections",
+    )
     args = parser.parse_args(argv)
 
     cases = load_agent(args.report_dir, args.agent)
+    if args.compare:
+        other_dir, other_agent = Path(args.compare[0]), args.compare[1]
+        other = load_agent(other_dir, other_agent)
+        sys.stdout.write(render_comparison(args.agent, cases, other_agent, other) + "\n")
+        return 0
     parts = []
     if args.title:
         parts.append(args.title)
     parts.append(render_table(section_rows(cases)))
+    for section in args.breakdown:
+        subset = {k: v for k, v in cases.items() if k.split(".")[0] == section}
+        if subset:
+            parts.append(f"Section {section} by subsection:")
+            parts.append(render_table(section_rows(subset, depth=2)))
     problems = problem_cases(args.report_dir, cases) if args.problems else []
     if args.problems:
         parts.append(f"Cases that are not a clean pass: {len(problems)}" + (":" if problems else "."))
