@@ -85,7 +85,9 @@ class Connection:
         self._backlog: deque[bytes | memoryview] = deque()
         self._backlog_bytes = 0
         self._max_frames = settings.send_queue
-        self._max_bytes = settings.send_queue_bytes
+        # One message of the largest allowed size (twice: echo plus a relay) must never by itself make
+        # a client look slow, whatever WSAPP_SEND_QUEUE_BYTES says.
+        self._max_bytes = max(settings.send_queue_bytes, 2 * settings.max_message_bytes + 4096)
         self._dirty = False
         self._writer: gevent.Greenlet | None = None
         self._flushed = Event()
