@@ -36,8 +36,6 @@ def main() -> int:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_fd_limit()
-    if settings.redis_url:
-        log.warning("REDIS_URL is set but the Redis broker is not implemented yet: rooms stay in this process")
     app = create_app(settings)
     services = services_of(app)
     server = WSGIServer((settings.host, settings.port), app, handler_class=WsappHandler, log=None, backlog=1024)
@@ -52,6 +50,7 @@ def main() -> int:
         log.info("SIGTERM: draining %d connections (at most %.0fs)", len(services.registry), settings.drain_seconds)
         server.close()  # stop accepting; open connections carry on
         services.registry.drain(time.monotonic() + settings.drain_seconds)
+        services.backend.close()
         stopped.set()
 
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(drain))

@@ -6,6 +6,7 @@ import pytest
 
 from tests.harness import ServerProcess
 from tests.rawws import RawClient
+from tests.redis_fixture import make_redis, redis_server  # noqa: F401 - fixtures for tests/test_redis.py
 
 
 @pytest.fixture(scope="session")

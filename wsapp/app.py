@@ -44,7 +44,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     stats = Stats()
-    backend = MemoryBackend(settings.history)
+    backend: HistoryBackend
+    if settings.redis_url:
+        from wsapp.backends.redis import RedisBackend
+
+        backend = RedisBackend(settings.redis_url, settings.history)
+    else:
+        backend = MemoryBackend(settings.history)
     hub = Hub(backend, _text_frame, stats, settings.max_rooms)
     relay = RelayGroup(settings, stats)
     registry = Registry(settings, stats)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from wsapp import protocol
 from wsapp.backends import HistoryBackend
 from wsapp.exceptions import MessageError
@@ -53,6 +55,7 @@ class Hub:
         # room -> {member: echo}
         self._rooms: dict[str, dict[Member, bool]] = {}
         self._member_rooms: dict[Member, set[str]] = {}
+        backend.attach(self.deliver_remote)
 
     @property
     def room_count(self) -> int:
@@ -73,12 +76,13 @@ class Hub:
         is_new = member not in members
         members[member] = echo
         joined.add(room)
+        presence = None
         if is_new:
-            self._fan_out(room, {"type": "presence", "room": room, "event": "join", "who": member.name}, member)
-        result = JoinResult(self._backend.current_seq(room), [m.name for m in members])
-        if since is not None:
-            result.replay, result.history_gone = self._backend.since(room, since)
-        return result
+            presence = self._presence(room, "join", member)
+            self._fan_out(room, presence, member)
+        view = self._backend.join(room, member.id, member.name, presence, since)
+        names = view.members if view.members is not None else [m.name for m in members]
+        return JoinResult(view.seq, names, view.replay, view.history_gone)
 
     def leave(self, member: Member, room: str) -> bool:
         """Remove `member` from `room`; False if it was not there."""
@@ -87,10 +91,13 @@ class Hub:
             return False
         del members[member]
         self._member_rooms[member].discard(room)
+        presence = self._presence(room, "leave", member)
         if members:
-            self._fan_out(room, {"type": "presence", "room": room, "event": "leave", "who": member.name}, member)
+            self._fan_out(room, presence, member)
         else:
             del self._rooms[room]
+        self._backend.leave(room, member.id, presence)
+        if not members:
             self._backend.room_emptied(room)
         return True
 
@@ -104,18 +111,12 @@ class Hub:
         members = self._rooms.get(room)
         if members is None or member not in members:
             raise MessageError(protocol.NOT_IN_ROOM, f"join {room!r} before publishing to it", msg_id)
-        seq = self._backend.next_seq(room)
-        payload = protocol.dumps(
-            {
-                "type": "message",
-                "room": room,
-                "seq": seq,
-                "from": member.name,
-                "ts": int(self._clock() * 1000),
-                "data": data,
-            }
-        )
-        self._backend.append(room, seq, payload)
+        # The JSON around the seq, so a shared backend can number it in the same round trip that stores
+        # and shares it; the result is byte for byte what dumps() of the whole message would give.
+        head = b'{"type":"message","room":%s,"seq":' % orjson.dumps(room)
+        ts = int(self._clock() * 1000)
+        tail = b',"from":%s,"ts":%d,"data":%s}' % (orjson.dumps(member.name), ts, orjson.dumps(data))
+        seq, payload = self._backend.publish(room, head, tail)
         frame = self._frame(payload)
         sent = 0
         for other, echo in members.items():
@@ -124,8 +125,24 @@ class Hub:
         self._stats.messages_out += sent
         return seq
 
-    def _fan_out(self, room: str, message: dict[str, Any], skip: Member) -> None:
-        frame = self._frame(protocol.dumps(message))
+    def deliver_remote(self, room: str, payload: bytes) -> None:
+        """A message or presence event from another process: to every local member, framed once."""
+        members = self._rooms.get(room)
+        if not members:
+            return
+        frame = self._frame(payload)
+        sent = 0
+        for other in members:
+            if other.send(frame):
+                sent += 1
+        self._stats.messages_out += sent
+
+    @staticmethod
+    def _presence(room: str, event: str, member: Member) -> bytes:
+        return protocol.dumps({"type": "presence", "room": room, "event": event, "who": member.name})
+
+    def _fan_out(self, room: str, payload: bytes, skip: Member) -> None:
+        frame = self._frame(payload)
         for other in self._rooms.get(room, ()):
             if other is not skip:
                 other.send(frame)

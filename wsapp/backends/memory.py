@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+from wsapp.backends import Deliver, RoomView
+
 
 class _RoomLog:
     __slots__ = ("messages", "seq")
@@ -31,6 +33,27 @@ class MemoryBackend:
     @property
     def healthy(self) -> bool:
         return True
+
+    def attach(self, deliver: Deliver) -> None:
+        """A single process has nobody else to hear from."""
+
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
+    def publish(self, room: str, head: bytes, tail: bytes) -> tuple[int, bytes]:
+        seq = self.next_seq(room)
+        payload = b"%s%d%s" % (head, seq, tail)
+        self.append(room, seq, payload)
+        return seq, payload
+
+    def join(self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None) -> RoomView:
+        view = RoomView(self.current_seq(room))
+        if since is not None:
+            view.replay, view.history_gone = self.since(room, since)
+        return view
+
+    def leave(self, room: str, member_id: str, presence: bytes) -> None:
+        """The hub already told the local members; there are no others."""
 
     def _log(self, room: str) -> _RoomLog:
         log = self._rooms.get(room)

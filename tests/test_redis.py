@@ -1,0 +1,302 @@
+"""Scale-out (DESIGN.md section 5): two real wsapp processes share rooms through a real redis-server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import websocket
+
+from tests.clients import connect, get_json, recv_json, recv_type, send_json, wait_for
+from tests.harness import ServerProcess
+from tests.redis_fixture import RedisServer
+
+pytestmark = pytest.mark.redis
+
+HISTORY = 3
+Client = Callable[[ServerProcess, str], websocket.WebSocket]
+
+
+def room() -> str:
+    return "x-" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="module")
+def pair(redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Servers A and B on one Redis, shared by the tests that leave Redis alone."""
+    env = {"REDIS_URL": redis_server.url, "WSAPP_HISTORY": str(HISTORY), "WSAPP_RATE_LIMIT": "0"}
+    a = ServerProcess(env)
+    try:
+        b = ServerProcess(env)
+    except Exception:
+        a.stop()
+        raise
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture
+def client() -> Iterator[Client]:
+    opened: list[websocket.WebSocket] = []
+
+    def open_client(srv: ServerProcess, name: str) -> websocket.WebSocket:
+        ws = connect(srv.ws(f"/ws?name={name}"))
+        assert recv_json(ws)["type"] == "welcome"
+        opened.append(ws)
+        return ws
+
+    yield open_client
+    for ws in opened:
+        ws.close()
+
+
+def join(ws: websocket.WebSocket, name: str, **extra: object) -> dict[str, Any]:
+    send_json(ws, type="join", room=name, **extra)
+    return recv_type(ws, "joined")
+
+
+def assert_nothing_pending(ws: websocket.WebSocket) -> None:
+    """A ping's pong is the next frame: nothing else was queued for this client before it."""
+    send_json(ws, type="ping", id="quiet")
+    assert recv_json(ws) == {"type": "pong", "id": "quiet"}
+
+
+def health(srv: ServerProcess) -> tuple[int, dict[str, Any]]:
+    return get_json(srv.http("/healthz"))
+
+
+def test_publish_presence_and_members_cross_processes(
+    pair: tuple[ServerProcess, ServerProcess], client: Client
+) -> None:
+    a, b = pair
+    for srv in pair:
+        status, body = health(srv)
+        assert (status, body["status"], body["broker"], body["broker_healthy"]) == (200, "ok", "redis", True)
+    r = room()
+    alice, bob = client(a, "alice"), client(b, "bob")
+    assert join(alice, r) == {"type": "joined", "room": r, "seq": 0, "members": ["alice"]}
+    assert sorted(join(bob, r)["members"]) == ["alice", "bob"]
+    assert recv_json(alice) == {"type": "presence", "room": r, "event": "join", "who": "bob"}
+
+    send_json(alice, type="publish", room=r, data={"text": "hi"}, id="m1")
+    assert recv_json(alice) == {"type": "ack", "id": "m1", "room": r, "seq": 1}
+    msg = recv_json(bob)
+    assert (msg["type"], msg["seq"], msg["from"], msg["data"]) == ("message", 1, "alice", {"text": "hi"})
+    send_json(bob, type="publish", room=r, data="back", id="m2")
+    assert recv_json(bob)["seq"] == 2
+    assert recv_json(alice)["data"] == "back"
+
+    carol = client(a, "carol")
+    assert sorted(join(carol, r)["members"]) == ["alice", "bob", "carol"]
+    for ws in (alice, bob):
+        assert recv_json(ws) == {"type": "presence", "room": r, "event": "join", "who": "carol"}
+    bob.sock.close()  # abrupt: the leave still reaches the other process
+    for ws in (alice, carol):
+        assert recv_json(ws) == {"type": "presence", "room": r, "event": "leave", "who": "bob"}
+    dave = client(b, "dave")
+    assert sorted(join(dave, r)["members"]) == ["alice", "carol", "dave"]
+
+
+def test_history_replay_through_the_other_process(
+    pair: tuple[ServerProcess, ServerProcess], client: Client
+) -> None:
+    a, b = pair
+    r = room()
+    writer = client(a, "writer")
+    join(writer, r)
+    for i in range(5):
+        send_json(writer, type="publish", room=r, data=i, id=i)
+        assert recv_json(writer)["seq"] == i + 1
+    late = client(b, "late")
+    assert join(late, r, since=3)["seq"] == 5
+    assert [(m["seq"], m["data"], m["from"]) for m in (recv_json(late), recv_json(late))] == [
+        (4, 3, "writer"),
+        (5, 4, "writer"),
+    ]
+    assert_nothing_pending(late)
+    # Only the last HISTORY messages are kept: an older `since` is told so, then gets what is kept.
+    older = client(b, "older")
+    join(older, r, since=1)
+    gone = recv_json(older)
+    assert (gone["type"], gone["code"], gone["room"]) == ("error", "history_gone", r)
+    assert [recv_json(older)["seq"] for _ in range(HISTORY)] == [3, 4, 5]
+    current = client(b, "current")
+    join(current, r, since=5)
+    assert_nothing_pending(current)
+
+
+def test_sequence_numbers_stay_monotonic_when_both_publish_and_echoes_arrive_once(
+    pair: tuple[ServerProcess, ServerProcess], client: Client
+) -> None:
+    a, b = pair
+    r = room()
+    count = 40
+    total = 2 * count + 1
+    alice, bob = client(a, "alice"), client(b, "bob")
+    listeners = [client(a, "la"), client(b, "lb")]
+    loud = client(a, "loud")  # asks for its own messages
+    for ws in (alice, bob, *listeners):
+        join(ws, r)
+    join(loud, r, echo=True)
+    # Both publish at once, without waiting for acks; `loud` adds one of its own.
+    for i in range(count):
+        send_json(alice, type="publish", room=r, data=["alice", i], id=i)
+        send_json(bob, type="publish", room=r, data=["bob", i], id=i)
+    send_json(loud, type="publish", room=r, data=["loud", 0], id=0)
+
+    def drain(ws: websocket.WebSocket, messages: int, acks: int) -> tuple[list[dict], list[int]]:
+        got: list[dict] = []
+        acked: list[int] = []
+        while len(got) < messages or len(acked) < acks:
+            msg = recv_json(ws)
+            if msg["type"] == "message":
+                got.append(msg)
+            elif msg["type"] == "ack":
+                acked.append(msg["seq"])
+        assert_nothing_pending(ws)  # nothing more, in particular no second copy of anything
+        return got, acked
+
+    a_got, a_acks = drain(alice, count + 1, count)
+    b_got, b_acks = drain(bob, count + 1, count)
+    loud_got, loud_acks = drain(loud, total, 1)
+    for acks in (a_acks, b_acks):
+        assert acks == sorted(acks) and len(set(acks)) == count
+    assert sorted(a_acks + b_acks + loud_acks) == list(range(1, total + 1))
+    assert {m["data"][0] for m in a_got} == {"bob", "loud"}
+    assert {m["data"][0] for m in b_got} == {"alice", "loud"}
+    for got in (*(drain(ws, total, 0)[0] for ws in listeners), loud_got):
+        assert sorted(m["seq"] for m in got) == list(range(1, total + 1))
+        for sender in ("alice", "bob"):
+            # One sender's messages arrive in the order it sent them, with rising numbers.
+            mine = [m for m in got if m["data"][0] == sender]
+            assert [m["data"][1] for m in mine] == list(range(count))
+            assert [m["seq"] for m in mine] == sorted(m["seq"] for m in mine)
+    # `loud` got its own message once, from its own process, though Redis sent it back too.
+    assert [m["data"] for m in loud_got].count(["loud", 0]) == 1
+
+
+def test_broker_loss_keeps_local_rooms_and_recovers(
+    make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess], client: Client
+) -> None:
+    broker = make_redis()
+    env = {"REDIS_URL": broker.url, "WSAPP_RATE_LIMIT": "0"}
+    a, b = make_server(**env), make_server(**env)
+    r = room()
+    a1, a2, b1 = client(a, "a1"), client(a, "a2"), client(b, "b1")
+    for ws in (a1, a2, b1):
+        join(ws, r)
+    # Presence from the other process may come after local events: collect it before going on.
+    assert sorted(recv_json(a1)["who"] for _ in range(2)) == ["a2", "b1"]
+    assert recv_json(a2)["who"] == "b1"
+    send_json(a1, type="publish", room=r, data="before", id="p1")
+    assert recv_json(a1)["seq"] == 1
+    assert recv_json(b1)["data"] == "before"
+    assert recv_json(a2)["data"] == "before"
+
+    broker.stop()
+    for srv in (a, b):
+        _, body = wait_for(lambda srv=srv: (h := health(srv))[0] == 503 and h, what="healthz 503")
+        assert body["status"] == "degraded" and body["broker_healthy"] is False
+    # Local members still hear each other, promptly, numbered on from the last seq seen.
+    started = time.monotonic()
+    send_json(a1, type="publish", room=r, data="during", id="p2")
+    assert recv_json(a1) == {"type": "ack", "id": "p2", "room": r, "seq": 2}
+    assert time.monotonic() - started < 0.5
+    during = recv_json(a2)
+    assert (during["data"], during["seq"]) == ("during", 2)
+    assert_nothing_pending(b1)
+    # History cannot be served without the broker, and the joiner is told so.
+    late = client(a, "late")
+    assert join(late, r, since=1)["seq"] == 2
+    assert recv_json(late)["code"] == "history_gone"
+    assert recv_type(a1, "presence")["who"] == "late"
+
+    broker.start()
+    for srv in (a, b):
+        _, body = wait_for(lambda srv=srv: (h := health(srv))[0] == 200 and h, timeout=10, what="healthz 200")
+        assert body["status"] == "ok" and body["broker_healthy"] is True
+    send_json(b1, type="publish", room=r, data="after", id="p3")
+    after_seq = recv_type(b1, "ack")["seq"]
+    assert after_seq > 2  # the numbers handed out during the outage are not handed out again
+    for ws in (a1, a2, late):
+        msg = recv_type(ws, "message")
+        assert (msg["data"], msg["seq"]) == ("after", after_seq)
+    # Every process registered its members again in the restarted (empty) Redis.
+    newcomer = client(b, "newcomer")
+    assert sorted(join(newcomer, r)["members"]) == ["a1", "a2", "b1", "late", "newcomer"]
+    # One log line per state change, not one per message.
+    for srv in (a, b):
+        log_text = srv.log_text()
+        assert log_text.count("broker lost") == 1, log_text
+        assert log_text.count("broker back") == 1, log_text
+
+
+def test_hung_broker_costs_at_most_one_timeout(
+    make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess], client: Client
+) -> None:
+    broker = make_redis()
+    assert broker.proc is not None
+    srv = make_server(REDIS_URL=broker.url)
+    r = room()
+    a1, a2 = client(srv, "a1"), client(srv, "a2")
+    join(a1, r)
+    join(a2, r)
+    assert recv_json(a1)["who"] == "a2"
+    os.kill(broker.proc.pid, signal.SIGSTOP)  # alive but silent: only timeouts can tell
+    try:
+        started = time.monotonic()
+        send_json(a1, type="publish", room=r, data="stuck?", id="s1")
+        assert recv_json(a1)["seq"] == 1
+        assert time.monotonic() - started < 2.5
+        wait_for(lambda: health(srv)[0] == 503, timeout=5, what="healthz 503")
+        started = time.monotonic()
+        send_json(a1, type="publish", room=r, data="fast", id="s2")
+        assert recv_json(a1)["seq"] == 2
+        assert time.monotonic() - started < 0.5  # degraded: Redis is no longer asked
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    wait_for(lambda: health(srv)[0] == 200, timeout=10, what="healthz back to 200")
+    assert [recv_type(a2, "message")["data"] for _ in range(2)] == ["stuck?", "fast"]
+
+
+def test_members_die_with_their_process(
+    pair: tuple[ServerProcess, ServerProcess],
+    redis_server: RedisServer,
+    make_server: Callable[..., ServerProcess],
+    client: Client,
+) -> None:
+    a, b = pair
+    doomed = make_server(REDIS_URL=redis_server.url)
+    r = room()
+    alice, bob = client(a, "alice"), client(doomed, "bob")
+    join(alice, r)
+    join(bob, r)
+    members_key = f"wsapp:room:{r}:members"
+    redis = redis_server.client()
+    owners = {field.decode().split(":")[0]: name.decode() for field, name in redis.hgetall(members_key).items()}
+    by_name = {name: owner for owner, name in owners.items()}
+    assert 0 < redis.ttl(f"wsapp:proc:{by_name['bob']}") <= 10
+    doomed.proc.kill()  # no goodbye: its members linger until its liveness key expires
+    doomed.wait(5)
+    assert sorted(join(client(a, "early"), r)["members"]) == ["alice", "bob", "early"]
+    redis.delete(f"wsapp:proc:{by_name['bob']}")  # what the TTL does a few seconds later
+    assert sorted(join(client(a, "later"), r)["members"]) == ["alice", "early", "later"]
+    assert by_name["bob"] not in {f.decode().split(":")[0] for f in redis.hkeys(members_key)}
+    # A live process whose key lapsed (say it stalled) notices on its next heartbeat and registers its
+    # members again under a new key.
+    lapsed = by_name["alice"]
+    redis.delete(f"wsapp:proc:{lapsed}")
+    process_id = lapsed.split(".")[0]
+    old_key = f"wsapp:proc:{lapsed}".encode()
+    wait_for(
+        lambda: [k for k in redis.keys(f"wsapp:proc:{process_id}.*") if k != old_key], timeout=5, what="a new key"
+    )
+    assert not redis.exists(old_key)
+    assert sorted(join(client(b, "after"), r)["members"]) == ["after", "alice", "early", "later"]
+    redis.close()
