@@ -12,6 +12,15 @@
 // Every message carries its sender, a per-sender sequence number and the send time (performance.now
 // in microseconds), so fan-out latency is receive time minus send time in this same process, and
 // each delivery is attributed to its message: lost = expected deliveries - deliveries received.
+//
+// Two client implementations, chosen by spec.client:
+//   raw (default): a minimal RFC 6455 client on net sockets (handshake through node:http's 'upgrade',
+//     frames parsed in place, numbers read straight from the bytes, no UTF-8 validation).
+//   ws: the `ws` package's client. It costs about the same per delivery when every read brings one
+//     frame (Node's per-read socket work dominates), about 20% more when reads bring many, as they do
+//     from wsapp, whose writes are coalesced. Kept to cross-check the raw client's figures.
+const crypto = require('node:crypto');
+const http = require('node:http');
 const path = require('node:path');
 const readline = require('node:readline');
 const { performance } = require('node:perf_hooks');
@@ -22,6 +31,7 @@ const WebSocket = createRequire(path.join(__dirname, 'node', 'package.json'))('w
 
 const DEFAULTS = {
   url: 'ws://127.0.0.1:8080/',
+  client: 'raw', // raw | ws (see above)
   mode: 'relay', // relay: raw text frames on `/`; rooms: wsapp's JSON protocol on `/ws`
   room: 'bench',
   clients: 100,
@@ -44,7 +54,6 @@ const receiversPerMessage = N - 1;
 
 const nowUs = () => Math.round(performance.now() * 1000);
 const emit = (obj) => process.stdout.write(`${JSON.stringify(obj)}\n`);
-const log = (msg) => process.stderr.write(`loadgen: ${msg}\n`);
 
 // Counters. "Window" figures only count deliveries received inside the measured window.
 const stats = {
@@ -104,7 +113,7 @@ class Sender {
       bigger.set(this.received);
       this.received = bigger;
     }
-    this.client.ws.send(encode(this.index, seq, nowUs()));
+    this.client.send(encode(this.index, seq, nowUs()));
   }
 }
 
@@ -126,6 +135,10 @@ let sending = false;
 let measuring = false;
 let stalledAt = null;
 
+// Deliveries that belong to a message we sent, each counted once.
+const counted = () => stats.deliveries - stats.duplicates - stats.unknown;
+let drainWaiter = null; // {target, resolve}: set once sending has stopped
+
 function onDelivery(s, seq, t) {
   const now = nowUs();
   stats.deliveries++;
@@ -134,34 +147,67 @@ function onDelivery(s, seq, t) {
     recordLatency(now - t);
   }
   const sender = senders[s];
-  if (sender === undefined) {
-    stats.unknown++;
-    return;
-  }
-  if (sender.countDelivery(seq) && spec.pattern === 'closed' && sending) pump(sender);
+  if (sender === undefined) stats.unknown++;
+  else if (sender.countDelivery(seq) && spec.pattern === 'closed' && sending) pump(sender);
+  if (drainWaiter && counted() >= drainWaiter.target) drainWaiter.resolve();
 }
 
 function pump(sender) {
   while (sending && sender.sent - sender.completed < spec.window) sender.send();
 }
 
-function onRelayFrame(data, isBinary) {
-  if (isBinary) stats.typeMismatches++;
-  const head = data.toString('latin1', 0, 40).split(' ', 3);
-  if (head.length < 3) {
-    stats.unknown++;
-    return;
+// Digits of a non-negative integer at buf[i..end); the index after them is left in `intEnd`.
+let intEnd = 0;
+function readInt(buf, i, end) {
+  let v = 0;
+  const first = i;
+  for (; i < end; i++) {
+    const c = buf[i];
+    if (c < 48 || c > 57) break;
+    v = v * 10 + (c - 48);
   }
-  onDelivery(Number(head[0]), Number(head[1]), Number(head[2]));
+  intEnd = i === first ? -1 : i;
+  return v;
+}
+
+// Relay frame payload: "<sender> <seq> <time µs> xxxx...".
+function onRelayMessage(buf, start, end, isBinary) {
+  if (isBinary) stats.typeMismatches++;
+  const s = readInt(buf, start, end);
+  if (intEnd < 0) return void stats.unknown++;
+  const n = readInt(buf, intEnd + 1, end);
+  if (intEnd < 0) return void stats.unknown++;
+  const t = readInt(buf, intEnd + 1, end);
+  if (intEnd < 0) return void stats.unknown++;
+  onDelivery(s, n, t);
 }
 
 // Rooms mode. Each client goes welcome -> join -> joined; presence frames from later joiners follow.
+// A `message` frame is read in place (its `data` is ours: {"s":..,"n":..,"t":..,"p":..}); anything
+// else, or a message laid out otherwise, goes through JSON.parse.
+const MESSAGE_PREFIX = Buffer.from('{"type":"message"');
+const DATA_MARK = Buffer.from('"data":{"s":');
 let presenceExpected = 0;
 let presenceWaiter = null;
-function onRoomsFrame(client, data) {
+
+function onRoomsMessage(client, buf, start, end) {
+  if (end - start > MESSAGE_PREFIX.length && buf.compare(MESSAGE_PREFIX, 0, MESSAGE_PREFIX.length, start,
+    start + MESSAGE_PREFIX.length) === 0) {
+    const at = buf.indexOf(DATA_MARK, start);
+    if (at >= 0 && at < end) {
+      const s = readInt(buf, at + DATA_MARK.length, end);
+      if (intEnd > 0 && buf[intEnd + 1] === 0x22 && buf[intEnd + 2] === 0x6e) { // ,"n":
+        const n = readInt(buf, intEnd + 5, end);
+        if (intEnd > 0 && buf[intEnd + 2] === 0x74) { // ,"t":
+          const t = readInt(buf, intEnd + 5, end);
+          if (intEnd > 0) return onDelivery(s, n, t);
+        }
+      }
+    }
+  }
   let msg;
   try {
-    msg = JSON.parse(data);
+    msg = JSON.parse(buf.toString('utf8', start, end));
   } catch {
     stats.unknown++;
     return;
@@ -176,7 +222,9 @@ function onRoomsFrame(client, data) {
       if (presenceWaiter && stats.presence >= presenceExpected) presenceWaiter();
       break;
     case 'welcome':
-      client.ws.send(JSON.stringify({ type: 'join', room: spec.room }));
+      // Idle connections stay out of rooms: 10,000 joins of one room would flood 50 million presence frames.
+      if (spec.pattern === 'idle') client.onReady();
+      else client.send(JSON.stringify({ type: 'join', room: spec.room }));
       break;
     case 'joined':
       // Members already there when we joined; every later joiner will announce itself to us.
@@ -192,43 +240,200 @@ function onRoomsFrame(client, data) {
   }
 }
 
-function openClient(index) {
-  return new Promise((resolve, reject) => {
-    const url = spec.mode === 'rooms' ? `${spec.url}?name=b${index}` : spec.url;
+function onMessage(client, buf, start, end, isBinary) {
+  if (spec.mode === 'rooms') onRoomsMessage(client, buf, start, end);
+  else onRelayMessage(buf, start, end, isBinary);
+}
+
+function onClosed(code, reason) {
+  if (finished) return;
+  stats.unexpectedCloses++;
+  const key = `${code}${reason ? ` ${reason}` : ''}`;
+  stats.closeCodes[key] = (stats.closeCodes[key] || 0) + 1;
+}
+
+function onSocketError(index, err) {
+  if (stats.socketErrors.length < 5) stats.socketErrors.push(`client ${index}: ${err.message}`);
+}
+
+const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
+const maskKey = Buffer.alloc(4);
+
+// A client frame: FIN set, masked as RFC 6455 requires of clients.
+function clientFrame(opcode, payload) {
+  const len = payload.length;
+  const ext = len < 126 ? 0 : len < 65536 ? 2 : 8;
+  const frame = Buffer.allocUnsafe(2 + ext + 4 + len);
+  frame[0] = 0x80 | opcode;
+  if (ext === 0) frame[1] = 0x80 | len;
+  else if (ext === 2) {
+    frame[1] = 0x80 | 126;
+    frame.writeUInt16BE(len, 2);
+  } else {
+    frame[1] = 0x80 | 127;
+    frame.writeBigUInt64BE(BigInt(len), 2);
+  }
+  crypto.randomFillSync(maskKey);
+  const at = 2 + ext;
+  maskKey.copy(frame, at);
+  for (let i = 0; i < len; i++) frame[at + 4 + i] = payload[i] ^ maskKey[i & 3];
+  return frame;
+}
+
+class RawClient {
+  constructor(index) {
+    this.index = index;
+    this.socket = null;
+    this.pending = null; // bytes of an incomplete frame
+    this.fragments = null; // [opcode, ...buffers] of a fragmented message
+    this.closing = false;
+  }
+
+  connect(url, onOpen, onFail) {
+    const u = new URL(url);
+    const key = crypto.randomBytes(16).toString('base64');
+    const req = http.request({
+      host: u.hostname, port: u.port, path: u.pathname + u.search, agent: false,
+      headers: { Connection: 'Upgrade', Upgrade: 'websocket', 'Sec-WebSocket-Key': key, 'Sec-WebSocket-Version': '13' },
+      timeout: spec.connectTimeoutSeconds * 1000,
+    });
+    req.on('timeout', () => req.destroy(new Error('handshake timed out')));
+    req.on('error', onFail);
+    req.on('response', (res) => {
+      res.resume();
+      onFail(new Error(`HTTP ${res.statusCode} instead of 101`));
+    });
+    req.on('upgrade', (res, socket, head) => {
+      const accept = crypto.createHash('sha1').update(key + GUID).digest('base64');
+      if (res.headers['sec-websocket-accept'] !== accept) {
+        socket.destroy();
+        return onFail(new Error('bad Sec-WebSocket-Accept'));
+      }
+      this.socket = socket;
+      socket.setNoDelay(true);
+      socket.on('data', (chunk) => this.onData(chunk));
+      socket.on('error', (err) => onSocketError(this.index, err));
+      socket.on('close', () => {
+        if (!this.closing) onClosed(1006, 'connection dropped');
+        if (this.onDrop) this.onDrop(new Error('closed during setup'));
+      });
+      onOpen();
+      if (head.length) this.onData(head);
+    });
+    req.end();
+  }
+
+  send(text) {
+    this.socket.write(clientFrame(1, Buffer.from(text)));
+  }
+
+  onData(chunk) {
+    const buf = this.pending ? Buffer.concat([this.pending, chunk]) : chunk;
+    let off = 0;
+    for (;;) {
+      const avail = buf.length - off;
+      if (avail < 2) break;
+      const b0 = buf[off];
+      let len = buf[off + 1] & 0x7f;
+      let head = 2;
+      if (len === 126) {
+        if (avail < 4) break;
+        len = buf.readUInt16BE(off + 2);
+        head = 4;
+      } else if (len === 127) {
+        if (avail < 10) break;
+        len = Number(buf.readBigUInt64BE(off + 2));
+        head = 10;
+      }
+      if (buf[off + 1] & 0x80) head += 4; // servers must not mask; tolerate it for counting's sake
+      if (avail < head + len) break;
+      const start = off + head;
+      off = start + len;
+      this.onFrame(b0 & 0x80, b0 & 0x0f, buf, start, off);
+    }
+    this.pending = off < buf.length ? buf.subarray(off) : null;
+  }
+
+  onFrame(fin, opcode, buf, start, end) {
+    if (opcode === 1 || opcode === 2) {
+      if (fin) onMessage(this, buf, start, end, opcode === 2);
+      else this.fragments = [opcode, Buffer.from(buf.subarray(start, end))];
+    } else if (opcode === 0 && this.fragments) {
+      this.fragments.push(Buffer.from(buf.subarray(start, end)));
+      if (fin) {
+        const [op, ...parts] = this.fragments;
+        this.fragments = null;
+        const whole = Buffer.concat(parts);
+        onMessage(this, whole, 0, whole.length, op === 2);
+      }
+    } else if (opcode === 8) {
+      const code = end - start >= 2 ? buf.readUInt16BE(start) : 1005;
+      if (!this.closing) {
+        this.closing = true;
+        onClosed(code, buf.toString('utf8', start + 2, end));
+        this.socket.end(clientFrame(8, buf.subarray(start, Math.min(end, start + 2))));
+      }
+    } else if (opcode === 9) {
+      this.socket.write(clientFrame(10, buf.subarray(start, end)));
+    } else if (opcode !== 10) {
+      stats.unknown++;
+    }
+  }
+}
+
+// The same interface over the `ws` package's client.
+class WsClient {
+  constructor(index) {
+    this.index = index;
+    this.ws = null;
+  }
+
+  connect(url, onOpen, onFail) {
     // No permessage-deflate: the reference server does not negotiate it, so neither may the bench.
     const ws = new WebSocket(url, { perMessageDeflate: false, handshakeTimeout: spec.connectTimeoutSeconds * 1000 });
-    const client = { index, ws, ready: false };
+    this.ws = ws;
+    let opened = false;
+    ws.on('open', () => {
+      opened = true;
+      onOpen();
+    });
+    ws.on('error', (err) => {
+      onSocketError(this.index, err);
+      if (!opened) onFail(err);
+    });
+    ws.on('close', (code, reason) => {
+      onClosed(code, reason.toString());
+      if (this.onDrop) this.onDrop(new Error(`closed during setup (${code})`));
+    });
+    ws.on('message', (data, isBinary) => onMessage(this, data, 0, data.length, isBinary));
+  }
+
+  send(text) {
+    this.ws.send(text);
+  }
+}
+
+// Resolves with the client once it is open (relay) or has joined the room (rooms).
+function openClient(index) {
+  return new Promise((resolve, reject) => {
+    const client = spec.client === 'ws' ? new WsClient(index) : new RawClient(index);
     let settled = false;
+    const fail = (err) => {
+      if (settled) return;
+      settled = true;
+      reject(new Error(`client ${index}: ${err.message}`));
+    };
+    client.onDrop = fail;
     client.onReady = () => {
       if (settled) return;
       settled = true;
-      client.ready = true;
+      client.onDrop = null;
       resolve(client);
     };
-    ws.on('error', (err) => {
-      if (stats.socketErrors.length < 5) stats.socketErrors.push(`client ${index}: ${err.message}`);
-      if (!settled) {
-        settled = true;
-        reject(new Error(`client ${index}: ${err.message}`));
-      }
-    });
-    ws.on('close', (code, reason) => {
-      if (!finished) {
-        stats.unexpectedCloses++;
-        const key = `${code}${reason.length ? ` ${reason.toString()}` : ''}`;
-        stats.closeCodes[key] = (stats.closeCodes[key] || 0) + 1;
-      }
-      if (!settled) {
-        settled = true;
-        reject(new Error(`client ${index}: closed during setup (${code})`));
-      }
-    });
-    if (spec.mode === 'rooms') {
-      ws.on('message', (data) => onRoomsFrame(client, data));
-    } else {
-      ws.on('message', onRelayFrame);
-      ws.on('open', client.onReady);
-    }
+    const url = spec.mode === 'rooms' ? `${spec.url}?name=b${index}` : spec.url;
+    client.connect(url, () => {
+      if (spec.mode === 'relay') client.onReady();
+    }, fail);
   });
 }
 
@@ -268,11 +473,9 @@ function waitForGo() {
         resolve();
       }
     });
-    // Run standalone (no orchestrator on stdin): start at once.
-    if (process.stdin.isTTY) {
-      rl.close();
-      resolve();
-    }
+    // Run standalone (stdin a terminal or at end of file): start at once.
+    rl.on('close', resolve);
+    if (process.stdin.isTTY) rl.close();
   });
 }
 
@@ -335,7 +538,6 @@ async function main() {
     }, 1000);
   }
   await sleep(spec.warmupSeconds * 1000);
-  const deliveriesBefore = stats.deliveries;
   const cpuStart = process.cpuUsage();
   const windowStart = performance.now();
   measuring = true;
@@ -351,15 +553,16 @@ async function main() {
   // Drain: wait for every message sent so far to reach every receiver, or give up after drainSeconds.
   const sentTotal = () => senders.reduce((a, s) => a + s.sent, 0);
   const expectedTotal = () => sentTotal() * receiversPerMessage;
-  const drainDeadline = performance.now() + spec.drainSeconds * 1000;
-  while (stats.deliveries - stats.duplicates < expectedTotal() && performance.now() < drainDeadline) {
-    await sleep(20);
+  const drainStart = performance.now();
+  if (counted() < expectedTotal()) {
+    await withTimeout(new Promise((resolve) => {
+      drainWaiter = { target: expectedTotal(), resolve };
+    }), spec.drainSeconds, 'drain').catch(() => {}); // what is still missing then counts as lost
   }
-  const drainSeconds = (performance.now() - windowStart) / 1000 - windowSeconds;
+  const drainSeconds = (performance.now() - drainStart) / 1000;
   finished = true;
 
   const sorted = latencies.subarray(0, latencyCount).sort();
-  const counted = stats.deliveries - stats.duplicates - stats.unknown;
   const result = {
     event: 'result',
     ok: true,
@@ -370,8 +573,8 @@ async function main() {
     connected: clients.length,
     sent: sentTotal(),
     expected: expectedTotal(),
-    received: counted,
-    lost: Math.max(0, expectedTotal() - counted),
+    received: counted(),
+    lost: Math.max(0, expectedTotal() - counted()),
     deliveriesPerSec: stats.windowDeliveries / windowSeconds,
     messagesPerSec: stats.windowDeliveries / windowSeconds / receiversPerMessage,
     latencyMs: {

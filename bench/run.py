@@ -1,0 +1,623 @@
+"""Benchmark wsapp against the Node `ws` reference broadcast server, in one run.
+
+    .venv/bin/python bench/run.py                  # everything, about 3 minutes
+    .venv/bin/python bench/run.py --servers node   # the reference alone
+    .venv/bin/python bench/run.py --cases c100-s1,idle-10k --duration 3
+
+Each (case, server) pair gets a fresh server pinned to core 0 and the same Node load generator
+(bench/loadgen.js) pinned to core 1. Needs `npm ci --prefix bench/node` and
+`.venv/bin/pip install -r requirements-dev.txt -r bench/requirements.txt`.
+Writes bench/results/latest.json, bench/results/latest.md, docs/perf-chart.png and, per run, the
+server and load generator logs under bench/results/raw/<timestamp>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+CHART = ROOT / "docs" / "perf-chart.png"
+SERVER_CORE = 0
+LOADGEN_CORE = 1
+FD_LIMIT = 65536
+# A core this busy over the window (its process plus the kernel's interrupt work on it) is the limit.
+BUSY_PCT = 90.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One load shape; `window` is per sender (closed loop), `rate` is msgs/s in all (open loop)."""
+
+    name: str
+    description: str
+    clients: int
+    senders: int = 1
+    pattern: str = "closed"
+    window: int = 4
+    rate: int = 0
+
+    @property
+    def idle(self) -> bool:
+        return self.pattern == "idle"
+
+    @property
+    def title(self) -> str:
+        if self.pattern != "closed":
+            return self.description
+        return f"{self.description}, window {self.window}{' per sender' if self.senders > 1 else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A server and the protocol the load generator speaks to it."""
+
+    name: str
+    server: str  # node | wsapp
+    mode: str  # relay | rooms
+    path: str
+
+
+# Closed-loop windows are small on purpose (the issue's "as fast as deliveries complete"): wsapp
+# coalesces whatever is queued for a client into one write, so its throughput keeps climbing with the
+# window while Node's `ws` writes each frame on its own. `--window N` reruns them with another window.
+CASES = [
+    Case("c100-s1", "100 clients, 1 sender, closed loop", clients=100, window=4),
+    Case("c1000-s1", "1,000 clients, 1 sender, closed loop", clients=1000, window=4),
+    Case("c100-s10", "100 clients, 10 senders, closed loop", clients=100, senders=10, window=1),
+    Case("c100-open200", "100 clients, 1 sender, open loop 200 msg/s", clients=100, pattern="open", rate=200),
+    Case("idle-10k", "10,000 idle connections", clients=10000, pattern="idle"),
+]
+VARIANTS = [
+    Variant("node", "node", "relay", "/"),
+    Variant("wsapp", "wsapp", "relay", "/"),
+    Variant("wsapp-rooms", "wsapp", "rooms", "/ws"),
+]
+LABELS = {"node": "Node ws 8.23.0 (relay)", "wsapp": "wsapp relay /", "wsapp-rooms": "wsapp rooms /ws"}
+
+# wsapp as the issue asks for a benchmark: no per-connection rate limit, caps above the 10k case.
+# LOG_LEVEL=WARNING because the reference logs nothing per connection either.
+WSAPP_ENV = {
+    "WSAPP_RATE_LIMIT": "0",
+    "WSAPP_MAX_CONNECTIONS": "30000",
+    "WSAPP_MAX_CONNECTIONS_PER_IP": "30000",
+    "LOG_LEVEL": "WARNING",
+    "WSAPP_DRAIN_SECONDS": "2",
+}
+
+
+def raise_fd_limit() -> None:
+    """Runs in each child before exec: 10,000 sockets need more than the usual soft limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(FD_LIMIT, hard) if hard != resource.RLIM_INFINITY else FD_LIMIT
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+    except (ValueError, OSError):  # not root: the hard limit is the most we may have
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(core: int, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *cmd]
+
+
+class Server:
+    """One server process, pinned to SERVER_CORE, its output in a log file."""
+
+    def __init__(self, variant: Variant, log_path: Path, wsapp_env: dict[str, str]) -> None:
+        self.port = free_port()
+        env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1"}
+        if variant.server == "node":
+            cmd = ["node", str(BENCH / "node" / "reference_server.js")]
+        else:
+            python = ROOT / ".venv" / "bin" / "python"
+            cmd = [str(python if python.exists() else sys.executable), str(ROOT / "server.py")]
+            env.update(wsapp_env)
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server; closed in stop()
+        self.proc = subprocess.Popen(pinned(SERVER_CORE, cmd), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit)
+        self.ps = psutil.Process(self.proc.pid)  # taskset execs the server: same pid
+
+    def wait_listening(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server not listening on {self.port} after {timeout} s: {self.log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
+    def rss(self) -> int:
+        return int(self.ps.memory_info().rss)
+
+    def log_tail(self, lines: int = 15) -> str:
+        self._log.flush()
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def core_times() -> dict[int, tuple[float, float]]:
+    """Per core since boot, from /proc/stat: (busy seconds, of which irq + softirq seconds)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *fields = line.split()
+                v = [int(x) for x in fields[:8]]
+                # user nice system idle iowait irq softirq steal
+                out[int(name[3:])] = ((sum(v) - v[3] - v[4]) / tick, (v[5] + v[6]) / tick)
+    return out
+
+
+def run_pair(case: Case, variant: Variant, args: argparse.Namespace, raw: Path, rep: int) -> dict[str, Any]:
+    """Start a fresh server, drive it with the load generator, return what both measured."""
+    tag = f"{case.name}-{variant.name}" + (f"-{rep + 1}" if args.repeat > 1 else "")
+    row: dict[str, Any] = {"case": case.name, "variant": variant.name, "server": variant.server,
+                           "mode": variant.mode}
+    server = Server(variant, raw / f"{tag}.server.log", args.wsapp_env)
+    loadgen = None
+    try:
+        server.wait_listening()
+        row["rss_idle"] = server.rss()
+        spec = {
+            "url": f"ws://127.0.0.1:{server.port}{variant.path}",
+            "mode": variant.mode,
+            "clients": case.clients,
+            "senders": case.senders,
+            "pattern": case.pattern,
+            "window": case.window,
+            "rate": case.rate or 1,
+            "payloadBytes": args.payload,
+            "warmupSeconds": 0 if case.idle else args.warmup,
+            "durationSeconds": args.idle_hold if case.idle else args.duration,
+            "drainSeconds": args.drain,
+            "client": args.client,
+        }
+        with open(raw / f"{tag}.loadgen.log", "wb") as lg_log:
+            loadgen = subprocess.Popen(pinned(LOADGEN_CORE, ["node", str(BENCH / "loadgen.js"), json.dumps(spec)]),
+                                       cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=lg_log,
+                                       preexec_fn=raise_fd_limit)
+            row.update(drive(loadgen, server, spec, args))
+    except Exception as exc:  # a failed pair is a result too: record it and go on with the others
+        row["error"] = str(exc)
+    finally:
+        if loadgen is not None and loadgen.poll() is None:
+            loadgen.kill()
+            loadgen.wait()
+        row["server_exit_early"] = server.proc.poll()
+        server.stop()
+    derive(row)
+    return row
+
+
+def drive(loadgen: subprocess.Popen[bytes], server: Server, spec: dict[str, Any],
+          args: argparse.Namespace) -> dict[str, Any]:
+    """Follow the load generator's events, sampling the server at each one."""
+    assert loadgen.stdout is not None and loadgen.stdin is not None
+    out: dict[str, Any] = {}
+    deadline = time.monotonic() + 90 + spec["warmupSeconds"] + spec["durationSeconds"] + spec["drainSeconds"]
+    sel = selectors.DefaultSelector()
+    sel.register(loadgen.stdout, selectors.EVENT_READ)
+    cpu0 = busy0 = t0 = None
+    while True:
+        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            raise RuntimeError("load generator timed out")
+        line = loadgen.stdout.readline()
+        if not line:
+            raise RuntimeError(f"load generator exited with {loadgen.wait()} before a result")
+        event = json.loads(line)
+        kind = event.get("event")
+        if kind == "ready":
+            out["rss_ready"] = server.rss()
+            loadgen.stdin.write(b"go\n")
+            loadgen.stdin.flush()
+        elif kind == "window_start":
+            cpu0, busy0, t0 = server.cpu_seconds(), core_times(), time.monotonic()
+        elif kind == "window_end":
+            cpu1, busy1, t1 = server.cpu_seconds(), core_times(), time.monotonic()
+            assert cpu0 is not None and busy0 is not None and t0 is not None
+            out["server_cpu_s"] = cpu1 - cpu0
+            out["wall_s"] = t1 - t0
+            # How busy each core was meanwhile, and how much of that was the kernel's interrupt work
+            # (loopback TCP runs largely in softirq, charged to the core but to no process).
+            out["core_busy_pct"] = {c: 100 * (busy1[c][0] - busy0[c][0]) / (t1 - t0) for c in busy1}
+            out["core_irq_pct"] = {c: 100 * (busy1[c][1] - busy0[c][1]) / (t1 - t0) for c in busy1}
+            out["rss_end"] = server.rss()
+        elif kind == "result":
+            loadgen.wait(timeout=10)
+            out["loadgen"] = event
+            if not event.get("ok"):
+                raise RuntimeError(event.get("error", "load generator failed"))
+            return out
+
+
+def derive(row: dict[str, Any]) -> None:
+    """The table's figures from the raw samples."""
+    lg = row.get("loadgen") or {}
+    if not lg.get("ok"):
+        return
+    wall = row.get("wall_s") or lg["windowSeconds"]
+    row["deliveries_per_s"] = lg["deliveriesPerSec"]
+    row["p50_ms"] = lg["latencyMs"]["p50"]
+    row["p99_ms"] = lg["latencyMs"]["p99"]
+    row["lost"] = lg["lost"]
+    row["loadgen_cpu_pct"] = lg["loadgenCpuPct"]
+    row["server_cpu_pct"] = 100 * row["server_cpu_s"] / wall
+    deliveries = lg["deliveriesPerSec"] * lg["windowSeconds"]
+    row["cpu_us_per_delivery"] = 1e6 * row["server_cpu_s"] / deliveries if deliveries else None
+    # Noise gauge: what else (other processes on this machine) kept our two cores busy. Approximate:
+    # per-process and per-core accounting do not split interrupt time the same way.
+    busy, irq = row.get("core_busy_pct", {}), row.get("core_irq_pct", {})
+    row["other_cpu_pct"] = {
+        f"core{c}": max(0.0, busy.get(c, 0.0) - irq.get(c, 0.0) - own)
+        for c, own in ((SERVER_CORE, row["server_cpu_pct"]), (LOADGEN_CORE, row["loadgen_cpu_pct"]))
+    }
+    # What capped the figure: a core near full (its process, the kernel's interrupt work on it and any
+    # other process that ran there). Neither core full means the closed loop's turnaround did.
+    full = [name for name, pct in (("server core", busy.get(SERVER_CORE, row["server_cpu_pct"])),
+                                   ("load-gen core", busy.get(LOADGEN_CORE, row["loadgen_cpu_pct"])))
+            if pct >= BUSY_PCT]
+    row["limit"] = " + ".join(full) if full else ("rate" if lg["spec"]["pattern"] != "closed" else "turnaround")
+    row["rss_mib"] = row["rss_end"] / 2**20
+    if lg["spec"]["pattern"] == "idle":
+        row["rss_per_conn_kib"] = (row["rss_end"] - row["rss_idle"]) / lg["connected"] / 1024
+        row["setup_s"] = lg["setupSeconds"]
+    problems = []
+    st = lg["stats"]
+    for key, label in (("duplicates", "duplicates"), ("unknown", "unrecognised frames"),
+                       ("typeMismatches", "text arrived as binary"), ("serverErrorCount", "error frames"),
+                       ("unexpectedCloses", "unexpected closes")):
+        if st.get(key):
+            problems.append(f"{st[key]} {label}")
+    if st.get("closeCodes"):
+        problems.append(f"close codes {st['closeCodes']}")
+    if lg.get("stalled"):
+        problems.append("closed loop stalled (no message completed for 1 s)")
+    if lg["lost"]:
+        problems.append(f"{lg['lost']} of {lg['expected']} deliveries lost")
+    if lg["spec"]["pattern"] == "open" and lg.get("maxSendLagMs", 0) > 20:
+        problems.append(f"open-loop sender ran up to {lg['maxSendLagMs']:.0f} ms late")
+    if problems:
+        row["problems"] = problems
+
+
+def summary(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"error: {row['error']}"
+    if "rss_per_conn_kib" in row:
+        return f"{row['rss_per_conn_kib']:.1f} KiB/connection"
+    return (f"{row.get('deliveries_per_s', 0):,.0f} deliveries/s, p99 {fmt(row.get('p99_ms'), 2)} ms, "
+            f"lost {row.get('lost')}, server CPU {fmt(row.get('server_cpu_pct'), 0)}%, "
+            f"load gen CPU {fmt(row.get('loadgen_cpu_pct'), 0)}%")
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median headline figure: deliveries/s in a closed loop, p99 in an open loop
+    (whose rate is fixed), RSS per connection when idle.
+
+    A failed run wins over good ones: an error or a loss must not hide behind a median.
+    """
+    bad = [r for r in runs if "error" in r or r.get("lost")]
+    if bad:
+        chosen = dict(bad[0])
+    else:
+        pattern = runs[0]["loadgen"]["spec"]["pattern"]
+        key = {"idle": "rss_per_conn_kib", "open": "p99_ms"}.get(pattern, "deliveries_per_s")
+        chosen = dict(sorted(runs, key=lambda r: r.get(key) or 0)[(len(runs) - 1) // 2])
+    if len(runs) > 1:
+        chosen["repeats"] = [{k: r.get(k) for k in ("deliveries_per_s", "p50_ms", "p99_ms", "lost",
+                                                    "rss_per_conn_kib", "cpu_us_per_delivery", "error")}
+                             for r in runs]
+    return chosen
+
+
+RATIO_KEYS = ["deliveries_per_s", "p50_ms", "p99_ms", "rss_mib", "cpu_us_per_delivery", "rss_per_conn_kib"]
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """wsapp ÷ Node per case, for each wsapp variant (rooms against Node's relay: Node has no rooms)."""
+    out = []
+    by = {(r["case"], r["variant"]): r for r in rows}
+    for (case, variant), r in by.items():
+        base = by.get((case, "node"))
+        if variant == "node" or base is None:
+            continue
+        ratio = {"case": case, "variant": variant}
+        for k in RATIO_KEYS:
+            a, b = r.get(k), base.get(k)
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+                ratio[k] = a / b
+        out.append(ratio)
+    return out
+
+
+def fmt(v: Any, digits: int = 1, ratio: bool = False) -> str:
+    if v is None:
+        return "-"
+    if ratio:
+        return f"{v:.2f}x"
+    if isinstance(v, float) and abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def spread(row: dict[str, Any]) -> str:
+    """Lowest to highest deliveries/s over the repeats (p99 for an open loop, whose rate is fixed)."""
+    reps = row.get("repeats") or []
+    if len(reps) < 2:
+        return ""
+    is_open = row["loadgen"]["spec"]["pattern"] == "open"
+    vals = sorted(r.get("p99_ms" if is_open else "deliveries_per_s") or 0 for r in reps)
+    if is_open:
+        return f"p99 {vals[0]:.1f}-{vals[-1]:.1f} ms"
+    return f"{vals[0] / 1000:.0f}k-{vals[-1] / 1000:.0f}k/s"
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[str, Any]]) -> str:
+    titles = {c["name"]: c["title"] for c in meta["cases"]}
+    lines = [
+        f"Run {meta['started']} against commit `{meta['commit']}`"
+        f"{' with uncommitted changes to ' + ', '.join(meta['dirty']) if meta['dirty'] else ''}; "
+        f"{meta['cpu']}, {meta['cores']} cores; server on core {SERVER_CORE}, load generator on core "
+        f"{LOADGEN_CORE}; {meta['duration']} s window after {meta['warmup']} s warm-up; "
+        f"{meta['payload']}-byte messages; median of {meta['repeat']} runs per pair (idle case: one run).",
+        "",
+        "| case | server | deliveries/s | p50 ms | p99 ms | lost | RSS MiB | server CPU µs/delivery "
+        "| server CPU % | load gen CPU % | others' CPU % core 0 / 1 | limit | spread over runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    rat = {(r["case"], r["variant"]): r for r in rats}
+    for r in rows:
+        if r["case"].startswith("idle"):
+            continue
+        name = LABELS[r["variant"]]
+        if "error" in r:
+            lines.append(f"| {titles[r['case']]} | {name} | error: {r['error'][:120]} | | | | | | | | | | |")
+            continue
+        other = r.get("other_cpu_pct", {})
+        lines.append(
+            f"| {titles[r['case']]} | {name} | {fmt(r.get('deliveries_per_s'))} | {fmt(r.get('p50_ms'), 2)} "
+            f"| {fmt(r.get('p99_ms'), 2)} | {fmt(r.get('lost'))} | {fmt(r.get('rss_mib'))} "
+            f"| {fmt(r.get('cpu_us_per_delivery'), 2)} | {fmt(r.get('server_cpu_pct'), 0)} "
+            f"| {fmt(r.get('loadgen_cpu_pct'), 0)} | {fmt(other.get('core0'), 0)} / {fmt(other.get('core1'), 0)} "
+            f"| {r.get('limit', '')} | {spread(r)} |")
+        q = rat.get((r["case"], r["variant"]))
+        if q:
+            lines.append(
+                f"| | *÷ Node* | *{fmt(q.get('deliveries_per_s'), ratio=True)}* | *{fmt(q.get('p50_ms'), ratio=True)}* "
+                f"| *{fmt(q.get('p99_ms'), ratio=True)}* | | *{fmt(q.get('rss_mib'), ratio=True)}* "
+                f"| *{fmt(q.get('cpu_us_per_delivery'), ratio=True)}* | | | | | |")
+    idle = [r for r in rows if r["case"].startswith("idle")]
+    if idle:
+        lines += ["", "| idle connections | server | connected | RSS idle MiB | RSS with them MiB | KiB per connection "
+                  "| ÷ Node | connect time s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in idle:
+            name = LABELS[r["variant"]]
+            if "error" in r:
+                lines.append(f"| {titles[r['case']]} | {name} | error: {r['error'][:120]} | | | | | |")
+                continue
+            q = rat.get((r["case"], r["variant"]), {})
+            lines.append(
+                f"| {titles[r['case']]} | {name} | {fmt(r['loadgen']['connected'])} | {fmt(r['rss_idle'] / 2**20)} "
+                f"| {fmt(r['rss_end'] / 2**20)} | {fmt(r.get('rss_per_conn_kib'))} "
+                f"| {fmt(q.get('rss_per_conn_kib'), ratio=True) if q else '-'} | {fmt(r.get('setup_s'), 2)} |")
+    notes = [f"- {LABELS[r['variant']]}, {r['case']}: {'; '.join(r['problems'])}" for r in rows if r.get("problems")]
+    if notes:
+        lines += ["", "Problems seen:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> None:
+    """Deliveries/s and p99 per case, servers side by side; RSS per idle connection when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    cases = [c for c in CASES if not c.idle and any(r["case"] == c.name for r in rows)]
+    variants = [v for v in VARIANTS if any(r["variant"] == v.name for r in rows)]
+    by = {(r["case"], r["variant"]): r for r in rows}
+    idle = [r for r in rows if r["case"].startswith("idle") and "rss_per_conn_kib" in r]
+    fig, axes = plt.subplots(1, 3 if idle else 2, figsize=(15 if idle else 11, 5),
+                             gridspec_kw={"width_ratios": [3, 3, 1.4] if idle else [1, 1]})
+    colors = {"node": "#4c8c2b", "wsapp": "#3060b0", "wsapp-rooms": "#8fb0e0"}
+    width = 0.8 / max(1, len(variants))
+    panels = ((axes[0], "deliveries_per_s", "deliveries/s (higher is better)", lambda y: f"{y / 1000:.0f}k"),
+              (axes[1], "p99_ms", "p99 fan-out latency, ms (lower is better)", lambda y: f"{y:.1f}"))
+    for ax, key, title, label in panels:
+        for i, v in enumerate(variants):
+            xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(cases))]
+            ys = [by.get((c.name, v.name), {}).get(key) or 0 for c in cases]
+            bars = ax.bar(xs, ys, width, label=LABELS[v.name], color=colors[v.name])
+            ax.bar_label(bars, labels=[label(y) if y else "n/a" for y in ys], fontsize=7)
+        ax.set_xticks(range(len(cases)), [c.name for c in cases], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.12)
+    axes[0].yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y / 1000:.0f}k"))
+    axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    axes[0].legend(fontsize=8, loc="upper left")
+    if idle:
+        ax = axes[2]
+        vals = [r["rss_per_conn_kib"] for r in idle]
+        bars = ax.bar(range(len(idle)), vals, color=[colors[r["variant"]] for r in idle])
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in vals], fontsize=8)
+        ax.set_xticks(range(len(idle)), [r["variant"] for r in idle], fontsize=8)
+        ax.set_title(f"KiB of RSS per idle connection\n({idle[0]['loadgen']['connected']:,} open)", fontsize=10)
+        ax.margins(y=0.12)
+    fig.suptitle("wsapp vs the Node ws 8.23.0 broadcast server: each server on one core, same load generator "
+                 "(bench/run.py)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def git(*cmd: str) -> str:
+    try:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
+    except (subprocess.CalledProcessError, OSError):
+        return ""
+
+
+def metadata(args: argparse.Namespace) -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    return {
+        "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "commit": git("rev-parse", "--short", "HEAD") or "none",
+        # Uncommitted changes to the code under test; the bench's own files and outputs do not count.
+        "dirty": [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+                  if not line[3:].startswith(("bench/", "docs/"))],
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "node": node,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "payload": args.payload,
+        "repeat": args.repeat,
+        "client": args.client,
+        "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
+        "wsapp_env": args.wsapp_env,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--servers", default="node,wsapp", help="node and/or wsapp (default both)")
+    p.add_argument("--modes", default="relay,rooms", help="wsapp protocols: relay (/) and/or rooms (/ws)")
+    p.add_argument("--cases", default=",".join(c.name for c in CASES),
+                   help="comma list of: " + ", ".join(c.name for c in CASES))
+    p.add_argument("--duration", type=float, default=2.5, help="measured window per case, s")
+    p.add_argument("--warmup", type=float, default=0.5, help="load before the window, s")
+    p.add_argument("--window", type=int, help="closed-loop messages in flight per sender, for all such cases")
+    p.add_argument("--drain", type=float, default=3.0, help="wait for deliveries in flight after it, s")
+    p.add_argument("--idle-hold", type=float, default=2.0, help="idle case: hold connections before RSS, s")
+    p.add_argument("--idle-clients", type=int, default=10000)
+    p.add_argument("--payload", type=int, default=64, help="relay message size, bytes")
+    p.add_argument("--client", choices=["raw", "ws"], default="raw",
+                   help="load generator's WebSocket client: its own lean one, or the `ws` package's")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per (case, server), idle case excepted; the table keeps the median")
+    p.add_argument("--wsapp-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for wsapp (repeatable)")
+    p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where latest.json / latest.md go")
+    args = p.parse_args(argv)
+    args.wsapp_env = {**WSAPP_ENV, **dict(kv.split("=", 1) for kv in args.wsapp_env)}
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if (os.cpu_count() or 1) < 2:
+        print("bench: needs two cores (server on one, load generator on the other)", file=sys.stderr)
+        return 2
+    if not (BENCH / "node" / "node_modules" / "ws").exists():
+        print("bench: run `npm ci --prefix bench/node` first", file=sys.stderr)
+        return 2
+    servers = set(args.servers.split(","))
+    modes = set(args.modes.split(","))
+    variants = [v for v in VARIANTS if v.server in servers and (v.server == "node" or v.mode in modes)]
+    wanted = args.cases.split(",")
+    unknown = set(wanted) - {c.name for c in CASES}
+    if unknown:
+        print(f"bench: unknown case(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    cases = [dataclasses.replace(c, clients=args.idle_clients) if c.idle
+             else dataclasses.replace(c, window=args.window) if args.window and c.pattern == "closed" else c
+             for c in CASES if c.name in wanted]
+    # The orchestrator mostly sleeps on a pipe; keep it off the server's core all the same.
+    os.sched_setaffinity(0, {LOADGEN_CORE})
+
+    meta = metadata(args)
+    meta["cases"] = [{**dataclasses.asdict(c), "title": c.title} for c in cases]
+    raw = args.out / "raw" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    raw.mkdir(parents=True, exist_ok=True)
+    rows = []
+    started = time.monotonic()
+    # Servers alternate within each case (and repeats within it), so that background load on this
+    # machine falls on all of them alike.
+    for case in cases:
+        runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
+        for rep in range(1 if case.idle else args.repeat):
+            for variant in variants:
+                t = time.monotonic()
+                row = run_pair(case, variant, args, raw, rep)
+                runs[variant.name].append(row)
+                print(f"bench: {case.name:14} {variant.name:12} {time.monotonic() - t:5.1f} s  {summary(row)}",
+                      file=sys.stderr)
+        rows += [median_run(runs[v.name]) for v in variants]
+    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    meta["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    meta["raw_logs"] = os.path.relpath(raw, ROOT)
+    rats = ratios(rows)
+    table = markdown(meta, rows, rats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(
+        {"meta": meta, "results": rows, "ratios": rats},
+        indent=2, default=str) + "\n")
+    (args.out / "latest.md").write_text(table)
+    if not args.no_chart:
+        chart(rows, CHART)
+    print(table)
+    print(f"bench: {meta['elapsed_s']} s; wrote {args.out / 'latest.md'}, latest.json"
+          f"{'' if args.no_chart else ', ' + str(os.path.relpath(CHART, ROOT))}; logs in {meta['raw_logs']}",
+          file=sys.stderr)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    if shutil.which("taskset") is None:
+        sys.exit("bench: needs taskset (util-linux)")
+    sys.exit(main())
