@@ -10,6 +10,7 @@ from typing import TypeVar
 from wsapp.exceptions import ConfigError
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 
 @dataclass(frozen=True)
@@ -95,25 +96,20 @@ class _Reader:
 
 
 def _int_range(low: int, high: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError("expected a whole number") from None
-        if not low <= value <= high:
-            raise ValueError(f"expected a number from {low} to {high}")
-        return value
-
-    return parse
+    return _number_range(int, "a whole number", low, high)
 
 
 def _float_range(low: float, high: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
+    return _number_range(float, "a number", low, high)
+
+
+def _number_range(kind: Callable[[str], N], what: str, low: N, high: N) -> Callable[[str], N]:
+    def parse(raw: str) -> N:
         try:
-            value = float(raw)
+            value = kind(raw)
         except ValueError:
-            raise ValueError("expected a number") from None
-        if not low <= value <= high:
+            raise ValueError(f"expected {what}") from None
+        if not low <= value <= high:  # type: ignore[operator]
             raise ValueError(f"expected a number from {low} to {high}")
         return value
 

@@ -123,37 +123,41 @@ class Connection:
             self._stats.drops += 1
             return False
         if self._outbox.write_through and not self._backlog and self._writer is None:
-            try:
-                sent = self._raw.send(frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.abort()
+            sent = self._send_nowait(frame)
+            if sent < 0:
                 return False
             if sent == len(frame):
                 return True
             frame = memoryview(frame)[sent:]  # the rest goes the usual way
-        self._backlog.append(frame)
-        self._backlog_bytes += len(frame)
+        self._enqueue(frame)
         if self._backlog_bytes > self._max_bytes or len(self._backlog) > self._max_frames:
             self._over_capacity()
+        return True
+
+    def _enqueue(self, frame: bytes | memoryview) -> None:
+        self._backlog.append(frame)
+        self._backlog_bytes += len(frame)
         if not self._dirty:
             self._dirty = True
             self._outbox.mark(self)
-        return True
+
+    def _send_nowait(self, data: bytes | memoryview) -> int:
+        """One non-blocking send: bytes taken by the kernel, or -1 if the socket failed (now aborted)."""
+        try:
+            return self._raw.send(data)  # type: ignore[no-any-return]
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.abort()
+            return -1
 
     def send_text(self, payload: bytes) -> bool:
         return self.send(encode_frame(0x1, payload))
 
     def _send_control(self, frame: bytes) -> None:
         """Pings, pongs and close frames: queued even while closing, never counted against the caps."""
-        if self._dead:
-            return
-        self._backlog.append(frame)
-        self._backlog_bytes += len(frame)
-        if not self._dirty:
-            self._dirty = True
-            self._outbox.mark(self)
+        if not self._dead:
+            self._enqueue(frame)
 
     def ping(self) -> None:
         self.last_ping = time.monotonic()
@@ -168,12 +172,8 @@ class Connection:
         data = backlog[0] if len(backlog) == 1 else b"".join(backlog)
         backlog.clear()
         self._backlog_bytes = 0
-        try:
-            sent = self._raw.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.abort()
+        sent = self._send_nowait(data)
+        if sent < 0:
             return
         if sent < len(data):
             rest = memoryview(data)[sent:]
