@@ -7,6 +7,7 @@ backlog to the kernel in one non-blocking `send`. Only when the kernel buffer is
 connection get a writer greenlet of its own, which finishes the job with a blocking `sendall`.
 So a broadcast to N clients costs N list appends plus one syscall per client per loop turn,
 frames queued in the same turn are coalesced, and an idle connection costs no writer greenlet.
+When the process is idle, a lone message skips the backlog and is written through (see Outbox).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from gevent.event import Event
 
 from wsapp.config import Settings
 from wsapp.exceptions import FrameError
-from wsapp.frames import OP_CLOSE, OP_PING, OP_PONG, FrameParser, encode_close, encode_frame
+from wsapp.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameParser, encode_close, encode_frame
 from wsapp.metrics import Stats
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,11 @@ class Outbox:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
         for conn in dirty:
-            conn.flush_nowait()
+            try:
+                conn.flush_nowait()
+            except Exception:  # one connection's failure must not leave the others unflushed
+                log.exception("conn %s failed to flush", conn.id)
+                conn.abort()
         self.last_busy = time.monotonic()
 
 
@@ -86,7 +91,6 @@ class Connection:
         self.name = ""
         self.remote_ip = remote_ip
         self.path = path
-        self.state: dict[str, Any] = {}
         self._sock = sock
         self._raw = sock._sock  # the non-blocking OS socket under gevent's wrapper
         self._leftover = leftover  # bytes the client sent right behind its handshake
@@ -109,7 +113,6 @@ class Connection:
         self._peer_closed = False
         self._dead = False
         now = time.monotonic()
-        self.opened = now
         self.last_seen = now
         self.last_ping = now
         self.over_capacity_since: float | None = None
@@ -152,7 +155,7 @@ class Connection:
             return -1
 
     def send_text(self, payload: bytes) -> bool:
-        return self.send(encode_frame(0x1, payload))
+        return self.send(encode_frame(OP_TEXT, payload))
 
     def _send_control(self, frame: bytes) -> None:
         """Pings, pongs and close frames: queued even while closing, never counted against the caps."""
@@ -195,6 +198,10 @@ class Connection:
                 if self.over_capacity_since is not None and self._backlog_bytes <= self._max_bytes:
                     self.over_capacity_since = None
         except OSError:
+            self.abort()
+        except Exception:
+            self._stats.internal_errors += 1
+            log.exception("conn %s writer failed", self.id)
             self.abort()
         finally:
             self._writer = None
