@@ -13,8 +13,8 @@ import time  # noqa: E402
 import gevent  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from wsapp import Settings, create_app  # noqa: E402
-from wsapp.app import services_of  # noqa: E402
+from wsapp.app import create_app, services_of  # noqa: E402
+from wsapp.config import Settings  # noqa: E402
 from wsapp.exceptions import ConfigError  # noqa: E402
 from wsapp.handler import WsappHandler  # noqa: E402
 

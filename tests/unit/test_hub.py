@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -115,3 +117,15 @@ def test_idle_room_history_is_bounded() -> None:
     assert backend.current_seq("r3") == 1
     # A client that saw r1 up to 1 learns its history is gone.
     assert backend.since("r1", 1) == ([], True)
+
+
+def test_sans_io_modules_import_neither_gevent_nor_flask() -> None:
+    code = (
+        "import sys\n"
+        "import wsapp.frames, wsapp.protocol, wsapp.hub, wsapp.backends.memory, wsapp.ratelimit\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('gevent', 'flask', 'werkzeug'))\n"
+        "print(bad)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
