@@ -17,6 +17,14 @@ def server() -> Iterator[ServerProcess]:
     proc.stop()
 
 
+@pytest.fixture(scope="module")
+def relay_server() -> Iterator[ServerProcess]:
+    """A server of the module's own: every client on `/` hears every other, so modules must not share it."""
+    proc = ServerProcess()
+    yield proc
+    proc.stop()
+
+
 @pytest.fixture
 def make_server() -> Iterator[Callable[..., ServerProcess]]:
     """Start extra servers with environment overrides; all are stopped after the test."""

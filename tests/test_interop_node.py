@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,6 @@ def node() -> str:
     if path is None or not (NODE_DIR / "node_modules" / "ws").is_dir():
         pytest.fail("node and tests/node_modules/ws are required: run `npm ci --prefix tests`")
     return path
-
-
-@pytest.fixture(scope="module")
-def relay_server() -> Iterator[ServerProcess]:
-    proc = ServerProcess()
-    yield proc
-    proc.stop()
 
 
 def test_ws_clients_relay_both_ways(node: str, relay_server: ServerProcess) -> None:

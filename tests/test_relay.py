@@ -12,14 +12,6 @@ from tests.clients import BINARY, TEXT, connect, get_json, wait_for
 from tests.harness import ServerProcess
 
 
-@pytest.fixture(scope="module")
-def relay_server() -> Iterator[ServerProcess]:
-    # Its own server: every client on `/` hears every other, so tests must not share it.
-    proc = ServerProcess()
-    yield proc
-    proc.stop()
-
-
 @pytest.fixture
 def trio(relay_server: ServerProcess) -> Iterator[list[websocket.WebSocket]]:
     clients = [connect(relay_server.ws("/")) for _ in range(3)]
