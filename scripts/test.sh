@@ -25,4 +25,5 @@ ensure_venv requirements-dev.txt
 npm ci --prefix tests --no-audit --no-fund --loglevel=error
 
 .venv/bin/ruff check .
+.venv/bin/mypy wsapp server.py
 exec .venv/bin/python -m pytest "$@"

@@ -25,7 +25,7 @@ from gevent.event import Event
 
 from wsapp.config import Settings
 from wsapp.exceptions import FrameError
-from wsapp.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameParser, encode_close, encode_frame
+from wsapp.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameEvent, FrameParser, encode_close, encode_frame
 from wsapp.metrics import Stats
 
 log = logging.getLogger(__name__)
@@ -125,14 +125,15 @@ class Connection:
         if self.closing:
             self._stats.drops += 1
             return False
+        rest: bytes | memoryview = frame
         if self._outbox.write_through and not self._backlog and self._writer is None:
             sent = self._send_nowait(frame)
             if sent < 0:
                 return False
             if sent == len(frame):
                 return True
-            frame = memoryview(frame)[sent:]  # the rest goes the usual way
-        self._enqueue(frame)
+            rest = memoryview(frame)[sent:]  # the rest goes the usual way
+        self._enqueue(rest)
         if self._backlog_bytes > self._max_bytes or len(self._backlog) > self._max_frames:
             self._over_capacity()
         return True
@@ -310,20 +311,20 @@ class Connection:
                 return
             data = b""
 
-    def _dispatch(self, events: list[tuple[int, object]], on_message: MessageHandler) -> None:
+    def _dispatch(self, events: list[FrameEvent], on_message: MessageHandler) -> None:
         stats = self._stats
         for opcode, payload in events:
             if opcode < OP_CLOSE:
                 if self.closing:
                     continue  # after our close frame, data is read and discarded (RFC 6455 1.4)
                 stats.messages_in += 1
-                stats.bytes_in += len(payload)  # type: ignore[arg-type]
-                on_message(self, opcode, payload)  # type: ignore[arg-type]
+                stats.bytes_in += len(payload)
+                on_message(self, opcode, payload)
             elif opcode == OP_PING:
-                self._send_control(encode_frame(OP_PONG, payload))  # type: ignore[arg-type]
+                self._send_control(encode_frame(OP_PONG, payload))
             elif opcode == OP_CLOSE:
                 if not self.closing:
-                    code, _reason = payload  # type: ignore[misc]
+                    code, _reason = payload
                     self.closing = True
                     self._send_control(encode_close(code))
                 self._peer_closed = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import struct
+from typing import Any
 
 from wsapp.exceptions import FrameError, InvalidPayload, MessageTooBig, PolicyViolation, ProtocolViolation
 
@@ -19,6 +20,9 @@ OP_BINARY = 0x2
 OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
+
+# (opcode, payload): bytes for data, ping and pong; (code or None, reason) for close.
+FrameEvent = tuple[int, Any]
 
 _DATA_OPCODES = (OP_TEXT, OP_BINARY)
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
@@ -118,13 +122,13 @@ class FrameParser:
         self._utf8: codecs.IncrementalDecoder | None = None
         self.failed: FrameError | None = None
 
-    def feed(self, data: bytes) -> list[tuple[int, object]]:
+    def feed(self, data: bytes) -> list[FrameEvent]:
         """Parse what `data` completes. If a violation follows complete messages in the same read,
         those messages are returned first and the error is left in `self.failed` for the caller,
         so a peer's last good messages are still served before the connection fails."""
         if self.failed is not None:
             raise self.failed
-        events: list[tuple[int, object]] = []
+        events: list[FrameEvent] = []
         try:
             self._parse(data, events)
         except FrameError as exc:
@@ -133,7 +137,7 @@ class FrameParser:
             self.failed = exc
         return events
 
-    def _parse(self, data: bytes, events: list[tuple[int, object]]) -> None:
+    def _parse(self, data: bytes, events: list[FrameEvent]) -> None:
         buf = self._buf + data if self._buf else data
         end = len(buf)
         pos = 0
