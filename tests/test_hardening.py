@@ -159,6 +159,18 @@ def test_connection_limits_refuse_before_the_upgrade(make_server: Callable[..., 
     assert get_json(total.http("/stats"))[1]["refused"] == 1
 
 
+def test_per_ip_limit_uses_the_trusted_proxy_address(make_server: Callable[..., ServerProcess],
+                                                     raw: RawFactory) -> None:
+    behind_router = make_server(WSAPP_MAX_CONNECTIONS_PER_IP="1", WSAPP_TRUSTED_PROXY_HOPS="1")
+    assert raw(behind_router.ws("/"), {"X-Forwarded-For": "203.0.113.7"}).status == 101
+    assert raw(behind_router.ws("/"), {"X-Forwarded-For": "198.51.100.9"}).status == 101
+    # A forged left-most entry does not help: the router's own entry (right-most) is what counts.
+    assert raw(behind_router.ws("/"), {"X-Forwarded-For": "192.0.2.1, 203.0.113.7"}).status == 429
+    direct = make_server(WSAPP_MAX_CONNECTIONS_PER_IP="1")  # no proxy trusted: the header is ignored
+    assert raw(direct.ws("/"), {"X-Forwarded-For": "203.0.113.7"}).status == 101
+    assert raw(direct.ws("/"), {"X-Forwarded-For": "198.51.100.9"}).status == 429
+
+
 # ---- Origin and tokens ---------------------------------------------------------------------------
 
 
@@ -205,6 +217,17 @@ def test_token_identity_and_room_allowlist(make_server: Callable[..., ServerProc
         assert err["type"] == "error" and err["code"] == "forbidden"
     finally:
         ws.close()
+
+
+def test_connection_is_closed_when_its_token_expires(make_server: Callable[..., ServerProcess],
+                                                     raw: RawFactory) -> None:
+    srv = make_server(WSAPP_JWT_SECRET=SECRET)
+    client = raw(srv.ws(f"/ws?token={token('dora', ttl=2)}"))
+    assert client.status == 101
+    started = time.monotonic()
+    close = client.recv_until_close()
+    assert (close.close_code, close.close_reason) == (1008, "token expired")
+    assert time.monotonic() - started < 4
 
 
 # ---- liveness and backpressure -------------------------------------------------------------------

@@ -10,10 +10,11 @@ import jwt
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a token says the client is, and which rooms it may join (None = any)."""
+    """Who a token says the client is, which rooms it may join (None = any), and when it expires."""
 
     sub: str
     rooms: frozenset[str] | None
+    expires: float
 
 
 class AuthError(Exception):
@@ -60,8 +61,18 @@ def verify_token(token: str | None, secret: str) -> Identity:
     if not isinstance(sub, str) or not sub:
         raise AuthError("invalid token: 'sub' must be a non-empty string")
     rooms = claims.get("rooms")
-    if rooms is not None:
-        if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
-            raise AuthError("invalid token: 'rooms' must be a list of room names")
-        return Identity(sub, frozenset(rooms))
-    return Identity(sub, None)
+    if rooms is not None and (not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)):
+        raise AuthError("invalid token: 'rooms' must be a list of room names")
+    return Identity(sub, frozenset(rooms) if rooms is not None else None, float(claims["exp"]))
+
+
+def client_ip(peer: str, forwarded_for: str | None, trusted_hops: int) -> str:
+    """The client's address: the peer's, or with `trusted_hops` proxies in front, the address the
+    outermost trusted proxy saw (counted from the right of X-Forwarded-For, which clients can forge
+    on the left)."""
+    if trusted_hops <= 0 or not forwarded_for:
+        return peer
+    hops = [part.strip() for part in forwarded_for.split(",") if part.strip()]
+    if len(hops) < trusted_hops:
+        return peer
+    return hops[-trusted_hops]

@@ -27,6 +27,8 @@ class Settings:
     # Connection limits, checked before the 101.
     max_connections: int = 20000
     max_connections_per_ip: int = 1000
+    # Proxies in front of us that append to X-Forwarded-For (Heroku's router: 1). 0 = trust none.
+    trusted_proxy_hops: int = 0
     handshake_timeout: float = 10.0
     # Per connection: token bucket (0 = off), rooms, JSON nesting.
     rate_limit: float = 100.0
@@ -60,6 +62,7 @@ class Settings:
             max_fragments=reader.get("WSAPP_MAX_FRAGMENTS", 16384, _int_range(0, 2**31)),
             max_connections=reader.get("WSAPP_MAX_CONNECTIONS", 20000, _int_range(1, 10**7)),
             max_connections_per_ip=reader.get("WSAPP_MAX_CONNECTIONS_PER_IP", 1000, _int_range(1, 10**7)),
+            trusted_proxy_hops=reader.get("WSAPP_TRUSTED_PROXY_HOPS", 0, _int_range(0, 10)),
             handshake_timeout=reader.get("WSAPP_HANDSHAKE_TIMEOUT", 10.0, _float_range(0.1, 3600)),
             rate_limit=reader.get("WSAPP_RATE_LIMIT", 100.0, _float_range(0, 10**9)),
             rate_burst=reader.get("WSAPP_RATE_BURST", 200, _int_range(1, 10**9)),

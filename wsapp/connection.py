@@ -117,6 +117,8 @@ class Connection:
         self.last_ping = now
         self.over_capacity_since: float | None = None
         self.close_deadline: float | None = None
+        # Wall-clock expiry of the token the client connected with; the heartbeat closes it then.
+        self.expires_at: float | None = None
 
     # ---- sending -------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from geventwebsocket.handler import WebSocketHandler
 from werkzeug.exceptions import HTTPException
 
 from wsapp.app import Services, services_of
-from wsapp.auth import AuthError, bearer_token, origin_allowed, verify_token
+from wsapp.auth import AuthError, bearer_token, client_ip, origin_allowed, verify_token
 from wsapp.connection import Connection
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,10 @@ class WsappHandler(WebSocketHandler):
     def _services(self) -> Services:
         return services_of(self.server.application)
 
+    def _client_ip(self, services: Services) -> str:
+        return client_ip(self.client_address[0], self.environ.get("HTTP_X_FORWARDED_FOR"),
+                         services.settings.trusted_proxy_hops)
+
     def run_application(self) -> None:
         if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             WSGIHandler.run_application(self)
@@ -63,7 +67,7 @@ class WsappHandler(WebSocketHandler):
         except Refusal as refusal:
             services.stats.refused += 1
             log.info("refused upgrade of %s from %s: %s %s", self.environ.get("PATH_INFO"),
-                     self.client_address[0], refusal.status, refusal.reason)
+                     self._client_ip(services), refusal.status, refusal.reason)
             self._refuse(refusal)
             return
         self._upgrade_and_serve(services)
@@ -99,7 +103,7 @@ class WsappHandler(WebSocketHandler):
                 env["wsapp.identity"] = verify_token(token, settings.jwt_secret)
             except AuthError as exc:
                 raise Refusal("401 Unauthorized", str(exc), [("WWW-Authenticate", "Bearer")]) from None
-        refusal = services.registry.refusal(self.client_address[0])
+        refusal = services.registry.refusal(self._client_ip(services))
         if refusal is not None:
             raise Refusal(*refusal, [("Retry-After", "5")])
 
@@ -130,7 +134,7 @@ class WsappHandler(WebSocketHandler):
     def _upgrade_and_serve(self, services: Services) -> None:
         env = self.environ
         conn = Connection(
-            self.socket, self._take_buffered_input(), self.client_address[0], env.get("PATH_INFO", "/"),
+            self.socket, self._take_buffered_input(), self._client_ip(services), env.get("PATH_INFO", "/"),
             services.settings, services.stats, services.outbox,
         )
         env["wsgi.websocket"] = conn  # tells gevent-websocket's start_response to send a bare 101

@@ -79,10 +79,15 @@ class Registry:
         interval = self._settings.ping_interval
         timeout = self._settings.ping_timeout
         grace = self._settings.slow_consumer_grace
+        wall = time.time()
         for conn in list(self._conns):
             if conn.close_deadline is not None:
                 if now >= conn.close_deadline:
                     conn.abort()
+                continue
+            if conn.expires_at is not None and wall >= conn.expires_at:
+                log.info("conn %s token expired, closing", conn.id)
+                conn.close(1008, "token expired")
                 continue
             if now - conn.last_seen >= timeout:
                 self._stats.ping_timeouts += 1

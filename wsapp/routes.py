@@ -29,6 +29,8 @@ def rooms_socket() -> Response:
     conn = _connection()
     identity = request.environ.get("wsapp.identity")
     conn.name = display_name(request.args.get("name") or (identity.sub if identity else None))
+    if identity is not None:
+        conn.expires_at = identity.expires
     RoomsSession(conn, services.hub, services.settings, services.stats, identity).run()
     return Response(status=101)
 

@@ -5,7 +5,7 @@ import time
 import jwt
 import pytest
 
-from wsapp.auth import AuthError, bearer_token, origin_allowed, verify_token
+from wsapp.auth import AuthError, bearer_token, client_ip, origin_allowed, verify_token
 from wsapp.config import Settings
 from wsapp.exceptions import ConfigError
 from wsapp.ratelimit import TokenBucket
@@ -74,6 +74,7 @@ def test_tokens() -> None:
     good = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60, "rooms": ["a"]}, secret, algorithm="HS256")
     identity = verify_token(good, secret)
     assert identity.sub == "alice" and identity.rooms == frozenset({"a"})
+    assert identity.expires > time.time()
     assert bearer_token(None, f"Bearer {good}") == good
     expired = jwt.encode({"sub": "a", "exp": int(time.time()) - 10}, secret, algorithm="HS256")
     no_exp = jwt.encode({"sub": "a"}, secret, algorithm="HS256")
@@ -81,3 +82,12 @@ def test_tokens() -> None:
     for token in (None, "garbage", expired, no_exp, wrong_key):
         with pytest.raises(AuthError):
             verify_token(token, secret)
+
+
+def test_client_ip_behind_trusted_proxies() -> None:
+    assert client_ip("10.0.0.1", "1.2.3.4", 0) == "10.0.0.1"
+    assert client_ip("10.0.0.1", None, 1) == "10.0.0.1"
+    assert client_ip("10.0.0.1", "1.2.3.4", 1) == "1.2.3.4"
+    assert client_ip("10.0.0.1", "forged, 1.2.3.4", 1) == "1.2.3.4"
+    assert client_ip("10.0.0.1", "1.2.3.4, 10.9.9.9", 2) == "1.2.3.4"
+    assert client_ip("10.0.0.1", "1.2.3.4", 2) == "10.0.0.1"  # fewer hops than promised: do not trust it
