@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import websocket
 
-from tests.clients import connect, get_json, recv_json, recv_type, send_json, wait_for
+from tests.clients import BINARY, TEXT, connect, get_json, recv_json, recv_type, send_json, wait_for
 from tests.harness import ServerProcess
 from tests.redis_fixture import RedisServer
 
@@ -300,3 +300,30 @@ def test_members_die_with_their_process(
     assert not redis.exists(old_key)
     assert sorted(join(client(b, "after"), r)["members"]) == ["after", "alice", "early", "later"]
     redis.close()
+
+
+def test_relay_crosses_processes_with_type_and_bytes(pair: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = pair
+    sender, local, remote = connect(a.ws("/")), connect(a.ws("/")), connect(b.ws("/"))
+    try:
+        for srv, count in ((a, 2), (b, 1)):
+            wait_for(lambda srv=srv, count=count: get_json(srv.http("/stats"))[1]["relay_clients"] == count,
+                     what=f"{count} relay clients")
+        messages = [
+            (TEXT, "héllo ✓".encode()),
+            (BINARY, bytes(range(256)) + b" \x00 / 0 "),  # bytes that look like an envelope's separators
+            (BINARY, b""),
+            (BINARY, os.urandom(70000)),  # a 64-bit length in the frame header
+        ]
+        for opcode, payload in messages:
+            sender.send(payload, opcode=opcode)
+        for ws in (local, remote):
+            assert [ws.recv_data() for _ in messages] == messages
+        # The sender hears nothing of its own: its process dropped the copy Redis sent back, which would
+        # have arrived before this marker (one Redis channel keeps publish order).
+        remote.send("marker from b")
+        assert sender.recv_data() == (TEXT, b"marker from b")
+        assert local.recv_data() == (TEXT, b"marker from b")
+    finally:
+        for ws in (sender, local, remote):
+            ws.close()

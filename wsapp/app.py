@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     else:
         backend = MemoryBackend(settings.history)
     hub = Hub(backend, _text_frame, stats, settings.max_rooms)
-    relay = RelayGroup(settings, stats)
+    relay = RelayGroup(settings, stats, backend)
     registry = Registry(settings, stats)
 
     def gauges() -> dict[str, float]:

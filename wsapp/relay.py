@@ -1,10 +1,12 @@
 """`/`: the Node `ws` broadcast server's behaviour. Each message goes, same type and bytes, to every
-other open client; the sender gets nothing back."""
+other open client; the sender gets nothing back. With a shared backend (Redis) the frame also goes,
+once, to the other processes, whose clients get it the same way."""
 
 from __future__ import annotations
 
 import logging
 
+from wsapp.backends import HistoryBackend
 from wsapp.config import Settings
 from wsapp.connection import Connection
 from wsapp.frames import encode_frame
@@ -22,10 +24,12 @@ def rate_limiter(settings: Settings) -> TokenBucket | None:
 class RelayGroup:
     """The set of clients connected to `/`."""
 
-    def __init__(self, settings: Settings, stats: Stats) -> None:
+    def __init__(self, settings: Settings, stats: Stats, backend: HistoryBackend | None = None) -> None:
         self._settings = settings
         self._stats = stats
         self._members: set[Connection] = set()
+        # None = this process is alone (memory backend): the hot path below skips sharing entirely.
+        self._share = backend.attach_relay(self.deliver_remote) if backend is not None else None
 
     def __len__(self) -> int:
         return len(self._members)
@@ -34,6 +38,7 @@ class RelayGroup:
         limiter = rate_limiter(self._settings)
         members = self._members
         stats = self._stats
+        share = self._share
 
         def on_message(sender: Connection, opcode: int, payload: bytes) -> None:
             if limiter is not None and not limiter.allow():
@@ -47,12 +52,22 @@ class RelayGroup:
                 if other is not sender and other.send(frame):
                     sent += 1
             stats.messages_out += sent
+            if share is not None:
+                share(frame)
 
         members.add(conn)
         try:
             conn.serve(on_message)
         finally:
             members.discard(conn)
+
+    def deliver_remote(self, frame: bytes) -> None:
+        """A frame a client of another process sent: to every local client."""
+        sent = 0
+        for other in self._members:
+            if other.send(frame):
+                sent += 1
+        self._stats.messages_out += sent
 
 
 def serve_echo(conn: Connection, settings: Settings, stats: Stats) -> None:

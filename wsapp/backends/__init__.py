@@ -8,6 +8,9 @@ from typing import Protocol
 
 # Called with (room, payload) for each message or presence event another process published.
 Deliver = Callable[[str, bytes], None]
+# Called with a ready-made frame one of another process's relay (`/`) clients sent; also the type of
+# the function that shares one of this process's relay frames with the others.
+RelayFrames = Callable[[bytes], None]
 
 
 @dataclass
@@ -32,6 +35,10 @@ class HistoryBackend(Protocol):
 
     def attach(self, deliver: Deliver) -> None:
         """Start carrying other processes' messages and presence to `deliver`."""
+
+    def attach_relay(self, deliver: RelayFrames) -> RelayFrames | None:
+        """Carry other processes' relay frames to `deliver`; return the function that shares this
+        process's, or None when there are no other processes (the relay then stays local)."""
 
     def publish(self, room: str, head: bytes, tail: bytes) -> tuple[int, bytes]:
         """Assign the next seq of `room`; keep and share `head + seq + tail`. Returns (seq, payload)."""

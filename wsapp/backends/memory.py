@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from wsapp.backends import Deliver, RoomView
+from wsapp.backends import Deliver, RelayFrames, RoomView
 
 
 class _RoomLog:
@@ -36,6 +36,9 @@ class MemoryBackend:
 
     def attach(self, deliver: Deliver) -> None:
         """A single process has nobody else to hear from."""
+
+    def attach_relay(self, deliver: RelayFrames) -> RelayFrames | None:
+        return None
 
     def close(self) -> None:
         """Nothing runs in the background."""

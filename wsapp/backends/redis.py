@@ -10,7 +10,10 @@ Keys (one Redis, not Cluster: the scripts read process keys they are not handed)
                                heartbeat. A member entry counts only while its incarnation's key lives;
                                the join script drops dead entries as it lists them.
 - channel `wsapp:bus`          every publish and presence event, as `<incarnation> <room> <seq> <payload>`
-                               (seq 0 for presence). Each process drops envelopes from its own process id.
+                               (seq 0 for presence), and every relay (`/`) message as
+                               `<incarnation> / 0 <frame>` (`/` is no valid room name; the frame is the
+                               one the sender's process built, type and bytes included, never stored).
+                               Each process drops envelopes from its own process id.
 
 An incarnation is `<process id>.<n>`: each (re)connection starts a new one and registers every local
 member again under it, so entries of members that left while Redis was unreachable die with the old one.
@@ -28,6 +31,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -38,7 +42,7 @@ from gevent.lock import Semaphore
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from wsapp.backends import Deliver, RoomView
+from wsapp.backends import Deliver, RelayFrames, RoomView
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,9 @@ ROOM_TTL = 24 * 3600  # seq and history of a room nobody publishes to
 LISTEN_POLL = 0.25  # how long the subscriber waits for a message before looking at its own state
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
+RELAY_MARK = b"/"  # the room field of a relay envelope: no room can be called that
+RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
+RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this new ones reach local clients only
 
 # KEYS: seq, log. ARGV: head, tail, history length, envelope prefix "<incarnation> <room> ", channel, ttl.
 _PUBLISH = """
@@ -157,6 +164,12 @@ class RedisBackend:
         self._settled = Event()
         self._deliver: Deliver | None = None
         self._supervisor: gevent.Greenlet | None = None
+        # Relay frames on their way to Redis, in the order this process's clients sent them.
+        self._relay_deliver: RelayFrames | None = None
+        self._relay_queue: deque[bytes] = deque()
+        self._relay_wake = Event()
+        self._relay_publisher: gevent.Greenlet | None = None
+        self._relay_overflow = False
         # Local rooms: their members (for re-registering after a reconnect) and the last seq seen.
         self._members: dict[str, dict[str, str]] = {}
         self._seqs: dict[str, int] = {}
@@ -172,6 +185,11 @@ class RedisBackend:
         self._supervisor = gevent.spawn(self._supervise)
         # Start serving with the broker's real state when it answers promptly; never wait long for it.
         self._settled.wait(3 * self._timeout)
+
+    def attach_relay(self, deliver: RelayFrames) -> RelayFrames | None:
+        self._relay_deliver = deliver
+        self._relay_publisher = gevent.spawn(self._publish_relay_forever)
+        return self._share_relay
 
     def publish(self, room: str, head: bytes, tail: bytes) -> tuple[int, bytes]:
         seq = self._call(
@@ -232,10 +250,48 @@ class RedisBackend:
         self._closing.set()
         if self._supervisor is not None:
             self._supervisor.kill(timeout=self._timeout)
+        if self._relay_publisher is not None:
+            self._relay_publisher.kill(timeout=self._timeout)
         # Members of this process stop being listed now rather than PROC_TTL from now.
         self._call(lambda: self._client.delete(PROC_PREFIX + self._incarnation))
         self._healthy = False
         self._client.close()
+
+    # ---- the relay: one PUBLISH per message, sent from one greenlet -----------------------------
+
+    def _share_relay(self, frame: bytes) -> None:
+        """Queue one of this process's relay frames for the others; the sender's reader never waits on Redis."""
+        if not self._healthy:
+            return  # like rooms: while the broker is away, local clients only
+        queue = self._relay_queue
+        if len(queue) >= RELAY_BACKLOG:
+            if not self._relay_overflow:
+                self._relay_overflow = True
+                log.warning("broker: relay backlog full (%d frames); other processes miss messages", RELAY_BACKLOG)
+            return
+        queue.append(frame)
+        if len(queue) == 1:
+            self._relay_wake.set()
+
+    def _publish_relay_forever(self) -> None:
+        queue = self._relay_queue
+        while True:
+            if not queue:
+                self._relay_overflow = False
+                self._relay_wake.clear()
+                self._relay_wake.wait()
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), RELAY_BATCH))]
+            prefix = b"%s %s 0 " % (self._incarnation.encode(), RELAY_MARK)
+
+            def send(batch: list[bytes] = batch, prefix: bytes = prefix) -> None:
+                pipe = self._client.pipeline(transaction=False)
+                for frame in batch:
+                    pipe.publish(CHANNEL, prefix + frame)
+                pipe.execute()
+
+            # Broker down: the batch is dropped (the relay keeps nothing) and _share_relay stops queueing.
+            self._call(send)
 
     # ---- Redis calls ----------------------------------------------------------------------------
 
@@ -370,6 +426,9 @@ class RedisBackend:
             return
         try:
             _, room_b, seq_b, payload = data.split(b" ", 3)
+            if room_b == RELAY_MARK:
+                self._on_relay(payload)
+                return
             room = room_b.decode()
             self._seen(room, int(seq_b))
         except ValueError:
@@ -380,3 +439,10 @@ class RedisBackend:
                 self._deliver(room, payload)
             except Exception:
                 log.exception("broker: delivering a message from another process failed")
+
+    def _on_relay(self, frame: bytes) -> None:
+        if self._relay_deliver is not None:
+            try:
+                self._relay_deliver(frame)
+            except Exception:
+                log.exception("broker: delivering a relay message from another process failed")
