@@ -20,6 +20,8 @@ class Settings:
     port: int = 8080
     host: str = "0.0.0.0"
     redis_url: str | None = None
+    # Worker processes sharing one listening socket (server.py forks them); more than 1 needs Redis.
+    web_concurrency: int = 1
     log_level: str = "INFO"
     # Frame layer limits (DESIGN.md section 4).
     max_message_bytes: int = 1024 * 1024
@@ -57,6 +59,7 @@ class Settings:
             port=reader.get("PORT", 8080, _int_range(0, 65535)),
             host=reader.get("HOST", "0.0.0.0", _nonempty),
             redis_url=env.get("REDIS_URL") or None,
+            web_concurrency=reader.get("WEB_CONCURRENCY", 1, _int_range(1, 1024)),
             log_level=reader.get("LOG_LEVEL", "INFO", _log_level),
             max_message_bytes=reader.get("WSAPP_MAX_MESSAGE_BYTES", 1024 * 1024, _int_range(125, 2**40)),
             max_fragments=reader.get("WSAPP_MAX_FRAGMENTS", 16384, _int_range(0, 2**31)),
@@ -80,6 +83,12 @@ class Settings:
         )
         if settings.ping_timeout <= settings.ping_interval:
             raise ConfigError("WSAPP_PING_TIMEOUT must be longer than WSAPP_PING_INTERVAL")
+        if settings.web_concurrency > 1 and not settings.redis_url:
+            # Each worker would keep its own rooms and relay clients: users would split silently.
+            raise ConfigError(
+                f"WEB_CONCURRENCY={settings.web_concurrency} needs REDIS_URL: without a shared broker the "
+                "workers' rooms and relay clients cannot hear each other"
+            )
         return settings
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -75,6 +77,8 @@ def stats() -> Response:
             rooms=services.hub.room_count,
             relay_clients=len(services.relay),
             broker_healthy=services.backend.healthy,
+            # Figures are per process: with WEB_CONCURRENCY workers, this says which one answered.
+            pid=os.getpid(),
         )
     )
 
