@@ -1,7 +1,8 @@
 """Run wsapp: `python server.py`. Reads $PORT, $HOST and WSAPP_* from the environment; drains on SIGTERM.
 
-WEB_CONCURRENCY=N (N > 1, needs REDIS_URL) forks N workers after binding the listening socket, so they
-all accept from one queue; the parent only forwards SIGTERM/SIGINT and waits for them.
+WEB_CONCURRENCY=N (N > 1, with REDIS_URL; without it: one process and a warning) forks N workers after
+binding the listening socket, so they all accept from one queue; the parent only forwards SIGTERM/SIGINT
+and waits for them.
 """
 
 from gevent import monkey
@@ -43,11 +44,14 @@ def main() -> int:
     except ConfigError as exc:
         print(f"wsapp: configuration error: {exc}", file=sys.stderr)
         return 2
-    workers = settings.web_concurrency
+    workers = settings.workers
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if workers > 1:
         fmt = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     logging.basicConfig(level=settings.log_level, format=fmt)
+    if settings.web_concurrency > workers:
+        log.warning("WEB_CONCURRENCY=%d needs REDIS_URL (workers must share rooms and the relay): "
+                    "running one process", settings.web_concurrency)
     _raise_fd_limit()
     # Bound before any fork: the workers share one accept queue, a bad HOST/PORT is reported once, and
     # PORT=0 means one port for all. wsgi.multiprocess makes each worker accept one connection per
@@ -126,7 +130,7 @@ def _worker(settings: Settings, server: WSGIServer, number: int, parent: int) ->
     code = 1
     try:
         _die_with_parent(parent)
-        code = _serve(settings, server, f", worker {number} of {settings.web_concurrency}")
+        code = _serve(settings, server, f", worker {number} of {settings.workers}")
     except BaseException:
         log.exception("worker %d failed", number)
     finally:
@@ -150,7 +154,7 @@ def _run_workers(settings: Settings, server: WSGIServer) -> int:
                 os.kill(pid, signal.SIGTERM)
 
     # Forked after binding but before any app, hub or Redis connection exists, so each worker builds its own.
-    for number in range(1, settings.web_concurrency + 1):
+    for number in range(1, settings.workers + 1):
         try:
             pid = os.fork()
         except OSError as exc:
@@ -165,7 +169,7 @@ def _run_workers(settings: Settings, server: WSGIServer) -> int:
     gevent.signal_handler(signal.SIGTERM, forward, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, forward, signal.SIGINT)
     log.info("started %d workers on port %d: pids %s", len(pids), port, " ".join(map(str, pids)))
-    failed = len(pids) < settings.web_concurrency  # a fork failed
+    failed = len(pids) < settings.workers  # a fork failed
     while pids:
         pid, status = os.waitpid(-1, 0)
         if pid not in pids:

@@ -83,13 +83,14 @@ class Settings:
         )
         if settings.ping_timeout <= settings.ping_interval:
             raise ConfigError("WSAPP_PING_TIMEOUT must be longer than WSAPP_PING_INTERVAL")
-        if settings.web_concurrency > 1 and not settings.redis_url:
-            # Each worker would keep its own rooms and relay clients: users would split silently.
-            raise ConfigError(
-                f"WEB_CONCURRENCY={settings.web_concurrency} needs REDIS_URL: without a shared broker the "
-                "workers' rooms and relay clients cannot hear each other"
-            )
         return settings
+
+    @property
+    def workers(self) -> int:
+        """Processes to run: WEB_CONCURRENCY, but only with a shared broker. Without REDIS_URL each
+        worker would keep its own rooms and relay clients and users would split silently; and since
+        platforms such as Heroku set WEB_CONCURRENCY by themselves, that is a warning, not an error."""
+        return self.web_concurrency if self.redis_url else 1
 
 
 class _Reader:
