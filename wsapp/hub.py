@@ -130,19 +130,17 @@ class Hub:
         members = self._rooms.get(room)
         if not members:
             return
-        frame = self._frame(payload)
-        sent = 0
-        for other in members:
-            if other.send(frame):
-                sent += 1
-        self._stats.messages_out += sent
+        self._stats.messages_out += self._fan_out(room, payload)
 
     @staticmethod
     def _presence(room: str, event: str, member: Member) -> bytes:
         return protocol.dumps({"type": "presence", "room": room, "event": event, "who": member.name})
 
-    def _fan_out(self, room: str, payload: bytes, skip: Member) -> None:
+    def _fan_out(self, room: str, payload: bytes, skip: Member | None = None) -> int:
+        """Frame `payload` once and send it to the room's members but `skip`; how many took it."""
         frame = self._frame(payload)
+        sent = 0
         for other in self._rooms.get(room, ()):
-            if other is not skip:
-                other.send(frame)
+            if other is not skip and other.send(frame):
+                sent += 1
+        return sent

@@ -36,38 +36,45 @@ class RelayGroup:
 
     def serve(self, conn: Connection) -> None:
         limiter = rate_limiter(self._settings)
-        members = self._members
         stats = self._stats
         share = self._share
 
+        broadcast = self._broadcast
+
         def on_message(sender: Connection, opcode: int, payload: bytes) -> None:
-            if limiter is not None and not limiter.allow():
-                # No error channel on the relay: a client over its rate is flooding.
-                stats.rate_limited += 1
-                sender.close(1008, "rate limit exceeded")
+            if flooding(limiter, sender, stats):
                 return
             frame = encode_frame(opcode, payload)
-            sent = 0
-            for other in members:
-                if other is not sender and other.send(frame):
-                    sent += 1
-            stats.messages_out += sent
+            broadcast(frame, sender)
             if share is not None:
                 share(frame)
 
-        members.add(conn)
+        self._members.add(conn)
         try:
             conn.serve(on_message)
         finally:
-            members.discard(conn)
+            self._members.discard(conn)
 
     def deliver_remote(self, frame: bytes) -> None:
         """A frame a client of another process sent: to every local client."""
+        self._broadcast(frame, None)
+
+    def _broadcast(self, frame: bytes, sender: Connection | None) -> None:
+        """The same frame to every client but `sender`, counted as deliveries."""
         sent = 0
         for other in self._members:
-            if other.send(frame):
+            if other is not sender and other.send(frame):
                 sent += 1
         self._stats.messages_out += sent
+
+
+def flooding(limiter: TokenBucket | None, conn: Connection, stats: Stats) -> bool:
+    """Over its rate on a route with no error channel: the client is flooding, close it 1008."""
+    if limiter is None or limiter.allow():
+        return False
+    stats.rate_limited += 1
+    conn.close(1008, "rate limit exceeded")
+    return True
 
 
 def serve_echo(conn: Connection, settings: Settings, stats: Stats) -> None:
@@ -75,9 +82,7 @@ def serve_echo(conn: Connection, settings: Settings, stats: Stats) -> None:
     limiter = rate_limiter(settings)
 
     def on_message(sender: Connection, opcode: int, payload: bytes) -> None:
-        if limiter is not None and not limiter.allow():
-            stats.rate_limited += 1
-            sender.close(1008, "rate limit exceeded")
+        if flooding(limiter, sender, stats):
             return
         if sender.send(encode_frame(opcode, payload)):
             stats.messages_out += 1

@@ -57,7 +57,8 @@ ROOM_TTL = 24 * 3600  # seq and history of a room nobody publishes to
 LISTEN_POLL = 0.25  # how long the subscriber waits for a message before looking at its own state
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
-RELAY_MARK = b"/"  # the room field of a relay envelope: no room can be called that
+RELAY_ROOM = "/"  # the room field of a relay envelope: no room can be called that
+RELAY_MARK = RELAY_ROOM.encode()
 RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
 RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this new ones reach local clients only
 
@@ -282,7 +283,7 @@ class RedisBackend:
                 self._relay_wake.wait()
                 continue
             batch = [queue.popleft() for _ in range(min(len(queue), RELAY_BATCH))]
-            prefix = b"%s %s 0 " % (self._incarnation.encode(), RELAY_MARK)
+            prefix = self._envelope(RELAY_ROOM, b"")
 
             def send(batch: list[bytes] = batch, prefix: bytes = prefix) -> None:
                 pipe = self._client.pipeline(transaction=False)
