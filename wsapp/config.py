@@ -49,6 +49,17 @@ class Settings:
     # Security.
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     jwt_secret: str | None = field(default=None, repr=False)
+    # RS256/ES256 tokens from an identity provider: its JWKS document (keys cached), and the claims
+    # a token must carry when these are set.
+    jwt_jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # Authentication on `/` and `/echo` too (by default only `/ws` and user routes ask for it).
+    auth_all_routes: bool = False
+    # `POST /api/publish` for other backends; off (404) while unset.
+    api_key: str | None = field(default=None, repr=False)
+    # The app `python server.py` / `python -m wsapp` serves: `module:attribute` (a Flask app or a factory).
+    app: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -80,6 +91,12 @@ class Settings:
             drain_seconds=reader.get("WSAPP_DRAIN_SECONDS", 10.0, _float_range(0, 3600)),
             allowed_origins=reader.get("WSAPP_ALLOWED_ORIGINS", (), _origins),
             jwt_secret=reader.get("WSAPP_JWT_SECRET", None, _secret),
+            jwt_jwks_url=reader.get("WSAPP_JWT_JWKS_URL", None, _url),
+            jwt_audience=reader.get("WSAPP_JWT_AUDIENCE", None, _nonempty),
+            jwt_issuer=reader.get("WSAPP_JWT_ISSUER", None, _nonempty),
+            auth_all_routes=reader.get("WSAPP_AUTH_ALL_ROUTES", False, _bool),
+            api_key=reader.get("WSAPP_API_KEY", None, _api_key),
+            app=reader.get("WSAPP_APP", None, _app_ref),
         )
         if settings.ping_timeout <= settings.ping_interval:
             raise ConfigError("WSAPP_PING_TIMEOUT must be longer than WSAPP_PING_INTERVAL")
@@ -104,7 +121,7 @@ class _Reader:
         try:
             return parse(raw.strip())
         except ValueError as exc:
-            shown = "(hidden)" if "SECRET" in name else repr(raw)
+            shown = "(hidden)" if "SECRET" in name or "KEY" in name else repr(raw)
             raise ConfigError(f"{name}={shown} is invalid: {exc}") from None
 
 
@@ -136,6 +153,36 @@ def _nonempty(raw: str) -> str:
 def _secret(raw: str) -> str:
     if len(raw.encode("utf-8")) < 32:
         raise ValueError("an HS256 secret needs at least 32 bytes (RFC 7518 3.2)")
+    return raw
+
+
+def _api_key(raw: str) -> str:
+    if len(raw) < 16:
+        raise ValueError("an API key needs at least 16 characters")
+    return raw
+
+
+def _bool(raw: str) -> bool:
+    value = raw.lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected 1 or 0 (true/false, yes/no, on/off)")
+
+
+def _url(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return raw
+
+
+def _app_ref(raw: str) -> str:
+    module, _, attr = raw.partition(":")
+    if not module or not all(part.isidentifier() for part in module.split(".")):
+        raise ValueError("expected module:attribute, e.g. myapp:app or myapp:create_app")
+    if attr and not all(part.isidentifier() for part in attr.removesuffix("()").split(".")):
+        raise ValueError("expected module:attribute, e.g. myapp:app or myapp:create_app")
     return raw
 
 

@@ -10,8 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
-
 from wsapp import protocol
 from wsapp.backends import HistoryBackend
 from wsapp.exceptions import MessageError
@@ -78,7 +76,7 @@ class Hub:
         joined.add(room)
         presence = None
         if is_new:
-            presence = self._presence(room, "join", member)
+            presence = protocol.presence(room, "join", member.name)
             self._fan_out(room, presence, member)
         view = self._backend.join(room, member.id, member.name, presence, since)
         names = view.members if view.members is not None else [m.name for m in members]
@@ -91,7 +89,7 @@ class Hub:
             return False
         del members[member]
         self._member_rooms[member].discard(room)
-        presence = self._presence(room, "leave", member)
+        presence = protocol.presence(room, "leave", member.name)
         if members:
             self._fan_out(room, presence, member)
         else:
@@ -111,18 +109,21 @@ class Hub:
         members = self._rooms.get(room)
         if members is None or member not in members:
             raise MessageError(protocol.NOT_IN_ROOM, f"join {room!r} before publishing to it", msg_id)
-        # The JSON around the seq, so a shared backend can number it in the same round trip that stores
-        # and shares it; the result is byte for byte what dumps() of the whole message would give.
-        head = b'{"type":"message","room":%s,"seq":' % orjson.dumps(room)
-        ts = int(self._clock() * 1000)
-        tail = b',"from":%s,"ts":%d,"data":%s}' % (orjson.dumps(member.name), ts, orjson.dumps(data))
+        return self.post(room, data, member.name, member)
+
+    def post(self, room: str, data: Any, sender: str, origin: Member | None = None) -> int:
+        """Number, keep and deliver `data` in `room` under the name `sender`, whether or not anyone
+        here is in the room (server-side publishes); `origin` gets it only if it joined with echo."""
+        head, tail = protocol.message_parts(room, sender, int(self._clock() * 1000), data)
         seq, payload = self._backend.publish(room, head, tail)
-        frame = self._frame(payload)
-        sent = 0
-        for other, echo in members.items():
-            if (other is not member or echo) and other.send(frame):
-                sent += 1
-        self._stats.messages_out += sent
+        members = self._rooms.get(room)
+        if members:
+            frame = self._frame(payload)
+            sent = 0
+            for other, echo in members.items():
+                if (other is not origin or echo) and other.send(frame):
+                    sent += 1
+            self._stats.messages_out += sent
         return seq
 
     def deliver_remote(self, room: str, payload: bytes) -> None:
@@ -131,10 +132,6 @@ class Hub:
         if not members:
             return
         self._stats.messages_out += self._fan_out(room, payload)
-
-    @staticmethod
-    def _presence(room: str, event: str, member: Member) -> bytes:
-        return protocol.dumps({"type": "presence", "room": room, "event": event, "who": member.name})
 
     def _fan_out(self, room: str, payload: bytes, skip: Member | None = None) -> int:
         """Frame `payload` once and send it to the room's members but `skip`; how many took it."""

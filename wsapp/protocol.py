@@ -1,6 +1,8 @@
 """The JSON rooms protocol of `/ws` (DESIGN.md section 3): parse client messages, build server ones.
 
-No I/O and no gevent: bytes in, frozen dataclasses out; dicts in, JSON bytes out.
+No I/O and no gevent: bytes in, frozen dataclasses out. Every server-to-client message is built
+here (JSON bytes out), whichever part of wsapp sends it: the rooms session, the hub, the Redis
+broker, the Emitter in another process.
 """
 
 from __future__ import annotations
@@ -125,9 +127,46 @@ def dumps(message: dict[str, Any]) -> bytes:
     return orjson.dumps(message)
 
 
-def error(code: str, message: str, msg_id: object = None, **extra: Any) -> dict[str, Any]:
+# ---- server to client ---------------------------------------------------------------------------
+
+
+def error(code: str, message: str, msg_id: object = None, **extra: Any) -> bytes:
+    """`error`: a stable `code`, a human `message`, the offending `id` if any."""
     out: dict[str, Any] = {"type": "error", "code": code, "message": message}
     if msg_id is not None:
         out["id"] = msg_id
     out.update(extra)
-    return out
+    return orjson.dumps(out)
+
+
+def welcome(session_id: str, name: str, limits: dict[str, Any]) -> bytes:
+    return orjson.dumps({"type": "welcome", "id": session_id, "name": name, "limits": limits})
+
+
+def joined(room: str, seq: int, members: list[str]) -> bytes:
+    return orjson.dumps({"type": "joined", "room": room, "seq": seq, "members": members})
+
+
+def left(room: str) -> bytes:
+    return orjson.dumps({"type": "left", "room": room})
+
+
+def ack(msg_id: object, room: str, seq: int) -> bytes:
+    return orjson.dumps({"type": "ack", "id": msg_id, "room": room, "seq": seq})
+
+
+def pong(msg_id: object = None) -> bytes:
+    return orjson.dumps({"type": "pong", "id": msg_id} if msg_id is not None else {"type": "pong"})
+
+
+def presence(room: str, event: str, who: str) -> bytes:
+    return orjson.dumps({"type": "presence", "room": room, "event": event, "who": who})
+
+
+def message_parts(room: str, sender: str, ts_ms: int, data: Any) -> tuple[bytes, bytes]:
+    """A `message` as the JSON before and after its seq, so whoever numbers it (this process, Redis,
+    the Emitter's script) splices the number in without re-encoding: `head + b"%d" % seq + tail` is
+    byte for byte what dumps() of the whole message would give."""
+    head = b'{"type":"message","room":%s,"seq":' % orjson.dumps(room)
+    tail = b',"from":%s,"ts":%d,"data":%s}' % (orjson.dumps(sender), ts_ms, orjson.dumps(data))
+    return head, tail

@@ -42,11 +42,10 @@ class RoomsSession:
         conn = self.conn
         s = self._settings
         self._reply(
-            {
-                "type": "welcome",
-                "id": conn.id,
-                "name": conn.name,
-                "limits": {
+            protocol.welcome(
+                conn.id,
+                conn.name,
+                {
                     "max_message_bytes": s.max_message_bytes,
                     "rate_limit": s.rate_limit,
                     "rate_burst": s.rate_burst,
@@ -54,15 +53,15 @@ class RoomsSession:
                     "history": s.history,
                     "ping_interval": s.ping_interval,
                 },
-            }
+            )
         )
         try:
             conn.serve(self.on_message)
         finally:
             self._hub.leave_all(conn)
 
-    def _reply(self, message: dict[str, object]) -> None:
-        self.conn.send_text(protocol.dumps(message))
+    def _reply(self, message: bytes) -> None:
+        self.conn.send_text(message)
 
     def on_message(self, conn: Connection, opcode: int, payload: bytes) -> None:
         if opcode != OP_TEXT:
@@ -87,12 +86,12 @@ class RoomsSession:
         if isinstance(cmd, protocol.Publish):
             seq = hub.publish(conn, cmd.room, cmd.data, cmd.id)
             if cmd.id is not None:
-                self._reply({"type": "ack", "id": cmd.id, "room": cmd.room, "seq": seq})
+                self._reply(protocol.ack(cmd.id, cmd.room, seq))
         elif isinstance(cmd, protocol.Join):
             if self._allowed_rooms is not None and cmd.room not in self._allowed_rooms:
                 raise MessageError(protocol.FORBIDDEN, f"your token does not allow room {cmd.room!r}")
             result = hub.join(conn, cmd.room, cmd.since, cmd.echo)
-            self._reply({"type": "joined", "room": cmd.room, "seq": result.seq, "members": result.members})
+            self._reply(protocol.joined(cmd.room, result.seq, result.members))
             if result.history_gone:
                 self._reply(
                     protocol.error(
@@ -107,9 +106,6 @@ class RoomsSession:
         elif isinstance(cmd, protocol.Leave):
             if not hub.leave(conn, cmd.room):
                 raise MessageError(protocol.NOT_IN_ROOM, f"not in room {cmd.room!r}")
-            self._reply({"type": "left", "room": cmd.room})
+            self._reply(protocol.left(cmd.room))
         else:
-            reply: dict[str, object] = {"type": "pong"}
-            if cmd.id is not None:
-                reply["id"] = cmd.id
-            self._reply(reply)
+            self._reply(protocol.pong(cmd.id))

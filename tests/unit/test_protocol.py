@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from wsapp import protocol
@@ -53,5 +54,15 @@ def test_depth_limit() -> None:
 
 
 def test_error_message_shape() -> None:
-    assert protocol.error("bad_room", "no", "i1") == {"type": "error", "code": "bad_room", "message": "no", "id": "i1"}
-    assert protocol.dumps({"type": "pong"}) == b'{"type":"pong"}'
+    assert orjson.loads(protocol.error("bad_room", "no", "i1")) == {
+        "type": "error", "code": "bad_room", "message": "no", "id": "i1"}
+    assert protocol.pong() == b'{"type":"pong"}'
+    assert protocol.pong(7) == b'{"type":"pong","id":7}'
+
+
+def test_message_parts_splice_to_the_whole_message() -> None:
+    head, tail = protocol.message_parts("lobby", "alice", 1700000000000, {"text": "hé"})
+    whole = head + b"42" + tail
+    assert orjson.loads(whole) == {"type": "message", "room": "lobby", "seq": 42, "from": "alice",
+                                   "ts": 1700000000000, "data": {"text": "hé"}}
+    assert whole == orjson.dumps(orjson.loads(whole))
