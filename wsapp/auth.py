@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import jwt
 
+from wsapp.exceptions import Refuse
+
+if TYPE_CHECKING:
+    from flask import Request
+
+    from wsapp.config import Settings
+
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a token says the client is, which rooms it may join (None = any), and when it expires."""
+    """Who a client is, which rooms it may join (None = any), and when its credentials expire (a Unix
+    time; None = never). What the built-in JWT authenticator returns; an `@rt.authenticate` hook may
+    return one too, or any other value (a user name, a user object). `str(identity)` is `sub`."""
 
     sub: str
-    rooms: frozenset[str] | None
-    expires: float
+    rooms: frozenset[str] | None = None
+    expires: float | None = None
+
+    def __str__(self) -> str:
+        return self.sub
 
 
 class AuthError(Exception):
@@ -64,6 +77,21 @@ def verify_token(token: str | None, secret: str) -> Identity:
     if rooms is not None and (not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)):
         raise AuthError("invalid token: 'rooms' must be a list of room names")
     return Identity(sub, frozenset(rooms) if rooms is not None else None, float(claims["exp"]))
+
+
+class JwtAuthenticator:
+    """The built-in `authenticate` hook: a JWT from `?token=` or `Authorization: Bearer`, checked
+    against WSAPP_JWT_SECRET (HS256). Missing or invalid: Refuse(401)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._secret = settings.jwt_secret or ""
+
+    def __call__(self, request: Request) -> Identity:
+        token = bearer_token(request.args.get("token"), request.headers.get("Authorization"))
+        try:
+            return verify_token(token, self._secret)
+        except AuthError as exc:
+            raise Refuse(401, str(exc), [("WWW-Authenticate", "Bearer")]) from None
 
 
 def client_ip(peer: str, forwarded_for: str | None, trusted_hops: int) -> str:

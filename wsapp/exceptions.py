@@ -61,3 +61,23 @@ class MessageError(WsappError):
         self.code = code
         self.message = message
         self.msg_id = msg_id
+
+
+class Reject(MessageError):
+    """Raised by an `on_publish` or `authorize` hook (or a handler) to refuse one message: the client
+    gets an `error` with this `code` and `message`, and the connection stays open."""
+
+
+class Refuse(WsappError):
+    """Raised before the 101 (by `@rt.authenticate` or an admission check): the client gets this HTTP
+    `status` with `reason` as a one-line body, never an upgrade."""
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+
+
+class ConnectionClosed(WsappError):
+    """`ws.receive()` on a connection that has ended; iterating over `ws` simply stops instead."""

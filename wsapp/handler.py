@@ -15,9 +15,9 @@ from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
 from werkzeug.exceptions import HTTPException
 
-from wsapp.app import Services, services_of
 from wsapp.auth import AuthError, bearer_token, client_ip, origin_allowed, verify_token
 from wsapp.connection import Connection
+from wsapp.services import Services, services_of
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,11 @@ import os
 from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from wsapp.app import STATIC_DIR, services_of
+from wsapp.app import STATIC_DIR
 from wsapp.connection import Connection
 from wsapp.relay import serve_echo
 from wsapp.rooms import RoomsSession, display_name
+from wsapp.services import services_of
 
 bp = Blueprint("wsapp", __name__)
 

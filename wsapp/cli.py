@@ -1,0 +1,149 @@
+"""Serve a wsapp app: `python server.py` and `python -m wsapp [module:attribute]` both end up here.
+
+The caller has already run `gevent.monkey.patch_all()`. The app is `WSAPP_APP` (or the argument):
+`module:attribute`, a Flask app with a `Realtime` extension or a factory that returns one; default
+the bundled server. One process serves it with gevent's WSGI server and wsapp's upgrade handler and
+drains on SIGTERM; `WEB_CONCURRENCY>1` (with REDIS_URL) runs the same under gunicorn's arbiter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import resource
+import signal
+import sys
+import time
+from typing import Any
+
+import gevent
+from gevent.pywsgi import WSGIServer
+
+from wsapp.config import Settings
+from wsapp.exceptions import ConfigError
+from wsapp.services import EXTENSION_KEY, Services, services_of
+
+log = logging.getLogger("wsapp.server")
+
+DEFAULT_APP = "wsapp.app:create_app"
+
+
+def load_app(ref: str) -> Any:
+    """Import `module:attribute` (default attribute `app`); call it if it is a factory, not an app.
+
+    `myapp:app`, `myapp:create_app` and `myapp:create_app()` all work. The result must be a Flask
+    app with a `Realtime` extension, or this raises ConfigError naming WSAPP_APP.
+    """
+    module_name, _, attr = ref.partition(":")
+    attr = (attr or "app").removesuffix("()")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"WSAPP_APP={ref!r}: cannot import {module_name!r}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(f"WSAPP_APP={ref!r}: {module_name!r} has no attribute {attr!r}") from None
+    app = target if hasattr(target, "wsgi_app") else target()
+    if EXTENSION_KEY not in getattr(app, "extensions", {}):
+        raise ConfigError(f"WSAPP_APP={ref!r} is not a Flask app with a wsapp.Realtime extension")
+    return app
+
+
+def raise_fd_limit() -> None:
+    """Each connection is a file descriptor; the usual soft limit of 1024 is far too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def setup_logging(settings: Settings, workers: int = 1) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if workers > 1:
+        fmt = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    logging.basicConfig(level=settings.log_level, format=fmt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: python -m wsapp [module:attribute]   (default: $WSAPP_APP, else the bundled server)")
+        return 0
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"wsapp: configuration error: {exc}", file=sys.stderr)
+        return 2
+    app_ref = argv[0] if argv else settings.app or DEFAULT_APP
+    workers = settings.workers
+    setup_logging(settings, workers)
+    if settings.web_concurrency > workers:
+        log.warning("WEB_CONCURRENCY=%d needs REDIS_URL (workers must share rooms and the relay): "
+                    "running one process", settings.web_concurrency)
+    raise_fd_limit()
+    if workers > 1:
+        from wsapp.gunicorn import run_arbiter
+
+        return run_arbiter(app_ref, settings)
+    server = WSGIServer((settings.host, settings.port), None, handler_class=_handler_class(), log=None, backlog=1024)
+    try:
+        server.init_socket()
+    except OSError as exc:
+        print(f"wsapp: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return serve(app_ref, settings, server)
+    except ConfigError as exc:
+        print(f"wsapp: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _handler_class() -> type:
+    from wsapp.handler import WsappHandler
+
+    return WsappHandler
+
+
+def serve(app_ref: str, settings: Settings, server: WSGIServer) -> int:
+    """Build the app in this process and serve until SIGTERM has drained it."""
+    # A SIGTERM while the app is being built (Redis may take a moment) ends this process cleanly.
+    early = gevent.event.Event()
+    early_handlers = [gevent.signal_handler(sig, early.set) for sig in (signal.SIGTERM, signal.SIGINT)]
+    app = load_app(app_ref)
+    services = services_of(app)
+    for handler in early_handlers:
+        handler.cancel()
+    if early.is_set():
+        log.info("stopped before serving")
+        services.backend.close()
+        return 0
+    server.application = app
+    stopped = gevent.event.Event()
+    draining = False
+
+    def drain() -> None:
+        nonlocal draining
+        if draining:
+            return
+        draining = True
+        server.close()  # stop accepting; open connections carry on
+        drain_services(services)
+        stopped.set()
+
+    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(drain))
+    gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(drain))
+    server.start()
+    log.info("wsapp listening on http://%s:%d (broker: %s)", settings.host, server.server_port, services.backend.name)
+    stopped.wait()
+    log.info("stopped")
+    return 0
+
+
+def drain_services(services: Services) -> None:
+    """SIGTERM: close every connection with 1001 after what is queued for it, within
+    WSAPP_DRAIN_SECONDS, then leave the broker."""
+    settings = services.settings
+    log.info("SIGTERM: draining %d connections (at most %.0fs)", len(services.registry), settings.drain_seconds)
+    services.registry.drain(time.monotonic() + settings.drain_seconds)
+    services.backend.close()

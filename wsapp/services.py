@@ -1,0 +1,78 @@
+"""The collaborators one app's connections share: settings, counters, broker, hub, relay, registry.
+
+Built once per app by `build_services` (the `Realtime` extension does it in `init_app`) and kept in
+`app.extensions["wsapp"]`; the upgrade handler, the routes and `rt.publish` all find them there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.registry import CollectorRegistry
+
+from wsapp.backends import HistoryBackend
+from wsapp.backends.memory import MemoryBackend
+from wsapp.config import Settings
+from wsapp.connection import Outbox
+from wsapp.frames import OP_TEXT, encode_frame
+from wsapp.hub import Hub
+from wsapp.metrics import Stats, prometheus_registry
+from wsapp.registry import Registry
+from wsapp.relay import RelayGroup
+
+EXTENSION_KEY = "wsapp"
+
+
+@dataclass
+class Services:
+    """Everything a request or connection needs; one per app, found at app.extensions['wsapp']."""
+
+    settings: Settings
+    stats: Stats
+    backend: HistoryBackend
+    hub: Hub
+    relay: RelayGroup
+    registry: Registry
+    outbox: Outbox
+    metrics: CollectorRegistry
+    # The extension that owns these services (wsapp.extension.Realtime): its routes and hooks.
+    realtime: Any = None
+
+
+def _text_frame(payload: bytes) -> bytes:
+    return encode_frame(OP_TEXT, payload)
+
+
+def build_services(settings: Settings) -> Services:
+    """Build the broker (Redis when REDIS_URL is set, else in-process), hub, relay and registry."""
+    stats = Stats()
+    backend: HistoryBackend
+    if settings.redis_url:
+        from wsapp.backends.redis import RedisBackend
+
+        backend = RedisBackend(settings.redis_url, settings.history)
+    else:
+        backend = MemoryBackend(settings.history)
+    hub = Hub(backend, _text_frame, stats, settings.max_rooms)
+    relay = RelayGroup(settings, stats, backend)
+    registry = Registry(settings, stats)
+
+    def gauges() -> dict[str, float]:
+        return {"rooms": hub.room_count, "relay_clients": len(relay), "broker_healthy": float(backend.healthy)}
+
+    return Services(
+        settings=settings,
+        stats=stats,
+        backend=backend,
+        hub=hub,
+        relay=relay,
+        registry=registry,
+        outbox=Outbox(),
+        metrics=prometheus_registry(stats, gauges),
+    )
+
+
+def services_of(app: Any) -> Services:
+    """The services of a Flask app that has a `Realtime` extension (KeyError if it has none)."""
+    return app.extensions[EXTENSION_KEY]  # type: ignore[no-any-return]
