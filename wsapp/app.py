@@ -9,7 +9,14 @@ from flask import Flask
 from wsapp.config import Settings
 from wsapp.services import EXTENSION_KEY, build_services
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+def _static_dir() -> Path:
+    """The browser client: inside the package when installed from a wheel, else the repository's `static/`."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "static"
+    return packaged if packaged.is_dir() else here.parent / "static"
+
+
+STATIC_DIR = _static_dir()
 
 
 def create_app(settings: Settings | None = None) -> Flask:
