@@ -1,23 +1,36 @@
-"""wsapp: a real-time WebSocket server (Flask + gevent) with a Node `ws`-compatible relay and JSON rooms.
+"""wsapp: real-time WebSockets for Flask on gevent: your routes and hooks, rooms, a Node `ws`-compatible relay.
+
+    from wsapp import Realtime, Refuse, Reject
+    rt = Realtime(app)
 
 The package imports nothing eagerly, so the sans-I/O modules (`frames`, `protocol`, `hub`,
-`backends.memory`) load without gevent or Flask; `create_app` and `Settings` are fetched on use.
+`backends.memory`) load without gevent or Flask; the names below are fetched on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-__all__ = ["Settings", "create_app"]
+__all__ = [
+    "ConnectionClosed", "Emitter", "Identity", "Realtime", "Refuse", "Reject", "Settings", "WebSocket", "create_app",
+]
+
+_WHERE = {
+    "Realtime": "wsapp.extension",
+    "WebSocket": "wsapp.websocket",
+    "Refuse": "wsapp.exceptions",
+    "Reject": "wsapp.exceptions",
+    "ConnectionClosed": "wsapp.exceptions",
+    "Identity": "wsapp.auth",
+    "Emitter": "wsapp.emitter",
+    "Settings": "wsapp.config",
+    "create_app": "wsapp.app",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "create_app":
-        from wsapp.app import create_app
-
-        return create_app
-    if name == "Settings":
-        from wsapp.config import Settings
-
-        return Settings
-    raise AttributeError(name)
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wsapp' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

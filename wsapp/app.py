@@ -1,30 +1,21 @@
-"""The bundled server as an app factory: relay `/`, rooms `/ws`, echo, the page, health, stats, metrics."""
+"""The bundled server, built with the public API: relay `/`, rooms `/ws`, echo, page, health, stats."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from flask import Flask
 
 from wsapp.config import Settings
-from wsapp.services import EXTENSION_KEY, build_services
-
-def _static_dir() -> Path:
-    """The browser client: inside the package when installed from a wheel, else the repository's `static/`."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "static"
-    return packaged if packaged.is_dir() else here.parent / "static"
-
-
-STATIC_DIR = _static_dir()
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """Build the Flask app and its services; `settings` defaults to `Settings.from_env()`."""
-    settings = settings or Settings.from_env()
-    app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
-    app.extensions[EXTENSION_KEY] = build_services(settings)
-    from wsapp.routes import bp
+    """The bundled server's Flask app; `settings` defaults to `Settings.from_env()`."""
+    from wsapp.extension import Realtime
 
-    app.register_blueprint(bp)
+    app = Flask(__name__, static_folder=None)
+    rt = Realtime(app, settings=settings)  # the rooms protocol at /ws
+    rt.mount_relay("/")
+    rt.mount_echo("/echo")
+    rt.mount_page("/")
+    rt.mount_ops()
+    rt.mount_publish_api()
     return app

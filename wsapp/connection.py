@@ -34,7 +34,8 @@ READ_CHUNK = 65536
 # How long a closing handshake may take before the socket is simply shut.
 CLOSE_TIMEOUT = 3.0
 
-MessageHandler = Callable[["Connection", int, bytes], None]
+# Called with (opcode, payload) for each data message: OP_TEXT (validated UTF-8 bytes) or OP_BINARY.
+MessageHandler = Callable[[int, bytes], None]
 
 
 # A message that arrives after this long without any fan-out is written through at once.
@@ -119,6 +120,8 @@ class Connection:
         self.close_deadline: float | None = None
         # Wall-clock expiry of the token the client connected with; the heartbeat closes it then.
         self.expires_at: float | None = None
+        # Set while reading may go on; cleared (pause_reading) to stop reading the socket.
+        self._may_read: Event | None = None
 
     # ---- sending -------------------------------------------------------------------------------
 
@@ -266,6 +269,20 @@ class Connection:
 
     # ---- reading -------------------------------------------------------------------------------
 
+    @property
+    def reading_paused(self) -> bool:
+        return self._may_read is not None and not self._may_read.is_set()
+
+    def pause_reading(self) -> None:
+        """Read nothing more from the socket until resume_reading(): the peer's sends back up in TCP."""
+        if self._may_read is None:
+            self._may_read = Event()
+        self._may_read.clear()
+
+    def resume_reading(self) -> None:
+        if self._may_read is not None:
+            self._may_read.set()
+
     def serve(self, on_message: MessageHandler) -> None:
         """Read until the connection ends; data messages go to `on_message`. Never raises."""
         try:
@@ -295,6 +312,10 @@ class Connection:
         data, self._leftover = self._leftover, b""
         while True:
             if not data:
+                may_read = self._may_read
+                if may_read is not None and not may_read.is_set():
+                    may_read.wait()
+                    self.last_seen = time.monotonic()  # we were not reading; the peer was not silent
                 data = recv(READ_CHUNK)
                 if not data:
                     return
@@ -321,7 +342,7 @@ class Connection:
                     continue  # after our close frame, data is read and discarded (RFC 6455 1.4)
                 stats.messages_in += 1
                 stats.bytes_in += len(payload)
-                on_message(self, opcode, payload)
+                on_message(opcode, payload)
             elif opcode == OP_PING:
                 self._send_control(encode_frame(OP_PONG, payload))
             elif opcode == OP_CLOSE:

@@ -3,40 +3,25 @@ HTTP status. After the 101 the request greenlet becomes the connection's reader.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import hashlib
 import logging
 import socket
-from urllib.parse import parse_qs
+from http import HTTPStatus
+from typing import Any
 
+from flask import request as flask_request
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
 from werkzeug.exceptions import HTTPException
 
-from wsapp.auth import AuthError, bearer_token, client_ip, origin_allowed, verify_token
+from wsapp.auth import client_ip
 from wsapp.connection import Connection
+from wsapp.exceptions import Refuse
+from wsapp.extension import ENV_CONNECTION, ENV_IDENTITY, ENV_SUBPROTOCOL, WebSocketRoute
+from wsapp.handshake import accept_key, check_upgrade, is_upgrade, select_subprotocol
 from wsapp.services import Services, services_of
 
 log = logging.getLogger(__name__)
-
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-class Refusal(Exception):
-    """An upgrade request that gets an HTTP error instead of a 101."""
-
-    def __init__(self, status: str, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = headers or []
-
-
-def accept_key(key: str) -> str:
-    """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key (RFC 6455 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + GUID).digest()).decode("ascii")
 
 
 class WsappHandler(WebSocketHandler):
@@ -58,54 +43,54 @@ class WsappHandler(WebSocketHandler):
                          services.settings.trusted_proxy_hops)
 
     def run_application(self) -> None:
-        if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+        if not is_upgrade(self.environ):
             WSGIHandler.run_application(self)
             return
         services = self._services()
         try:
-            self._admit(services)
-        except Refusal as refusal:
+            route = self._admit(services)
+        except Refuse as refusal:
             services.stats.refused += 1
-            log.info("refused upgrade of %s from %s: %s %s", self.environ.get("PATH_INFO"),
+            log.info("refused upgrade of %s from %s: %d %s", self.environ.get("PATH_INFO"),
                      self._client_ip(services), refusal.status, refusal.reason)
             self._refuse(refusal)
             return
-        self._upgrade_and_serve(services)
+        self._upgrade_and_serve(services, route)
 
-    def _admit(self, services: Services) -> None:
+    def _admit(self, services: Services) -> WebSocketRoute:
+        """Every check before the 101, cheapest first; the route says whether it authenticates."""
         env = self.environ
-        if env.get("REQUEST_METHOD") != "GET":
-            raise Refusal("405 Method Not Allowed", "a WebSocket upgrade must be a GET", [("Allow", "GET")])
-        if "upgrade" not in [t.strip() for t in env.get("HTTP_CONNECTION", "").lower().split(",")]:
-            raise Refusal("400 Bad Request", "Connection header must include 'Upgrade'")
-        if self.request_version != "HTTP/1.1":
-            raise Refusal("400 Bad Request", "WebSocket upgrades need HTTP/1.1")
-        if env.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
-            raise Refusal("426 Upgrade Required", "only WebSocket version 13 is supported",
-                          [("Sec-WebSocket-Version", "13")])
-        key = env.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
-        try:
-            if len(base64.b64decode(key, validate=True)) != 16:
-                raise ValueError
-        except (ValueError, binascii.Error):
-            raise Refusal("400 Bad Request", "Sec-WebSocket-Key must be 16 bytes in base64") from None
-        try:
-            endpoint, _args = self.server.application.url_map.bind_to_environ(env).match()
-        except HTTPException:
-            raise Refusal("404 Not Found", "no WebSocket endpoint at this path") from None
         settings = services.settings
-        if not origin_allowed(env.get("HTTP_ORIGIN"), env.get("HTTP_HOST"), settings.allowed_origins):
-            raise Refusal("403 Forbidden", "Origin not allowed (see WSAPP_ALLOWED_ORIGINS)")
-        if settings.jwt_secret and endpoint == "wsapp.rooms_socket":
-            query = parse_qs(env.get("QUERY_STRING", ""))
-            token = bearer_token(query.get("token", [None])[0], env.get("HTTP_AUTHORIZATION"))
-            try:
-                env["wsapp.identity"] = verify_token(token, settings.jwt_secret)
-            except AuthError as exc:
-                raise Refusal("401 Unauthorized", str(exc), [("WWW-Authenticate", "Bearer")]) from None
-        refusal = services.registry.refusal(self._client_ip(services))
+        refusal = check_upgrade(env, self.request_version, settings.allowed_origins)
         if refusal is not None:
-            raise Refusal(*refusal, [("Retry-After", "5")])
+            raise refusal
+        app = self.server.application
+        try:
+            endpoint, _args = app.url_map.bind_to_environ(env).match()
+        except HTTPException:
+            endpoint = None
+        route = services.realtime.websocket_route(endpoint) if endpoint else None
+        if route is None:
+            raise Refuse(404, "no WebSocket endpoint at this path")
+        limit = services.registry.refusal(self._client_ip(services))
+        if limit is not None:
+            raise limit
+        authenticate = services.realtime.authenticator(settings) if route.needs_authentication(settings) else None
+        if authenticate is not None:
+            env[ENV_IDENTITY] = self._authenticate(app, authenticate)
+        env[ENV_SUBPROTOCOL] = select_subprotocol(env.get("HTTP_SEC_WEBSOCKET_PROTOCOL"), route.subprotocols)
+        return route
+
+    def _authenticate(self, app: Any, authenticate: Any) -> Any:
+        """The app's hook in a request context of this upgrade request (cookies, session, headers)."""
+        try:
+            with app.request_context(self.environ):
+                return authenticate(flask_request)
+        except Refuse:
+            raise
+        except Exception:
+            log.exception("the authenticate hook failed for %s", self.environ.get("PATH_INFO"))
+            raise Refuse(500, "authentication failed") from None
 
     def _take_buffered_input(self) -> bytes:
         """What pywsgi's reader already holds beyond the request (frames sent right behind it).
@@ -124,26 +109,29 @@ class WsappHandler(WebSocketHandler):
         self.rfile.close()
         return leftover
 
-    def _refuse(self, refusal: Refusal) -> None:
+    def _refuse(self, refusal: Refuse) -> None:
         body = (refusal.reason + "\n").encode("utf-8")
         headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
         self.close_connection = True
-        self.start_response(refusal.status, headers + refusal.headers)
+        self.start_response(f"{refusal.status} {HTTPStatus(refusal.status).phrase}", headers + refusal.headers)
         self.write(body)
 
-    def _upgrade_and_serve(self, services: Services) -> None:
+    def _upgrade_and_serve(self, services: Services, route: WebSocketRoute) -> None:
         env = self.environ
         conn = Connection(
             self.socket, self._take_buffered_input(), self._client_ip(services), env.get("PATH_INFO", "/"),
             services.settings, services.stats, services.outbox,
         )
         env["wsgi.websocket"] = conn  # tells gevent-websocket's start_response to send a bare 101
-        env["wsapp.connection"] = conn
-        self.start_response("101 Switching Protocols", [
+        env[ENV_CONNECTION] = conn
+        headers = [
             ("Upgrade", "websocket"),
             ("Connection", "Upgrade"),
             ("Sec-WebSocket-Accept", accept_key(env["HTTP_SEC_WEBSOCKET_KEY"].strip())),
-        ])
+        ]
+        if env.get(ENV_SUBPROTOCOL):
+            headers.append(("Sec-WebSocket-Protocol", env[ENV_SUBPROTOCOL]))
+        self.start_response("101 Switching Protocols", headers)
         self.write(b"")
         services.registry.add(conn)
         log.info("conn %s open %s from %s", conn.id, conn.path, conn.remote_ip)

@@ -11,6 +11,7 @@ from gevent.event import Event
 
 from wsapp.config import Settings
 from wsapp.connection import Connection
+from wsapp.exceptions import Refuse
 from wsapp.metrics import Stats
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class Registry:
         self._ticker: gevent.Greenlet | None = None
         self._empty = Event()
         self._empty.set()
+        self.draining = False
         self.tick_seconds = max(0.02, min(1.0, settings.ping_interval / 4, settings.slow_consumer_grace / 2 or 1.0))
 
     def __len__(self) -> int:
@@ -40,12 +42,12 @@ class Registry:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(list(self._conns))
 
-    def refusal(self, remote_ip: str) -> tuple[str, str] | None:
-        """The HTTP status and reason to refuse a new connection from `remote_ip` with, or None."""
+    def refusal(self, remote_ip: str) -> Refuse | None:
+        """The refusal (HTTP status and reason) for a new connection from `remote_ip`, or None."""
         if len(self._conns) >= self._settings.max_connections:
-            return "503 Service Unavailable", "server is at its connection limit"
+            return Refuse(503, "server is at its connection limit", [("Retry-After", "5")])
         if self._per_ip[remote_ip] >= self._settings.max_connections_per_ip:
-            return "429 Too Many Requests", "too many connections from your address"
+            return Refuse(429, "too many connections from your address", [("Retry-After", "5")])
         return None
 
     def add(self, conn: Connection) -> None:
@@ -89,6 +91,8 @@ class Registry:
                 log.info("conn %s token expired, closing", conn.id)
                 conn.close(1008, "token expired")
                 continue
+            if conn.reading_paused:
+                conn.last_seen = now  # its handler is behind, not the peer: unread is not silent
             if now - conn.last_seen >= timeout:
                 self._stats.ping_timeouts += 1
                 log.info("conn %s silent for %.1fs, dropping", conn.id, now - conn.last_seen)
@@ -100,6 +104,7 @@ class Registry:
 
     def drain(self, deadline: float) -> None:
         """Close every connection with 1001 after what is queued for it, and wait until they end."""
+        self.draining = True
         for conn in list(self._conns):
             conn.close(1001, "going away")
         self._empty.wait(max(0.0, deadline - time.monotonic()))

@@ -5,20 +5,18 @@ once, to the other processes, whose clients get it the same way."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from wsapp.backends import HistoryBackend
 from wsapp.config import Settings
 from wsapp.connection import Connection
 from wsapp.frames import encode_frame
 from wsapp.metrics import Stats
-from wsapp.ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from wsapp.websocket import WebSocket
 
 log = logging.getLogger(__name__)
-
-
-def rate_limiter(settings: Settings) -> TokenBucket | None:
-    """A fresh bucket for one connection, or None when WSAPP_RATE_LIMIT is 0."""
-    return TokenBucket(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
 
 
 class RelayGroup:
@@ -34,24 +32,21 @@ class RelayGroup:
     def __len__(self) -> int:
         return len(self._members)
 
-    def serve(self, conn: Connection) -> None:
-        limiter = rate_limiter(self._settings)
-        stats = self._stats
+    def serve(self, ws: WebSocket) -> None:
+        """Relay this connection's messages until it ends (rate limit: close 1008, no error channel)."""
+        conn = ws.connection
         share = self._share
-
         broadcast = self._broadcast
 
-        def on_message(sender: Connection, opcode: int, payload: bytes) -> None:
-            if flooding(limiter, sender, stats):
-                return
+        def on_message(opcode: int, payload: bytes) -> None:
             frame = encode_frame(opcode, payload)
-            broadcast(frame, sender)
+            broadcast(frame, conn)
             if share is not None:
                 share(frame)
 
         self._members.add(conn)
         try:
-            conn.serve(on_message)
+            ws.serve(on_message)
         finally:
             self._members.discard(conn)
 
@@ -68,23 +63,12 @@ class RelayGroup:
         self._stats.messages_out += sent
 
 
-def flooding(limiter: TokenBucket | None, conn: Connection, stats: Stats) -> bool:
-    """Over its rate on a route with no error channel: the client is flooding, close it 1008."""
-    if limiter is None or limiter.allow():
-        return False
-    stats.rate_limited += 1
-    conn.close(1008, "rate limit exceeded")
-    return True
-
-
-def serve_echo(conn: Connection, settings: Settings, stats: Stats) -> None:
+def serve_echo(ws: WebSocket, stats: Stats) -> None:
     """`/echo`: every message straight back to its sender (conformance runs, health probes)."""
-    limiter = rate_limiter(settings)
+    conn = ws.connection
 
-    def on_message(sender: Connection, opcode: int, payload: bytes) -> None:
-        if flooding(limiter, sender, stats):
-            return
-        if sender.send(encode_frame(opcode, payload)):
+    def on_message(opcode: int, payload: bytes) -> None:
+        if conn.send(encode_frame(opcode, payload)):
             stats.messages_out += 1
 
-    conn.serve(on_message)
+    ws.serve(on_message)

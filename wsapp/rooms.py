@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import secrets
+from typing import TYPE_CHECKING
 
 from wsapp import protocol
-from wsapp.auth import Identity
-from wsapp.config import Settings
-from wsapp.connection import Connection
 from wsapp.exceptions import MessageError
 from wsapp.frames import OP_TEXT
-from wsapp.hub import Hub
-from wsapp.metrics import Stats
-from wsapp.relay import rate_limiter
+from wsapp.policy import JOIN, PUBLISH, Policy
+from wsapp.ratelimit import TokenBucket
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from wsapp.services import Services
+    from wsapp.websocket import WebSocket
 
 
 def display_name(requested: str | None) -> str:
@@ -28,15 +26,17 @@ def display_name(requested: str | None) -> str:
 
 
 class RoomsSession:
-    """Parses each message of one connection and carries it out against the hub."""
+    """Parses each message of one connection and carries it out against the hub, asking the policy."""
 
-    def __init__(self, conn: Connection, hub: Hub, settings: Settings, stats: Stats, identity: Identity | None):
-        self.conn = conn
-        self._hub = hub
-        self._settings = settings
-        self._stats = stats
-        self._allowed_rooms = identity.rooms if identity else None
-        self._limiter = rate_limiter(settings)
+    def __init__(self, ws: WebSocket, services: Services, policy: Policy) -> None:
+        self.ws = ws
+        self.conn = ws.connection
+        self._identity = ws.identity
+        self._hub = services.hub
+        self._settings = settings = services.settings
+        self._stats = services.stats
+        self._policy = policy
+        self._limiter = TokenBucket(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
 
     def run(self) -> None:
         conn = self.conn
@@ -55,15 +55,14 @@ class RoomsSession:
                 },
             )
         )
-        try:
-            conn.serve(self.on_message)
-        finally:
-            self._hub.leave_all(conn)
+        # Rate limiting here answers `rate_limited` before closing, so the generic 1008 is off.
+        self.ws.serve(self.on_message, rate_limited=False)
 
     def _reply(self, message: bytes) -> None:
         self.conn.send_text(message)
 
-    def on_message(self, conn: Connection, opcode: int, payload: bytes) -> None:
+    def on_message(self, opcode: int, payload: bytes) -> None:
+        conn = self.conn
         if opcode != OP_TEXT:
             conn.close(1003, "/ws takes JSON text messages only")
             return
@@ -83,13 +82,17 @@ class RoomsSession:
     def _dispatch(self, cmd: protocol.Command) -> None:
         hub = self._hub
         conn = self.conn
+        policy = self._policy
         if isinstance(cmd, protocol.Publish):
-            seq = hub.publish(conn, cmd.room, cmd.data, cmd.id)
+            if cmd.room not in hub.rooms_of(conn):
+                raise MessageError(protocol.NOT_IN_ROOM, f"join {cmd.room!r} before publishing to it", cmd.id)
+            policy.check(self._identity, PUBLISH, cmd.room, cmd.id)
+            data = policy.filter(self._identity, cmd.room, cmd.data, cmd.id)
+            seq = hub.publish(conn, cmd.room, data, cmd.id)
             if cmd.id is not None:
                 self._reply(protocol.ack(cmd.id, cmd.room, seq))
         elif isinstance(cmd, protocol.Join):
-            if self._allowed_rooms is not None and cmd.room not in self._allowed_rooms:
-                raise MessageError(protocol.FORBIDDEN, f"your token does not allow room {cmd.room!r}")
+            policy.check(self._identity, JOIN, cmd.room)
             result = hub.join(conn, cmd.room, cmd.since, cmd.echo)
             self._reply(protocol.joined(cmd.room, result.seq, result.members))
             if result.history_gone:

@@ -1,89 +1,106 @@
-"""HTTP and WebSocket routes. `/` has two rules: the relay (websocket=True) and the page."""
+"""The built-in HTTP endpoints as blueprints: the chat page, and health, stats and metrics.
+
+`Realtime.mount_page()` and `Realtime.mount_ops()` register them on any app; the bundled server
+(`wsapp.app.create_app`) mounts both.
+"""
 
 from __future__ import annotations
 
 import os
+from functools import cache
+from pathlib import Path
 
-from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
+from flask import Blueprint, Response, current_app, jsonify, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from wsapp.app import STATIC_DIR
-from wsapp.connection import Connection
-from wsapp.relay import serve_echo
-from wsapp.rooms import RoomsSession, display_name
 from wsapp.services import services_of
 
-bp = Blueprint("wsapp", __name__)
+
+def _static_dir() -> Path:
+    """The browser client: inside the package when installed from a wheel, else the repository's `static/`."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "static"
+    return packaged if packaged.is_dir() else here.parent / "static"
 
 
-def _connection() -> Connection:
-    return request.environ["wsapp.connection"]  # type: ignore[no-any-return]
-
-
-@bp.route("/", websocket=True)
-def relay_socket() -> Response:
-    services_of(current_app).relay.serve(_connection())
-    return Response(status=101)
-
-
-@bp.route("/ws", websocket=True)
-def rooms_socket() -> Response:
-    services = services_of(current_app)
-    conn = _connection()
-    identity = request.environ.get("wsapp.identity")
-    conn.name = display_name(request.args.get("name") or (identity.sub if identity else None))
-    if identity is not None:
-        conn.expires_at = identity.expires
-    RoomsSession(conn, services.hub, services.settings, services.stats, identity).run()
-    return Response(status=101)
-
-
-@bp.route("/echo", websocket=True)
-def echo_socket() -> Response:
-    services = services_of(current_app)
-    serve_echo(_connection(), services.settings, services.stats)
-    return Response(status=101)
-
+STATIC_DIR = _static_dir()
 
 # The page loads only its own files and talks only to its own host; message text is never HTML.
 PAGE_CSP = "default-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
 
 
-@bp.get("/")
-def page() -> Response:
-    response = send_from_directory(STATIC_DIR, "index.html")
-    response.headers["Content-Security-Policy"] = PAGE_CSP
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    return response
+@cache
+def _page_html(static_url: str) -> bytes:
+    """index.html with its asset links pointing at `static_url` (the file itself says `/static/`)."""
+    html = (STATIC_DIR / "index.html").read_bytes()
+    return html.replace(b'"/static/', b'"' + static_url.rstrip("/").encode() + b"/")
 
 
-@bp.get("/healthz")
-def healthz() -> tuple[Response, int]:
-    services = services_of(current_app)
-    healthy = services.backend.healthy
-    body = {
-        "status": "ok" if healthy else "degraded",
-        "broker": services.backend.name,
-        "broker_healthy": healthy,
-        "connections": services.stats.connections,
-    }
-    return jsonify(body), 200 if healthy else 503
+def page_blueprint(path: str = "/", static_url: str = "/static") -> Blueprint:
+    """The browser chat client at `path`, its files under `static_url`."""
+    bp = Blueprint("wsapp_page", __name__)
+
+    @bp.get(path, endpoint="page")
+    def page() -> Response:
+        response = Response(_page_html(static_url), content_type="text/html; charset=utf-8")
+        response.headers["Content-Security-Policy"] = PAGE_CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    @bp.get(static_url.rstrip("/") + "/<path:filename>", endpoint="static")
+    def static(filename: str) -> Response:
+        return send_from_directory(STATIC_DIR, filename)
+
+    return bp
 
 
-@bp.get("/stats")
-def stats() -> Response:
-    services = services_of(current_app)
-    return jsonify(
-        services.stats.snapshot(
-            rooms=services.hub.room_count,
-            relay_clients=len(services.relay),
-            broker_healthy=services.backend.healthy,
-            # Figures are per process: with WEB_CONCURRENCY workers, this says which one answered.
-            pid=os.getpid(),
+def ops_blueprint() -> Blueprint:
+    """`/healthz` (broker state), `/livez`, `/readyz`, `/stats`, `/metrics`."""
+    bp = Blueprint("wsapp_ops", __name__)
+
+    @bp.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        services = services_of(current_app)
+        healthy = services.backend.healthy
+        body = {
+            "status": "ok" if healthy else "degraded",
+            "broker": services.backend.name,
+            "broker_healthy": healthy,
+            "connections": services.stats.connections,
+        }
+        return jsonify(body), 200 if healthy else 503
+
+    @bp.get("/livez")
+    def livez() -> Response:
+        """The process serves HTTP (what a supervisor restarts on)."""
+        return jsonify({"status": "ok"})
+
+    @bp.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        """Takes new connections: not draining and under WSAPP_MAX_CONNECTIONS (what a load balancer routes on)."""
+        services = services_of(current_app)
+        registry = services.registry
+        if registry.draining:
+            return jsonify({"status": "draining"}), 503
+        if len(registry) >= services.settings.max_connections:
+            return jsonify({"status": "full", "connections": len(registry)}), 503
+        return jsonify({"status": "ok", "connections": len(registry)}), 200
+
+    @bp.get("/stats")
+    def stats() -> Response:
+        services = services_of(current_app)
+        return jsonify(
+            services.stats.snapshot(
+                rooms=services.hub.room_count,
+                relay_clients=len(services.relay),
+                broker_healthy=services.backend.healthy,
+                # Figures are per process: with several workers, this says which one answered.
+                pid=os.getpid(),
+            )
         )
-    )
 
+    @bp.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(services_of(current_app).metrics), content_type=CONTENT_TYPE_LATEST)
 
-@bp.get("/metrics")
-def metrics() -> Response:
-    return Response(generate_latest(services_of(current_app).metrics), content_type=CONTENT_TYPE_LATEST)
+    return bp

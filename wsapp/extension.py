@@ -1,0 +1,243 @@
+"""`Realtime`: wsapp as a Flask extension. Your app, your HTTP routes, your WebSocket routes.
+
+    app = Flask(__name__)
+    rt = Realtime(app)                  # or Realtime() and later rt.init_app(app)
+
+    @rt.route("/shout")
+    def shout(ws):
+        for message in ws:
+            ws.send(message.upper())
+
+A WebSocket route is a Flask rule declared with `websocket=True`; wsapp's upgrade handler (in
+gevent.pywsgi, or gunicorn with `wsapp.gunicorn.Worker`) runs every check before the 101, the
+`authenticate` hook included, in a request context; then the handler runs in the connection's
+greenlet with a `WebSocket` handle. The bundled server (`wsapp.app.create_app`) is built with this.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from flask import Flask, Request, Response, current_app, request
+
+from wsapp.auth import Identity, JwtAuthenticator
+from wsapp.config import Settings
+from wsapp.connection import Connection
+from wsapp.policy import Authorize, OnPublish, Policy
+from wsapp.rooms import display_name
+from wsapp.services import EXTENSION_KEY, Services, build_services, services_of
+from wsapp.websocket import WebSocket
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Any]
+Authenticate = Callable[[Request], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+# What the upgrade handler leaves in the WSGI environ for the route's view.
+ENV_CONNECTION = "wsapp.connection"
+ENV_IDENTITY = "wsapp.identity"
+ENV_SUBPROTOCOL = "wsapp.subprotocol"
+
+
+@dataclass(frozen=True)
+class WebSocketRoute:
+    """What a WebSocket route declares: the upgrade handler reads this, never an endpoint name."""
+
+    path: str
+    endpoint: str
+    handler: Handler
+    # Sec-WebSocket-Protocol values it speaks, in order of preference.
+    subprotocols: tuple[str, ...] = ()
+    # Whether the app's authenticate hook runs before its 101; None = WSAPP_AUTH_ALL_ROUTES decides
+    # (the relay and echo, which Node `ws` clients reach without credentials by default).
+    authenticate: bool | None = True
+
+    def needs_authentication(self, settings: Settings) -> bool:
+        return settings.auth_all_routes if self.authenticate is None else self.authenticate
+
+
+class Realtime:
+    """The wsapp extension: WebSocket routes, hooks, publishing, and the built-in endpoints."""
+
+    def __init__(self, app: Flask | None = None, settings: Settings | None = None, rooms_path: str | None = "/ws"):
+        self._settings = settings
+        self._rooms_path = rooms_path
+        self._routes: dict[str, WebSocketRoute] = {}
+        self._pending: list[Callable[[Flask], None]] = []
+        self._authenticate: Authenticate | None = None
+        self.policy = Policy()
+        self.app: Flask | None = None
+        if app is not None:
+            self.init_app(app)
+
+    # ---- wiring ---------------------------------------------------------------------------------
+
+    def init_app(self, app: Flask) -> None:
+        """Build this app's services (settings, broker, hub, registry) and register the routes so far."""
+        settings = self._settings or Settings.from_env()
+        services = build_services(settings)
+        services.realtime = self
+        app.extensions[EXTENSION_KEY] = services
+        self.app = app
+        if self._rooms_path:
+            self.mount_rooms(self._rooms_path)
+        pending, self._pending = self._pending, []
+        for register in pending:
+            register(app)
+
+    def _when_ready(self, register: Callable[[Flask], None]) -> None:
+        if self.app is None:
+            self._pending.append(register)
+        else:
+            register(self.app)
+
+    @property
+    def services(self) -> Services:
+        """This extension's services (of the app it was last initialised with)."""
+        if self.app is None:
+            raise RuntimeError("Realtime has no app yet: call init_app(app) first")
+        return services_of(self.app)
+
+    def websocket_route(self, endpoint: str) -> WebSocketRoute | None:
+        """The WebSocket route registered under a Flask endpoint, or None (the upgrade is refused 404)."""
+        return self._routes.get(endpoint)
+
+    # ---- WebSocket routes -----------------------------------------------------------------------
+
+    def route(
+        self, path: str, subprotocols: list[str] | tuple[str, ...] = (), authenticate: bool | None = True,
+        endpoint: str | None = None,
+    ) -> Callable[[F], F]:
+        """Decorator: `handler(ws, **url_args)` serves WebSocket upgrades to `path` (a Flask rule, so
+        `/rooms/<name>` works), in the connection's greenlet, until it returns or the peer closes."""
+
+        def decorate(handler: F) -> F:
+            self.add_route(path, handler, subprotocols, authenticate, endpoint)
+            return handler
+
+        return decorate
+
+    def add_route(
+        self, path: str, handler: Handler, subprotocols: list[str] | tuple[str, ...] = (),
+        authenticate: bool | None = True, endpoint: str | None = None,
+    ) -> WebSocketRoute:
+        """`route` without the decorator."""
+        endpoint = endpoint or f"wsapp_ws.{handler.__module__}.{handler.__qualname__}"
+        spec = WebSocketRoute(path, endpoint, handler, tuple(subprotocols), authenticate)
+        if endpoint in self._routes:
+            raise ValueError(f"a WebSocket route with endpoint {endpoint!r} exists already")
+        self._routes[endpoint] = spec
+
+        def view(**kwargs: Any) -> Response:
+            self._run(spec, kwargs)
+            return Response(status=101)  # the 101 went out before; the handler never looks at this
+
+        self._when_ready(lambda app: app.add_url_rule(path, endpoint, view, websocket=True))
+        return spec
+
+    def _run(self, spec: WebSocketRoute, kwargs: dict[str, Any]) -> None:
+        services = services_of(current_app)
+        env = request.environ
+        conn: Connection = env[ENV_CONNECTION]
+        identity = env.get(ENV_IDENTITY)
+        conn.name = display_name(request.args.get("name") or (str(identity) if identity is not None else None))
+        if isinstance(identity, Identity) and identity.expires is not None:
+            conn.expires_at = identity.expires
+        ws = WebSocket(conn, services, self.policy, identity, env.get(ENV_SUBPROTOCOL))
+        ws.run(spec.handler, kwargs)
+
+    # ---- hooks ----------------------------------------------------------------------------------
+
+    def authenticate(self, fn: F) -> F:
+        """Decorator: `fn(request) -> identity`, before the 101 of every route that authenticates, in
+        the Flask request context (cookies, session, headers). Raise `Refuse(status, reason)` to refuse.
+        Without it, WSAPP_JWT_SECRET / WSAPP_JWT_JWKS_URL turn on the built-in JWT authenticator."""
+        self._authenticate = fn
+        return fn
+
+    def authorize(self, fn: Authorize) -> Authorize:
+        """Decorator: `fn(identity, action, room) -> bool` for every join and publish ("join"/"publish")
+        of the rooms protocol and of `ws.join`/`ws.publish`; False answers `error` `forbidden`."""
+        self.policy.authorize = fn
+        return fn
+
+    def on_publish(self, fn: OnPublish) -> OnPublish:
+        """Decorator: `fn(identity, room, data) -> data` before a client's publish is numbered: validate,
+        transform or store it; raise `Reject(code, message)` to answer the sender with an `error`."""
+        self.policy.on_publish = fn
+        return fn
+
+    def authenticator(self, settings: Settings) -> Authenticate | None:
+        """The hook the upgrade handler calls: the app's, else the built-in JWT one when configured."""
+        if self._authenticate is not None:
+            return self._authenticate
+        if settings.jwt_secret or settings.jwt_jwks_url:
+            self._authenticate = JwtAuthenticator(settings)
+            return self._authenticate
+        return None
+
+    # ---- publishing -----------------------------------------------------------------------------
+
+    def publish(self, room: str, data: Any, sender: str = "server") -> int:
+        """Publish `data` to `room` from server code (a view, a greenlet): numbered, kept in history and
+        delivered to its members on every process sharing the broker. Returns the seq."""
+        from wsapp.websocket import _valid_room
+
+        return self.services.hub.post(_valid_room(room), data, sender)
+
+    # ---- built-in endpoints ---------------------------------------------------------------------
+
+    def mount_rooms(self, path: str = "/ws") -> None:
+        """The JSON rooms protocol (presence, history, acks) at `path`, with this app's hooks."""
+        from wsapp.rooms import RoomsSession
+
+        def rooms(ws: WebSocket) -> None:
+            RoomsSession(ws, ws.services, self.policy).run()
+
+        self.add_route(path, rooms, ("wsapp",), True, "wsapp.rooms")
+
+    def mount_relay(self, path: str = "/") -> None:
+        """The Node `ws` broadcast server at `path`: each message to every other client, same type."""
+
+        def relay(ws: WebSocket) -> None:
+            ws.services.relay.serve(ws)
+
+        self.add_route(path, relay, ("wsapp",), None, "wsapp.relay")
+
+    def mount_echo(self, path: str = "/echo") -> None:
+        """Every message back to its sender (conformance runs, probes)."""
+        from wsapp.relay import serve_echo
+
+        def echo(ws: WebSocket) -> None:
+            serve_echo(ws, ws.services.stats)
+
+        self.add_route(path, echo, ("wsapp",), None, "wsapp.echo")
+
+    def mount_page(self, path: str = "/", static_url: str = "/static") -> None:
+        """The browser chat client at `path` (GET), its files under `static_url`; it talks to `/ws`."""
+        from wsapp.routes import page_blueprint
+
+        self._when_ready(lambda app: app.register_blueprint(page_blueprint(path, static_url)))
+
+    def mount_ops(self) -> None:
+        """`/healthz`, `/livez`, `/readyz`, `/stats` and `/metrics`."""
+        from wsapp.routes import ops_blueprint
+
+        self._when_ready(lambda app: app.register_blueprint(ops_blueprint()))
+
+    def mount_publish_api(self, path: str = "/api/publish") -> None:
+        """`POST path` for other backends, on only when WSAPP_API_KEY is set (else nothing is mounted)."""
+
+        def register(app: Flask) -> None:
+            if not services_of(app).settings.api_key:
+                log.info("WSAPP_API_KEY is not set: %s is not served", path)
+                return
+            from wsapp.api import publish_api_view
+
+            app.add_url_rule(path, "wsapp_publish_api", publish_api_view, methods=["POST"])
+
+        self._when_ready(register)

@@ -1,0 +1,69 @@
+"""The opening handshake as pure functions (RFC 6455 4.2): environ in, a refusal or an answer out.
+
+No sockets and no Flask: `check_upgrade` maps every malformed or refused upgrade request to the HTTP
+status it gets (a table of cases in tests/unit/test_handshake.py), `accept_key` computes
+Sec-WebSocket-Accept, `select_subprotocol` negotiates Sec-WebSocket-Protocol.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from wsapp.auth import origin_allowed
+from wsapp.exceptions import Refuse
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# A Sec-WebSocket-Protocol entry that carries a token (browsers cannot set Authorization), never a
+# protocol to select: `new WebSocket(url, ["wsapp", "bearer." + token])`.
+TOKEN_PROTOCOL_PREFIX = "bearer."
+
+
+def accept_key(key: str) -> str:
+    """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + GUID).digest()).decode("ascii")
+
+
+def is_upgrade(environ: Mapping[str, Any]) -> bool:
+    """Whether the request asks for a WebSocket (anything else is plain HTTP for Flask)."""
+    return str(environ.get("HTTP_UPGRADE", "")).lower() == "websocket"
+
+
+def check_upgrade(environ: Mapping[str, Any], http_version: str, allowed_origins: tuple[str, ...]) -> Refuse | None:
+    """The refusal an upgrade request gets for its method, headers, version, key or Origin; None if fine."""
+    if environ.get("REQUEST_METHOD") != "GET":
+        return Refuse(405, "a WebSocket upgrade must be a GET", [("Allow", "GET")])
+    if "upgrade" not in [t.strip() for t in str(environ.get("HTTP_CONNECTION", "")).lower().split(",")]:
+        return Refuse(400, "Connection header must include 'Upgrade'")
+    if http_version != "HTTP/1.1":
+        return Refuse(400, "WebSocket upgrades need HTTP/1.1")
+    if str(environ.get("HTTP_SEC_WEBSOCKET_VERSION", "")).strip() != "13":
+        return Refuse(426, "only WebSocket version 13 is supported", [("Sec-WebSocket-Version", "13")])
+    key = str(environ.get("HTTP_SEC_WEBSOCKET_KEY", "")).strip()
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except (ValueError, binascii.Error):
+        return Refuse(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+    if not origin_allowed(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"), allowed_origins):
+        return Refuse(403, "Origin not allowed (see WSAPP_ALLOWED_ORIGINS)")
+    return None
+
+
+def offered_subprotocols(header: str | None) -> list[str]:
+    """The client's Sec-WebSocket-Protocol entries, in its order, token entries left out."""
+    if not header:
+        return []
+    return [p for p in (part.strip() for part in header.split(",")) if p and not p.startswith(TOKEN_PROTOCOL_PREFIX)]
+
+
+def select_subprotocol(header: str | None, supported: Sequence[str]) -> str | None:
+    """The first of the route's `supported` protocols (its order of preference) that the client offered."""
+    offered = offered_subprotocols(header)
+    for protocol in supported:
+        if protocol in offered:
+            return protocol
+    return None

@@ -1,0 +1,272 @@
+"""`ws`: what a route handler gets for one connection (`@rt.route`), and what the built-in routes use.
+
+Two ways to read, never mixed on one connection:
+- pull: `for message in ws` / `ws.receive(timeout)`. A reader greenlet of the connection's own parses
+  frames, answers pings and fills a small inbox; while the inbox is full it stops reading the socket,
+  so TCP pushes back on a client that sends faster than the handler consumes.
+- push: `ws.serve(on_message)`, called with (opcode, payload) for each message in this greenlet. No
+  extra greenlet and no inbox: what the built-in relay, echo and rooms routes use.
+Sends go through the connection's bounded backlog either way (slow consumers are closed 1013).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import gevent
+from gevent.event import Event
+
+from wsapp import protocol
+from wsapp.connection import CLOSE_TIMEOUT, Connection, MessageHandler
+from wsapp.exceptions import ConnectionClosed, Reject
+from wsapp.frames import OP_BINARY, OP_TEXT, encode_frame
+from wsapp.policy import JOIN, PUBLISH, Policy
+from wsapp.ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from wsapp.services import Services
+
+log = logging.getLogger(__name__)
+
+TEXT = OP_TEXT
+BINARY = OP_BINARY
+# Messages the pull inbox holds before the reader stops reading the socket (bytes: see _inbox_cap).
+INBOX_MESSAGES = 64
+
+
+class WebSocket:
+    """One upgraded connection as a route handler sees it: send, receive, rooms, who it is."""
+
+    __slots__ = (
+        "_conn", "_ended", "_inbox", "_inbox_bytes", "_inbox_cap", "_limiter", "_policy", "_reader",
+        "_ready", "_served", "_services", "identity", "subprotocol",
+    )
+
+    def __init__(
+        self, conn: Connection, services: Services, policy: Policy, identity: Any = None, subprotocol: str | None = None
+    ) -> None:
+        self._conn = conn
+        self._services = services
+        self._policy = policy
+        #: What the app's `authenticate` hook returned (None: anonymous).
+        self.identity = identity
+        #: The negotiated Sec-WebSocket-Protocol, or None.
+        self.subprotocol = subprotocol
+        self._reader: gevent.Greenlet | None = None
+        self._served = False
+        self._ended = False
+        self._inbox: deque[tuple[int, bytes]] = deque()
+        self._inbox_bytes = 0
+        self._inbox_cap = max(services.settings.max_message_bytes, 1 << 20)
+        self._ready = Event()
+        settings = services.settings
+        self._limiter = TokenBucket(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
+
+    # ---- who ------------------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """The connection id used in logs and `welcome`."""
+        return self._conn.id
+
+    @property
+    def name(self) -> str:
+        """The display name: `?name=`, else the identity, else a generated `guest-xxxx`."""
+        return self._conn.name
+
+    @property
+    def remote_addr(self) -> str:
+        """The client's address (behind WSAPP_TRUSTED_PROXY_HOPS proxies: from X-Forwarded-For)."""
+        return self._conn.remote_ip
+
+    @property
+    def services(self) -> Services:
+        """The app's wsapp services (hub, relay, stats, settings) this connection is served by."""
+        return self._services
+
+    @property
+    def connection(self) -> Connection:
+        """The low-level connection (what the hub and relay send ready-made frames to)."""
+        return self._conn
+
+    @property
+    def closed(self) -> bool:
+        """True once a close has started, from either side."""
+        return self._conn.closing
+
+    # ---- sending --------------------------------------------------------------------------------
+
+    def send(self, message: str | bytes) -> bool:
+        """Queue a text (str) or binary (bytes) message; False if the connection is closing (dropped)."""
+        if isinstance(message, str):
+            frame = encode_frame(OP_TEXT, message.encode("utf-8"))
+        else:
+            frame = encode_frame(OP_BINARY, bytes(message))
+        if self._conn.send(frame):
+            self._services.stats.messages_out += 1
+            return True
+        return False
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake after everything already queued."""
+        self._conn.close(code, reason)
+
+    # ---- receiving (pull) -----------------------------------------------------------------------
+
+    def receive(self, timeout: float | None = None) -> str | bytes | None:
+        """The next message (str for text, bytes for binary); None after `timeout` seconds without one.
+
+        Raises ConnectionClosed once the connection has ended and every message it brought was read."""
+        if self._served:
+            raise RuntimeError("this connection is read with serve(); receive() cannot be mixed with it")
+        if self._reader is None:
+            self._reader = gevent.spawn(self._read)
+        inbox = self._inbox
+        deadline = None if timeout is None else gevent.get_hub().loop.now() + timeout
+        while not inbox:
+            if self._ended:
+                raise ConnectionClosed("the connection is closed")
+            self._ready.clear()
+            if inbox or self._ended:
+                continue
+            left = None if deadline is None else deadline - gevent.get_hub().loop.now()
+            if (left is not None and left <= 0) or not self._ready.wait(left):
+                return None
+        opcode, payload = inbox.popleft()
+        self._inbox_bytes -= len(payload)
+        if self._conn.reading_paused and self._inbox_has_room():
+            self._conn.resume_reading()
+        return payload.decode("utf-8") if opcode == OP_TEXT else payload
+
+    def __iter__(self) -> Iterator[str | bytes]:
+        """Every message until the peer closes (or the connection fails); then the loop just ends."""
+        while True:
+            try:
+                message = self.receive()
+            except ConnectionClosed:
+                return
+            if message is not None:
+                yield message
+
+    def _inbox_has_room(self) -> bool:
+        return len(self._inbox) < INBOX_MESSAGES and self._inbox_bytes <= self._inbox_cap
+
+    def _read(self) -> None:
+        try:
+            self._conn.serve(self._on_message)
+        finally:
+            self._ended = True
+            self._ready.set()
+
+    def _on_message(self, opcode: int, payload: bytes) -> None:
+        if self._flooding():
+            return
+        self._inbox.append((opcode, payload))
+        self._inbox_bytes += len(payload)
+        self._ready.set()
+        if not self._inbox_has_room():
+            # Read no further until the handler catches up: the client's sends back up in TCP.
+            self._conn.pause_reading()
+
+    def _flooding(self) -> bool:
+        """Over its rate on a route with no error channel: the client is flooding, close it 1008."""
+        limiter = self._limiter
+        if limiter is None or limiter.allow():
+            return False
+        self._services.stats.rate_limited += 1
+        self._conn.close(1008, "rate limit exceeded")
+        return True
+
+    # ---- receiving (push) -----------------------------------------------------------------------
+
+    def serve(self, on_message: Callable[[int, bytes], None], rate_limited: bool = True) -> None:
+        """Read until the connection ends, calling `on_message(opcode, payload)` (TEXT or BINARY; text
+        payloads are validated UTF-8 bytes) in this greenlet. With `rate_limited`, a client over
+        WSAPP_RATE_LIMIT is closed 1008 before its message reaches `on_message`."""
+        if self._reader is not None:
+            raise RuntimeError("this connection is read with receive(); serve() cannot be mixed with it")
+        self._served = True
+        handler: MessageHandler = on_message
+        if rate_limited and self._limiter is not None:
+            flooding = self._flooding
+
+            def handler(opcode: int, payload: bytes) -> None:
+                if not flooding():
+                    on_message(opcode, payload)
+
+        self._conn.serve(handler)
+
+    # ---- rooms ----------------------------------------------------------------------------------
+
+    def join(self, room: str, since: int | None = None, echo: bool = False) -> int:
+        """Get `room`'s messages and presence (rooms-protocol frames) from now on; returns its seq.
+
+        With `since`, first the messages after it from history. Goes through `authorize`
+        (Reject `forbidden`); a bad name is Reject `bad_room`."""
+        self._policy.check(self.identity, JOIN, _valid_room(room), None)
+        result = self._services.hub.join(self._conn, room, since, echo)
+        if result.history_gone:
+            self._conn.send_text(protocol.error(protocol.HISTORY_GONE, "not every message after 'since' is kept",
+                                                room=room))
+        for payload in result.replay:
+            self._conn.send_text(payload)
+        return result.seq
+
+    def leave(self, room: str) -> bool:
+        """Stop getting `room`'s messages; False if this connection was not in it."""
+        return self._services.hub.leave(self._conn, room)
+
+    @property
+    def rooms(self) -> set[str]:
+        """The rooms this connection is in."""
+        return set(self._services.hub.rooms_of(self._conn))
+
+    def publish(self, room: str, data: Any) -> int:
+        """Publish `data` to `room` as this connection (through `authorize` and `on_publish`); its seq."""
+        self._policy.check(self.identity, PUBLISH, _valid_room(room))
+        data = self._policy.filter(self.identity, room, data)
+        return self._services.hub.post(room, data, self._conn.name, self._conn)
+
+    # ---- life -----------------------------------------------------------------------------------
+
+    def run(self, handler: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+        """Run a route handler to its end, then close (1000), leave every room and finish the handshake."""
+        conn = self._conn
+        try:
+            handler(self, **kwargs)
+        except Reject as exc:
+            log.info("conn %s rejected by its handler: %s %s", conn.id, exc.code, exc.message)
+            conn.close(1008, exc.message[:100])
+        except ConnectionClosed:
+            pass
+        except Exception:
+            self._services.stats.internal_errors += 1
+            log.exception("conn %s handler failed", conn.id)
+            conn.close(1011, "internal error")
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        conn = self._conn
+        self._services.hub.leave_all(conn)
+        conn.close(1000)  # no-op if a close has started
+        if self._reader is not None:
+            conn.resume_reading()  # the reader must see the peer's close
+            self._reader.join(CLOSE_TIMEOUT + 1)
+            if not self._reader.dead:
+                self._reader.kill(block=False)
+        elif not self._served:
+            conn.serve(_discard)  # the handler never read: wait here for the peer's close reply
+
+
+def _discard(opcode: int, payload: bytes) -> None:
+    """Messages that arrive after the handler returned (before the peer's close) go nowhere."""
+
+
+def _valid_room(room: str) -> str:
+    if not isinstance(room, str) or not protocol.ROOM_RE.fullmatch(room):
+        raise Reject(protocol.BAD_ROOM, "room names are 1-64 characters of A-Z a-z 0-9 _ . : -")
+    return room
