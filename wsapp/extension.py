@@ -223,11 +223,11 @@ class Realtime:
 
         self._when_ready(lambda app: app.register_blueprint(page_blueprint(path, static_url)))
 
-    def mount_ops(self) -> None:
-        """`/healthz`, `/livez`, `/readyz`, `/stats` and `/metrics`."""
+    def mount_ops(self, url_prefix: str | None = None) -> None:
+        """`/healthz`, `/livez`, `/readyz`, `/stats` and `/metrics` (under `url_prefix` if given)."""
         from wsapp.routes import ops_blueprint
 
-        self._when_ready(lambda app: app.register_blueprint(ops_blueprint()))
+        self._when_ready(lambda app: app.register_blueprint(ops_blueprint(), url_prefix=url_prefix))
 
     def mount_publish_api(self, path: str = "/api/publish") -> None:
         """`POST path` for other backends, on only when WSAPP_API_KEY is set (else nothing is mounted)."""
