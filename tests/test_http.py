@@ -85,3 +85,17 @@ def test_plain_get_on_websocket_only_path_is_not_found(server: ServerProcess) ->
         urllib.request.urlopen(server.http("/ws"), timeout=5)
     assert err.value.code in (400, 404)
     err.value.close()
+
+
+def test_livez_and_readyz(make_server: Callable[..., ServerProcess]) -> None:
+    srv = make_server(WSAPP_MAX_CONNECTIONS="1")
+    assert get_json(srv.http("/livez")) == (200, {"status": "ok"})
+    assert get_json(srv.http("/readyz")) == (200, {"status": "ok", "connections": 0})
+    ws = connect(srv.ws("/echo"))
+    try:
+        wait_for(lambda: get_json(srv.http("/readyz"))[0] == 503, what="readyz to say full")
+        assert get_json(srv.http("/readyz"))[1] == {"status": "full", "connections": 1}
+        assert get_json(srv.http("/livez"))[0] == 200  # full is not dead
+    finally:
+        ws.close()
+    wait_for(lambda: get_json(srv.http("/readyz"))[0] == 200, what="readyz to recover")
