@@ -42,6 +42,8 @@ class Settings:
     send_queue: int = 4096
     send_queue_bytes: int = 16 * 1024 * 1024
     slow_consumer_grace: float = 2.0
+    # Unsent bytes in the whole process (a frame queued to N clients counts N times) before producers wait.
+    max_queued_bytes: int = 256 * 1024 * 1024
     # Liveness and shutdown.
     ping_interval: float = 20.0
     ping_timeout: float = 50.0
@@ -86,6 +88,7 @@ class Settings:
             send_queue=reader.get("WSAPP_SEND_QUEUE", 4096, _int_range(1, 10**7)),
             send_queue_bytes=reader.get("WSAPP_SEND_QUEUE_BYTES", 16 * 1024 * 1024, _int_range(1024, 2**40)),
             slow_consumer_grace=reader.get("WSAPP_SLOW_CONSUMER_GRACE", 2.0, _float_range(0, 3600)),
+            max_queued_bytes=reader.get("WSAPP_MAX_QUEUED_BYTES", 256 * 1024 * 1024, _int_range(1 << 20, 2**50)),
             ping_interval=reader.get("WSAPP_PING_INTERVAL", 20.0, _float_range(0.05, 86400)),
             ping_timeout=reader.get("WSAPP_PING_TIMEOUT", 50.0, _float_range(0.05, 86400)),
             drain_seconds=reader.get("WSAPP_DRAIN_SECONDS", 10.0, _float_range(0, 3600)),

@@ -1,5 +1,13 @@
 """One WebSocket connection: the only code that reads from or writes to an upgraded socket.
 
+Flow control (issue 10): a recipient whose unsent backlog passes its cap (WSAPP_SEND_QUEUE frames or
+WSAPP_SEND_QUEUE_BYTES) is *congested*; the reader that produced the traffic (a client's
+connection, the broker's subscriber, a view calling `rt.publish`) then stops reading and waits
+until every recipient it congested has drained below half its cap, or has been closed 1013 for
+staying over the cap for WSAPP_SLOW_CONSUMER_GRACE. So a burst slows its sender (TCP pushes back on
+it) and never costs a healthy reader a message. The process's queued bytes are capped the same way
+(WSAPP_MAX_QUEUED_BYTES); see `Outbox`.
+
 Reading happens in the connection's own greenlet (the WSGI request greenlet). Writing goes through
 the connection's bounded backlog: `send()` appends a ready-made frame and marks the connection
 dirty; once per event-loop turn the process-wide `Outbox` hands each dirty connection's whole
@@ -18,6 +26,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 import gevent
@@ -25,7 +34,17 @@ from gevent.event import Event
 
 from wsapp.config import Settings
 from wsapp.exceptions import FrameError
-from wsapp.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameEvent, FrameParser, encode_close, encode_frame
+from wsapp.frames import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    CloseCode,
+    FrameEvent,
+    FrameParser,
+    encode_close,
+    encode_frame,
+)
 from wsapp.metrics import Stats
 
 log = logging.getLogger(__name__)
@@ -42,26 +61,53 @@ MessageHandler = Callable[[int, bytes], None]
 IDLE_GAP = 0.002
 
 
-class Outbox:
-    """Coalesces writes: every connection marked during one loop turn is flushed once, right after.
+class State(Enum):
+    """Where a connection is in its life (RFC 6455 7): the close handshake has two directions."""
 
-    When the process is idle (no fan-out for IDLE_GAP) a lone incoming message is instead written
-    through: each recipient's frame goes to its socket as the fan-out loop reaches it, the way
-    Node's `ws` does, which saves the first recipients the wait for the whole loop. Under load,
-    coalescing wins (several frames per send), so write-through switches itself off.
+    OPEN = "open"
+    LOCAL_CLOSING = "local closing"  # we sent a close frame and wait for the peer's
+    REMOTE_CLOSING = "remote closing"  # the peer sent one first; ours is queued as the answer
+    CLOSED = "closed"  # the socket is shut
+
+
+class Outbox:
+    """Coalesces writes, and is where producers learn they must wait for their recipients.
+
+    Every connection marked during one loop turn is flushed once, right after. When the process is
+    idle (no fan-out for IDLE_GAP) a lone incoming message is instead written through: each
+    recipient's frame goes to its socket as the fan-out loop reaches it, the way Node's `ws` does,
+    which saves the first recipients the wait for the whole loop. Under load, coalescing wins
+    (several frames per send), so write-through switches itself off.
+
+    `queued` counts the unsent bytes of every connection (a frame queued to N recipients counts N
+    times, so the real memory is at most this). Past `max_queued` producers wait as they do for a
+    congested recipient: the process never holds more than `max_queued` plus one message per
+    producer, and the heartbeat closes the largest backlogs (1013) if that lasts past the grace.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_queued: int = 1 << 62, grace: float = 2.0, stats: Stats | None = None) -> None:
         self._dirty: list[Connection] = []
+        self._grace = grace
+        self._stats = stats or Stats()
         self._scheduled = False
         self.write_through = False
         self.last_busy = 0.0
+        # Connections that went over their cap since the last producer looked (duplicates allowed).
+        self.congested: list[Connection] = []
+        self.queued = 0
+        self.max_queued = max_queued
+        self.over_budget_since: float | None = None
+        self._budget_freed = Event()
 
     def mark(self, conn: Connection) -> None:
         self._dirty.append(conn)
         if not self._scheduled:
             self._scheduled = True
             gevent.get_hub().loop.run_callback(self._flush)
+
+    @property
+    def flush_pending(self) -> bool:
+        return self._scheduled
 
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
@@ -73,6 +119,42 @@ class Outbox:
                 log.exception("conn %s failed to flush", conn.id)
                 conn.abort()
         self.last_busy = time.monotonic()
+
+    def released(self, nbytes: int) -> None:
+        """`nbytes` of some backlog went to the kernel or were dropped."""
+        self.queued -= nbytes
+        if self.over_budget_since is not None and self.queued <= self.max_queued // 2:
+            self.over_budget_since = None
+            self._budget_freed.set()
+
+    def pace_if_needed(self) -> None:
+        """For any producer (a reader, the broker's subscriber, a view publishing): wait if what it just
+        queued put a recipient or the process over its cap."""
+        if self.congested or self.queued > self.max_queued:
+            self.pace()
+
+    def pace(self) -> None:
+        """Wait (this greenlet) until the recipients congested so far have drained below half their cap
+        or been closed, and the process is back under half its byte budget; at most the slow-consumer
+        grace plus a second, by which time the heartbeat has closed whoever held things up."""
+        self._stats.paced += 1
+        self.write_through = False
+        deadline = time.monotonic() + self._grace + 1.0
+        congested, self.congested = self.congested, []
+        seen: set[Connection] = set()
+        for conn in congested:
+            if conn in seen:
+                continue
+            seen.add(conn)
+            while conn.congested:
+                left = deadline - time.monotonic()
+                if left <= 0 or not conn.wait_drained(left):
+                    break
+        if self.queued > self.max_queued:
+            if self.over_budget_since is None:
+                self.over_budget_since = time.monotonic()
+                self._budget_freed.clear()
+            self._budget_freed.wait(max(0.0, deadline - time.monotonic()))
 
 
 class Connection:
@@ -92,6 +174,7 @@ class Connection:
         self.name = ""
         self.remote_ip = remote_ip
         self.path = path
+        self.state = State.OPEN
         self._sock = sock
         self._raw = sock._sock  # the non-blocking OS socket under gevent's wrapper
         self._leftover = leftover  # bytes the client sent right behind its handshake
@@ -101,7 +184,9 @@ class Connection:
         self._parser = FrameParser(settings.max_message_bytes, settings.max_fragments)
         # A list, not a deque: an empty deque costs ~600 bytes per idle connection, a list 56.
         self._backlog: list[bytes | memoryview] = []
+        # Unsent bytes: queued in _backlog, plus what the writer greenlet has taken but not yet sent.
         self._backlog_bytes = 0
+        self._inflight = 0
         self._max_frames = settings.send_queue
         # One message of the largest allowed size (twice: echo plus a relay) must never by itself make
         # a client look slow, whatever WSAPP_SEND_QUEUE_BYTES says.
@@ -110,24 +195,38 @@ class Connection:
         self._writer: gevent.Greenlet | None = None
         self._flushed = Event()
         self._flushed.set()
-        self.closing = False
-        self._peer_closed = False
-        self._dead = False
         now = time.monotonic()
         self.last_seen = now
         self.last_ping = now
+        # Since when the backlog has been over its cap (None: under half of it again). A producer
+        # waits while it is set; the heartbeat closes the connection 1013 when it lasts past the grace.
         self.over_capacity_since: float | None = None
+        self._drained: Event | None = None  # made when a producer first waits on this connection
         self.close_deadline: float | None = None
         # Wall-clock expiry of the token the client connected with; the heartbeat closes it then.
         self.expires_at: float | None = None
         # Set while reading may go on; cleared (pause_reading) to stop reading the socket.
         self._may_read: Event | None = None
 
+    @property
+    def closing(self) -> bool:
+        """A close has started (either side) or the socket is shut: nothing new is sent."""
+        return self.state is not State.OPEN
+
+    @property
+    def unsent_bytes(self) -> int:
+        return self._backlog_bytes + self._inflight
+
+    @property
+    def congested(self) -> bool:
+        """Over its cap and not yet back under half of it, and still open: producers wait for it."""
+        return self.over_capacity_since is not None and self.state is State.OPEN
+
     # ---- sending -------------------------------------------------------------------------------
 
     def send(self, frame: bytes) -> bool:
         """Queue a ready-made server frame; False (and counted as a drop) if the connection is closing."""
-        if self.closing:
+        if self.state is not State.OPEN:
             self._stats.drops += 1
             return False
         rest: bytes | memoryview = frame
@@ -139,13 +238,15 @@ class Connection:
                 return True
             rest = memoryview(frame)[sent:]  # the rest goes the usual way
         self._enqueue(rest)
-        if self._backlog_bytes > self._max_bytes or len(self._backlog) > self._max_frames:
+        if self._backlog_bytes + self._inflight > self._max_bytes or len(self._backlog) > self._max_frames:
             self._over_capacity()
         return True
 
     def _enqueue(self, frame: bytes | memoryview) -> None:
         self._backlog.append(frame)
-        self._backlog_bytes += len(frame)
+        n = len(frame)
+        self._backlog_bytes += n
+        self._outbox.queued += n
         if not self._dirty:
             self._dirty = True
             self._outbox.mark(self)
@@ -165,44 +266,75 @@ class Connection:
 
     def _send_control(self, frame: bytes) -> None:
         """Pings, pongs and close frames: queued even while closing, never counted against the caps."""
-        if not self._dead:
+        if self.state is not State.CLOSED:
             self._enqueue(frame)
 
     def ping(self) -> None:
         self.last_ping = time.monotonic()
         self._send_control(encode_frame(OP_PING, b""))
 
-    def flush_nowait(self) -> None:
-        """Hand the backlog to the kernel without blocking; start the writer greenlet for any rest."""
-        self._dirty = False
-        if self._writer is not None or self._dead or not self._backlog:
-            return
+    def _take_backlog(self) -> bytes | memoryview:
+        """Everything queued, as one buffer the caller now owns (and accounts for as in flight)."""
         backlog = self._backlog
         data = backlog[0] if len(backlog) == 1 else b"".join(backlog)
         backlog.clear()
+        self._inflight += self._backlog_bytes
         self._backlog_bytes = 0
+        return data
+
+    def _sent(self, nbytes: int) -> None:
+        """The kernel took `nbytes` of what was in flight."""
+        self._inflight -= nbytes
+        self._outbox.released(nbytes)
+        if (
+            self.over_capacity_since is not None
+            and self._backlog_bytes + self._inflight <= self._max_bytes // 2
+            and len(self._backlog) <= self._max_frames // 2
+        ):
+            self._no_longer_congested()
+
+    def _no_longer_congested(self) -> None:
+        self.over_capacity_since = None
+        if self._drained is not None:
+            self._drained.set()
+
+    def wait_drained(self, timeout: float) -> bool:
+        """Wait until this connection is no longer congested (drained, or closed); False on timeout."""
+        if not self.congested:
+            return True
+        if self._drained is None:
+            self._drained = Event()
+        self._drained.clear()
+        self._drained.wait(timeout)
+        return not self.congested
+
+    def flush_nowait(self) -> None:
+        """Hand the backlog to the kernel without blocking; start the writer greenlet for any rest."""
+        self._dirty = False
+        if self._writer is not None or self.state is State.CLOSED or not self._backlog:
+            return
+        data = self._take_backlog()
         sent = self._send_nowait(data)
         if sent < 0:
             return
+        self._sent(sent)
         if sent < len(data):
             rest = memoryview(data)[sent:]
-            backlog.insert(0, rest)
-            self._backlog_bytes += len(rest)
             self._flushed.clear()
-            self._writer = gevent.spawn(self._write_loop)
-        elif self.over_capacity_since is not None:
-            self.over_capacity_since = None
+            self._writer = gevent.spawn(self._write_loop, rest)
 
-    def _write_loop(self) -> None:
+    def _write_loop(self, data: memoryview | bytes) -> None:
+        """Finish writing when the kernel buffer was full: blocking sends, accounted as they go."""
         try:
-            backlog = self._backlog
-            while backlog and not self._dead:
-                data = backlog[0] if len(backlog) == 1 else b"".join(backlog)
-                backlog.clear()
-                self._backlog_bytes = 0
-                self._sock.sendall(data)
-                if self.over_capacity_since is not None and self._backlog_bytes <= self._max_bytes:
-                    self.over_capacity_since = None
+            view = memoryview(data)
+            while self.state is not State.CLOSED:
+                while view:
+                    sent = self._sock.send(view)  # waits until the socket is writable
+                    view = view[sent:]
+                    self._sent(sent)
+                if not self._backlog:
+                    break
+                view = memoryview(self._take_backlog())
         except OSError:
             self.abort()
         except Exception:
@@ -214,34 +346,47 @@ class Connection:
             self._flushed.set()
 
     def _over_capacity(self) -> None:
-        """The client is not reading fast enough: give it a grace period, then close it with 1013."""
+        """The client is not reading fast enough: pace the producer, close it 1013 if it lasts."""
         now = time.monotonic()
         if self.over_capacity_since is None:
             self.over_capacity_since = now
+        # Pacing keeps a backlog within one message per producer of the cap; twice the cap means
+        # pacing is not holding (many producers at once) and the memory bound is at stake.
         hard_limit = self._backlog_bytes > 2 * self._max_bytes or len(self._backlog) > 2 * self._max_frames
         if hard_limit or now - self.over_capacity_since >= self._settings.slow_consumer_grace:
             self.kick_slow_consumer()
+        else:
+            self._outbox.congested.append(self)
 
     def kick_slow_consumer(self) -> None:
         if self.closing:
             return
         self._stats.slow_consumer_kicks += 1
-        log.warning("conn %s slow consumer: %d bytes queued, closing 1013", self.id, self._backlog_bytes)
+        log.warning("conn %s slow consumer: %d bytes queued, closing %d", self.id, self.unsent_bytes,
+                    CloseCode.TRY_AGAIN_LATER)
         # What it did not read in time is dropped with it; nobody else waits for it.
         self._stats.drops += len(self._backlog)
+        self._drop_backlog()
+        self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+
+    def _drop_backlog(self) -> None:
+        self._outbox.released(self._backlog_bytes)
         self._backlog.clear()
         self._backlog_bytes = 0
-        self.close(1013, "slow consumer")
+        if self.over_capacity_since is not None:
+            self._no_longer_congested()
 
     # ---- closing -------------------------------------------------------------------------------
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the closing handshake: queue a close frame after everything already queued."""
-        if self.closing:
+        if self.state is not State.OPEN:
             return
-        self.closing = True
+        self.state = State.LOCAL_CLOSING
         self.close_deadline = time.monotonic() + CLOSE_TIMEOUT
         self._send_control(encode_close(code, reason))
+        if self._drained is not None:
+            self._drained.set()  # producers waiting on it stop waiting: it takes nothing more
 
     def terminate(self, code: int, reason: str) -> None:
         """Close without waiting for the peer: try to get the close frame out, then shut the socket."""
@@ -251,18 +396,22 @@ class Connection:
 
     def abort(self) -> None:
         """Shut the socket now; the reader sees EOF and cleans up."""
-        if self._dead:
+        if self.state is State.CLOSED:
             return
-        self._dead = True
-        self.closing = True
-        self._backlog.clear()
-        self._backlog_bytes = 0
+        self.state = State.CLOSED
+        self._drop_backlog()
+        self._outbox.released(self._inflight)
+        self._inflight = 0
+        if self._drained is not None:
+            self._drained.set()
+        if self._may_read is not None:
+            self._may_read.set()
         with contextlib.suppress(OSError):
             self._raw.shutdown(socket.SHUT_RDWR)
 
     def _flush_and_shut(self, timeout: float) -> None:
         """Write what is queued (close frame included), then shut the socket."""
-        if not self._dead:
+        if self.state is not State.CLOSED:
             self.flush_nowait()
             self._flushed.wait(timeout)
         self.abort()
@@ -290,8 +439,7 @@ class Connection:
         except FrameError as exc:
             self._stats.protocol_errors += 1
             log.info("conn %s protocol error %d: %s", self.id, exc.close_code, exc.reason)
-            if not self.closing:
-                self.close(exc.close_code, exc.reason)
+            self.close(exc.close_code, exc.reason)
         except OSError as exc:
             log.debug("conn %s socket error: %s", self.id, exc)
         except gevent.GreenletExit:
@@ -299,8 +447,7 @@ class Connection:
         except Exception:
             self._stats.internal_errors += 1
             log.exception("conn %s internal error", self.id)
-            if not self.closing:
-                self.close(1011, "internal error")
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             self._flush_and_shut(CLOSE_TIMEOUT)
 
@@ -325,31 +472,40 @@ class Connection:
                 outbox.write_through = True
                 outbox.last_busy = now
             try:
-                self._dispatch(events, on_message)
+                peer_closed = self._dispatch(events, on_message)
             finally:
                 outbox.write_through = False
             if parser.failed is not None:
                 raise parser.failed
-            if self._peer_closed:
+            if peer_closed:
                 return
+            if len(data) == READ_CHUNK and outbox.flush_pending:
+                # More input is probably waiting and recv would not yield: let the writes go out first.
+                gevent.sleep(0)
             data = b""
 
-    def _dispatch(self, events: list[FrameEvent], on_message: MessageHandler) -> None:
+    def _dispatch(self, events: list[FrameEvent], on_message: MessageHandler) -> bool:
+        """Carry out one read's frames; True once the peer's close frame has come."""
         stats = self._stats
+        outbox = self._outbox
         for opcode, payload in events:
             if opcode < OP_CLOSE:
-                if self.closing:
+                if self.state is not State.OPEN:
                     continue  # after our close frame, data is read and discarded (RFC 6455 1.4)
                 stats.messages_in += 1
                 stats.bytes_in += len(payload)
                 on_message(opcode, payload)
+                if outbox.congested or outbox.queued > outbox.max_queued:
+                    # This message put a recipient (or the process) over its cap: read no further
+                    # until it drains or is closed, so the sender's burst backs up in TCP.
+                    outbox.pace()
             elif opcode == OP_PING:
                 self._send_control(encode_frame(OP_PONG, payload))
             elif opcode == OP_CLOSE:
-                if not self.closing:
+                if self.state is State.OPEN:
                     code, _reason = payload
-                    self.closing = True
+                    self.state = State.REMOTE_CLOSING
                     self._send_control(encode_close(code))
-                self._peer_closed = True
-                return
+                return True
             # OP_PONG: liveness only, already recorded in last_seen.
+        return False

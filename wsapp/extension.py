@@ -184,10 +184,15 @@ class Realtime:
 
     def publish(self, room: str, data: Any, sender: str = "server") -> int:
         """Publish `data` to `room` from server code (a view, a greenlet): numbered, kept in history and
-        delivered to its members on every process sharing the broker. Returns the seq."""
+        delivered to its members on every process sharing the broker. Returns the seq. Like a client's
+        burst, a burst of publishes waits while a recipient is over its backlog cap (at most the
+        slow-consumer grace, after which that recipient is closed 1013)."""
         from wsapp.websocket import _valid_room
 
-        return self.services.hub.post(_valid_room(room), data, sender)
+        services = self.services
+        seq = services.hub.post(_valid_room(room), data, sender)
+        services.outbox.pace_if_needed()  # a burst of publishes waits for slow recipients like a client's
+        return seq
 
     # ---- built-in endpoints ---------------------------------------------------------------------
 

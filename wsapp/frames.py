@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import struct
+from enum import IntEnum
 from typing import Any
 
 from wsapp.exceptions import FrameError, InvalidPayload, MessageTooBig, PolicyViolation, ProtocolViolation
@@ -20,6 +21,20 @@ OP_BINARY = 0x2
 OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
+
+class CloseCode(IntEnum):
+    """The close codes wsapp sends (RFC 6455 7.4.1)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # shutdown drain, ping timeout
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003  # binary on a JSON route
+    INVALID_PAYLOAD = 1007  # text that is not UTF-8
+    POLICY_VIOLATION = 1008  # flooding, too many fragments, token expired, a handler's Reject
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # slow consumer
+
 
 # (opcode, payload): bytes for data, ping and pong; (code or None, reason) for close.
 FrameEvent = tuple[int, Any]

@@ -18,6 +18,7 @@ from wsapp.auth import client_ip
 from wsapp.connection import Connection
 from wsapp.exceptions import Refuse
 from wsapp.extension import ENV_CONNECTION, ENV_IDENTITY, ENV_SUBPROTOCOL, WebSocketRoute
+from wsapp.frames import CloseCode
 from wsapp.handshake import accept_key, check_upgrade, is_upgrade, select_subprotocol
 from wsapp.services import Services, services_of
 
@@ -146,7 +147,7 @@ class WsappHandler(WebSocketHandler):
         except Exception:
             services.stats.internal_errors += 1
             log.exception("conn %s failed in the application", conn.id)
-            conn.terminate(1011, "internal error")
+            conn.terminate(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             services.registry.remove(conn)
             conn.abort()

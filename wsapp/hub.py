@@ -44,12 +44,15 @@ class Hub:
         stats: Stats,
         max_rooms: int,
         clock: Callable[[], float] = time.time,
+        after_remote: Callable[[], None] | None = None,
     ) -> None:
         self._backend = backend
         self._frame = frame
         self._stats = stats
         self._max_rooms = max_rooms
         self._clock = clock
+        # Called after each delivery from another process (the broker's subscriber paces there).
+        self._after_remote = after_remote
         # room -> {member: echo}
         self._rooms: dict[str, dict[Member, bool]] = {}
         self._member_rooms: dict[Member, set[str]] = {}
@@ -132,6 +135,8 @@ class Hub:
         if not members:
             return
         self._stats.messages_out += self._fan_out(room, payload)
+        if self._after_remote is not None:
+            self._after_remote()
 
     def _fan_out(self, room: str, payload: bytes, skip: Member | None = None) -> int:
         """Frame `payload` once and send it to the room's members but `skip`; how many took it."""

@@ -23,6 +23,7 @@ class Stats:
         self.bytes_in = 0
         self.drops = 0
         self.slow_consumer_kicks = 0
+        self.paced = 0
         self.protocol_errors = 0
         self.rate_limited = 0
         self.ping_timeouts = 0
@@ -43,6 +44,7 @@ _COUNTERS = {
     "bytes_in": "Payload bytes received from clients",
     "drops": "Messages not delivered because the recipient was closing",
     "slow_consumer_kicks": "Clients closed with 1013 because they did not read",
+    "paced": "Times a producer stopped reading until its recipients drained (backpressure)",
     "protocol_errors": "Connections failed for breaking RFC 6455 or a limit",
     "rate_limited": "Messages refused by the per-connection rate limit",
     "ping_timeouts": "Peers dropped for silence past WSAPP_PING_TIMEOUT",

@@ -10,8 +10,9 @@ import gevent
 from gevent.event import Event
 
 from wsapp.config import Settings
-from wsapp.connection import Connection
+from wsapp.connection import Connection, Outbox
 from wsapp.exceptions import Refuse
+from wsapp.frames import CloseCode
 from wsapp.metrics import Stats
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,10 @@ class Registry:
     closing handshakes that overstay.
     """
 
-    def __init__(self, settings: Settings, stats: Stats) -> None:
+    def __init__(self, settings: Settings, stats: Stats, outbox: Outbox | None = None) -> None:
         self._settings = settings
         self._stats = stats
+        self._outbox = outbox
         self._conns: set[Connection] = set()
         self._per_ip: Counter[str] = Counter()
         self._ticker: gevent.Greenlet | None = None
@@ -89,24 +91,37 @@ class Registry:
                 continue
             if conn.expires_at is not None and wall >= conn.expires_at:
                 log.info("conn %s token expired, closing", conn.id)
-                conn.close(1008, "token expired")
+                conn.close(CloseCode.POLICY_VIOLATION, "token expired")
                 continue
             if conn.reading_paused:
                 conn.last_seen = now  # its handler is behind, not the peer: unread is not silent
             if now - conn.last_seen >= timeout:
                 self._stats.ping_timeouts += 1
                 log.info("conn %s silent for %.1fs, dropping", conn.id, now - conn.last_seen)
-                conn.terminate(1001, "ping timeout")
+                conn.terminate(CloseCode.GOING_AWAY, "ping timeout")
             elif conn.over_capacity_since is not None and now - conn.over_capacity_since >= grace:
                 conn.kick_slow_consumer()
             elif now - conn.last_seen >= interval and now - conn.last_ping >= interval:
                 conn.ping()
+        outbox = self._outbox
+        if outbox is not None and outbox.over_budget_since is not None and now - outbox.over_budget_since >= grace:
+            self._shed(outbox)
+
+    def _shed(self, outbox: Outbox) -> None:
+        """The process has been over WSAPP_MAX_QUEUED_BYTES past the grace: close the largest backlogs
+        (1013) until it is back under half, so producers move again and memory stays bounded."""
+        log.warning("%d bytes queued in the process for %.1fs: closing the slowest clients",
+                    outbox.queued, self._settings.slow_consumer_grace)
+        for conn in sorted(self._conns, key=lambda c: c.unsent_bytes, reverse=True):
+            if outbox.over_budget_since is None or conn.unsent_bytes == 0:
+                break
+            conn.kick_slow_consumer()
 
     def drain(self, deadline: float) -> None:
         """Close every connection with 1001 after what is queued for it, and wait until they end."""
         self.draining = True
         for conn in list(self._conns):
-            conn.close(1001, "going away")
+            conn.close(CloseCode.GOING_AWAY, "going away")
         self._empty.wait(max(0.0, deadline - time.monotonic()))
         for conn in list(self._conns):
             conn.abort()

@@ -5,6 +5,7 @@ once, to the other processes, whose clients get it the same way."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from wsapp.backends import HistoryBackend
@@ -22,9 +23,13 @@ log = logging.getLogger(__name__)
 class RelayGroup:
     """The set of clients connected to `/`."""
 
-    def __init__(self, settings: Settings, stats: Stats, backend: HistoryBackend | None = None) -> None:
+    def __init__(
+        self, settings: Settings, stats: Stats, backend: HistoryBackend | None = None,
+        after_remote: Callable[[], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._stats = stats
+        self._after_remote = after_remote
         self._members: set[Connection] = set()
         # None = this process is alone (memory backend): the hot path below skips sharing entirely.
         self._share = backend.attach_relay(self.deliver_remote) if backend is not None else None
@@ -53,6 +58,8 @@ class RelayGroup:
     def deliver_remote(self, frame: bytes) -> None:
         """A frame a client of another process sent: to every local client."""
         self._broadcast(frame, None)
+        if self._after_remote is not None:
+            self._after_remote()
 
     def _broadcast(self, frame: bytes, sender: Connection | None) -> None:
         """The same frame to every client but `sender`, counted as deliveries."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from wsapp import protocol
 from wsapp.exceptions import MessageError
-from wsapp.frames import OP_TEXT
+from wsapp.frames import OP_TEXT, CloseCode
 from wsapp.policy import JOIN, PUBLISH, Policy
 from wsapp.ratelimit import TokenBucket
 
@@ -64,13 +64,13 @@ class RoomsSession:
     def on_message(self, opcode: int, payload: bytes) -> None:
         conn = self.conn
         if opcode != OP_TEXT:
-            conn.close(1003, "/ws takes JSON text messages only")
+            conn.close(CloseCode.UNSUPPORTED_DATA, "/ws takes JSON text messages only")
             return
         limiter = self._limiter
         if limiter is not None and not limiter.allow():
             self._stats.rate_limited += 1
             if limiter.strikes > limiter.burst:
-                conn.close(1008, "rate limit exceeded")
+                conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
             else:
                 self._reply(protocol.error(protocol.RATE_LIMITED, "slow down: message not processed"))
             return

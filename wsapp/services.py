@@ -54,9 +54,13 @@ def build_services(settings: Settings) -> Services:
         backend = RedisBackend(settings.redis_url, settings.history)
     else:
         backend = MemoryBackend(settings.history)
-    hub = Hub(backend, _text_frame, stats, settings.max_rooms)
-    relay = RelayGroup(settings, stats, backend)
-    registry = Registry(settings, stats)
+    # The process budget must leave room for a couple of the largest messages in flight.
+    outbox = Outbox(max(settings.max_queued_bytes, 4 * settings.max_message_bytes), settings.slow_consumer_grace,
+                    stats)
+    registry = Registry(settings, stats, outbox)
+    # After each delivery from another process, the broker's subscriber waits like any producer.
+    hub = Hub(backend, _text_frame, stats, settings.max_rooms, after_remote=outbox.pace_if_needed)
+    relay = RelayGroup(settings, stats, backend, after_remote=outbox.pace_if_needed)
 
     def gauges() -> dict[str, float]:
         return {"rooms": hub.room_count, "relay_clients": len(relay), "broker_healthy": float(backend.healthy)}
@@ -68,7 +72,7 @@ def build_services(settings: Settings) -> Services:
         hub=hub,
         relay=relay,
         registry=registry,
-        outbox=Outbox(),
+        outbox=outbox,
         metrics=prometheus_registry(stats, gauges),
     )
 

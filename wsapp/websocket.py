@@ -22,7 +22,7 @@ from gevent.event import Event
 from wsapp import protocol
 from wsapp.connection import CLOSE_TIMEOUT, Connection, MessageHandler
 from wsapp.exceptions import ConnectionClosed, Reject
-from wsapp.frames import OP_BINARY, OP_TEXT, encode_frame
+from wsapp.frames import OP_BINARY, OP_TEXT, CloseCode, encode_frame
 from wsapp.policy import JOIN, PUBLISH, Policy
 from wsapp.ratelimit import TokenBucket
 
@@ -107,10 +107,11 @@ class WebSocket:
             frame = encode_frame(OP_BINARY, bytes(message))
         if self._conn.send(frame):
             self._services.stats.messages_out += 1
+            self._services.outbox.pace_if_needed()  # a handler sending faster than its client reads waits
             return True
         return False
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the closing handshake after everything already queued."""
         self._conn.close(code, reason)
 
@@ -177,7 +178,7 @@ class WebSocket:
         if limiter is None or limiter.allow():
             return False
         self._services.stats.rate_limited += 1
-        self._conn.close(1008, "rate limit exceeded")
+        self._conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
         return True
 
     # ---- receiving (push) -----------------------------------------------------------------------
@@ -228,7 +229,9 @@ class WebSocket:
         """Publish `data` to `room` as this connection (through `authorize` and `on_publish`); its seq."""
         self._policy.check(self.identity, PUBLISH, _valid_room(room))
         data = self._policy.filter(self.identity, room, data)
-        return self._services.hub.post(room, data, self._conn.name, self._conn)
+        seq = self._services.hub.post(room, data, self._conn.name, self._conn)
+        self._services.outbox.pace_if_needed()
+        return seq
 
     # ---- life -----------------------------------------------------------------------------------
 
@@ -239,20 +242,20 @@ class WebSocket:
             handler(self, **kwargs)
         except Reject as exc:
             log.info("conn %s rejected by its handler: %s %s", conn.id, exc.code, exc.message)
-            conn.close(1008, exc.message[:100])
+            conn.close(CloseCode.POLICY_VIOLATION, exc.message[:100])
         except ConnectionClosed:
             pass
         except Exception:
             self._services.stats.internal_errors += 1
             log.exception("conn %s handler failed", conn.id)
-            conn.close(1011, "internal error")
+            conn.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             self._finish()
 
     def _finish(self) -> None:
         conn = self._conn
         self._services.hub.leave_all(conn)
-        conn.close(1000)  # no-op if a close has started
+        conn.close(CloseCode.NORMAL)  # no-op if a close has started
         if self._reader is not None:
             conn.resume_reading()  # the reader must see the peer's close
             self._reader.join(CLOSE_TIMEOUT + 1)
