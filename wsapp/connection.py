@@ -362,8 +362,9 @@ class Connection:
         if self.closing:
             return
         self._stats.slow_consumer_kicks += 1
-        log.warning("conn %s slow consumer: %d bytes queued, closing %d", self.id, self.unsent_bytes,
-                    CloseCode.TRY_AGAIN_LATER)
+        over = time.monotonic() - self.over_capacity_since if self.over_capacity_since is not None else 0.0
+        log.warning("conn %s slow consumer: %d bytes queued, over its cap for %.2fs, closing %d", self.id,
+                    self.unsent_bytes, over, CloseCode.TRY_AGAIN_LATER)
         # What it did not read in time is dropped with it; nobody else waits for it.
         self._stats.drops += len(self._backlog)
         self._drop_backlog()

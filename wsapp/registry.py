@@ -36,7 +36,7 @@ class Registry:
         self._empty = Event()
         self._empty.set()
         self.draining = False
-        self.tick_seconds = max(0.02, min(1.0, settings.ping_interval / 4, settings.slow_consumer_grace / 2 or 1.0))
+        self.tick_seconds = max(0.02, min(1.0, settings.ping_interval / 4, settings.slow_consumer_grace / 4 or 1.0))
 
     def __len__(self) -> int:
         return len(self._conns)

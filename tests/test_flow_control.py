@@ -1,0 +1,217 @@
+"""Flow control (issue 10): a burst from one client never costs a healthy reader a message.
+
+Three clients per case, as a new user would try it: a Node `ws` reader reading as fast as it can, a
+stalled reader that reads nothing, and a flooder writing as fast as TCP lets it. The reader gets every
+message in order, the stalled reader is closed 1013 within the grace (+ the heartbeat's tick), the
+flooder is never closed by the server, and the server's memory stays within a stated bound.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import psutil
+import pytest
+
+from tests.clients import get_json, wait_for
+from tests.harness import ServerProcess
+from tests.rawws import RawClient
+
+NODE_DIR = Path(__file__).resolve().parent
+GRACE = 1.0
+# What the server may grow by during a 20 MB burst: the stalled client's backlog (at most twice its
+# cap, 4,096 frames of ~1 KiB here) shared with the reader's, plus the parser's and kernel's buffers.
+RSS_BOUND = 64 * 1024 * 1024
+FLOW_ENV = {"WSAPP_RATE_LIMIT": "0", "WSAPP_SLOW_CONSUMER_GRACE": str(GRACE)}
+RawFactory = Callable[..., RawClient]
+pytestmark = pytest.mark.node
+
+
+def masked_frame(payload: bytes) -> bytes:
+    """A client text frame with an all-zero mask (legal, and no per-byte work to build 20 MB of them)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, 0x80 | n))
+    else:
+        head = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def relay_burst(sender: int, count: int, size: int = 1024) -> bytes:
+    frames = []
+    for i in range(count):
+        head = f"{sender}:{i:06d}".encode()
+        frames.append(masked_frame(head + b"p" * (size - len(head))))
+    return b"".join(frames)
+
+
+def rooms_burst(sender: int, count: int, room: str) -> bytes:
+    pad = "x" * 900
+    return b"".join(
+        masked_frame(orjson.dumps({"type": "publish", "room": room, "data": {"s": sender, "i": i, "pad": pad}}))
+        for i in range(count)
+    )
+
+
+class NodeReader:
+    """tests/node/reader.js in a child process: reads as fast as Node's `ws` can."""
+
+    def __init__(self, url: str, mode: str, total: int, room: str = "") -> None:
+        node = shutil.which("node")
+        if node is None or not (NODE_DIR / "node_modules" / "ws").is_dir():
+            pytest.fail("node and tests/node_modules/ws are required: run `npm ci --prefix tests`")
+        self.proc = subprocess.Popen([node, "node/reader.js", url, mode, str(total), room], cwd=NODE_DIR,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def result(self, timeout: float = 60) -> dict[str, object]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def node_reader() -> Iterator[Callable[..., NodeReader]]:
+    started: list[NodeReader] = []
+
+    def start(*args: object) -> NodeReader:
+        reader = NodeReader(*args)  # type: ignore[arg-type]
+        started.append(reader)
+        return reader
+
+    yield start
+    for reader in started:
+        reader.stop()
+
+
+def join_raw(raw: RawFactory, url: str, room: str) -> RawClient:
+    client = raw(url)
+    client.send(0x1, orjson.dumps({"type": "join", "room": room}))
+    while json.loads(client.recv_frame().payload).get("type") != "joined":
+        pass
+    return client
+
+
+def flood(client: RawClient, burst: bytes) -> threading.Thread:
+    thread = threading.Thread(target=client.sock.sendall, args=(burst,), daemon=True)
+    client.sock.settimeout(60)
+    thread.start()
+    return thread
+
+
+def watch(srv: ServerProcess, done: Callable[[], bool]) -> int:
+    """Poll the server until `done()`; returns its peak RSS growth meanwhile."""
+    proc = psutil.Process(srv.proc.pid)
+    before = peak = proc.memory_info().rss
+
+    def check() -> bool:
+        nonlocal peak
+        peak = max(peak, proc.memory_info().rss)
+        return done()
+
+    wait_for(check, timeout=60, what="the burst to be delivered")
+    return peak - before
+
+
+def assert_kicked_within_grace(srv: ServerProcess) -> None:
+    wait_for(lambda: get_json(srv.http("/stats"))[1]["slow_consumer_kicks"] == 1, what="the stalled reader's 1013")
+    over = [float(x) for x in re.findall(r"slow consumer: \d+ bytes queued, over its cap for ([\d.]+)s",
+                                         srv.log_text())]
+    assert len(over) == 1 and over[0] <= GRACE + 1.0, srv.log_text()
+
+
+def assert_still_open(client: RawClient) -> None:
+    client.send(0x9, b"still there?")
+    assert client.recv_until_pong().payload == b"still there?"
+
+
+def test_relay_burst_reaches_the_reader_whole_and_closes_only_the_stalled(
+    make_server: Callable[..., ServerProcess], raw: RawFactory, node_reader: Callable[..., NodeReader]
+) -> None:
+    srv = make_server(**FLOW_ENV)
+    n = 20000
+    burst = relay_burst(0, n)
+    stalled = raw(srv.ws("/"))
+    flooder = raw(srv.ws("/"))
+    reader = node_reader(srv.ws("/"), "relay", n)
+    wait_for(lambda: get_json(srv.http("/stats"))[1]["relay_clients"] == 3, what="3 relay clients")
+    sending = flood(flooder, burst)
+    growth = watch(srv, lambda: reader.proc.poll() is not None)
+    result = reader.result()
+    assert result == {**result, "count": n, "outOfOrder": 0, "closeCode": None}
+    sending.join(10)
+    assert not sending.is_alive()
+    assert growth < RSS_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB"
+    assert_kicked_within_grace(srv)
+    assert_still_open(flooder)
+    stats = get_json(srv.http("/stats"))[1]
+    assert stats["paced"] >= 1 and stats["slow_consumer_kicks"] == 1
+    assert stalled.sock.fileno() >= 0
+
+
+def test_rooms_burst_reaches_the_reader_whole_and_closes_only_the_stalled(
+    make_server: Callable[..., ServerProcess], raw: RawFactory, node_reader: Callable[..., NodeReader]
+) -> None:
+    srv = make_server(**FLOW_ENV)
+    n = 20000
+    burst = rooms_burst(0, n, "burst")
+    join_raw(raw, srv.ws("/ws"), "burst")  # stalled from here on
+    flooder = join_raw(raw, srv.ws("/ws"), "burst")
+    reader = node_reader(srv.ws("/ws"), "rooms", n, "burst")
+    sending = flood(flooder, burst)
+    growth = watch(srv, lambda: reader.proc.poll() is not None)
+    result = reader.result()
+    assert result == {**result, "count": n, "outOfOrder": 0, "closeCode": None}
+    sending.join(10)
+    assert growth < RSS_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB"
+    assert_kicked_within_grace(srv)
+    assert_still_open(flooder)
+
+
+def test_several_flooders_at_once(make_server: Callable[..., ServerProcess], raw: RawFactory,
+                                  node_reader: Callable[..., NodeReader]) -> None:
+    srv = make_server(**FLOW_ENV)
+    per, senders = 5000, 3
+    raw(srv.ws("/"))  # stalled
+    flooders = [raw(srv.ws("/")) for _ in range(senders)]
+    # On the relay each flooder also gets the others' bursts: these read (and count) theirs.
+    received = [0] * senders
+    ended = [threading.Event() for _ in range(senders)]
+
+    def drain(k: int) -> None:
+        sock = flooders[k].sock
+        try:
+            while chunk := sock.recv(1 << 20):
+                received[k] += len(chunk)
+        except OSError:
+            pass
+        ended[k].set()
+
+    for k in range(senders):
+        threading.Thread(target=drain, args=(k,), daemon=True).start()
+    reader = node_reader(srv.ws("/"), "relay", per * senders)
+    wait_for(lambda: get_json(srv.http("/stats"))[1]["relay_clients"] == senders + 2, what="every client")
+    threads = [flood(f, relay_burst(k + 1, per)) for k, f in enumerate(flooders)]
+    growth = watch(srv, lambda: reader.proc.poll() is not None)
+    result = reader.result()
+    # Every sender's messages, each sender's in its own order (senders interleave).
+    assert result == {**result, "count": per * senders, "outOfOrder": 0, "closeCode": None}
+    for thread in threads:
+        thread.join(10)
+    assert growth < RSS_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB"
+    assert_kicked_within_grace(srv)
+    # No flooder was closed, and each got the other two bursts (1 KiB messages plus 4 bytes of header).
+    assert not any(e.is_set() for e in ended)
+    wait_for(lambda: all(r >= (senders - 1) * per * 1028 for r in received), what="the flooders' own reads")
