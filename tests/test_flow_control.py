@@ -37,10 +37,7 @@ pytestmark = pytest.mark.node
 def masked_frame(payload: bytes) -> bytes:
     """A client text frame with an all-zero mask (legal, and no per-byte work to build 20 MB of them)."""
     n = len(payload)
-    if n < 126:
-        head = bytes((0x81, 0x80 | n))
-    else:
-        head = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+    head = bytes((0x81, 0x80 | n)) if n < 126 else bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
     return head + b"\0\0\0\0" + payload
 
 
