@@ -46,7 +46,7 @@ class JwksServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            def do_GET(self) -> None:
                 owner.fetches += 1
                 body = json.dumps({"keys": owner.keys}).encode()
                 self.send_response(200 if self.path == "/jwks.json" else 404)
@@ -55,7 +55,7 @@ class JwksServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep the test output clean
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
