@@ -69,30 +69,15 @@ LEEWAY_SECONDS = 5
 def token_from(query_token: str | None, authorization: str | None, protocol_header: str | None) -> str | None:
     """The bearer token of a request: `?token=`, else `Authorization: Bearer`, else the first
     `bearer.<token>` entry of Sec-WebSocket-Protocol; None when there is none."""
-    token = bearer_token(query_token, authorization)
-    if token or not protocol_header:
-        return token
-    for entry in protocol_header.split(","):
-        entry = entry.strip()
-        if entry.startswith(TOKEN_PROTOCOL_PREFIX) and len(entry) > len(TOKEN_PROTOCOL_PREFIX):
-            return entry[len(TOKEN_PROTOCOL_PREFIX):]
-    return None
-
-
-def bearer_token(query_token: str | None, authorization: str | None) -> str | None:
-    """The token of `?token=`, else of `Authorization: Bearer`; None when neither has one."""
     if query_token:
         return query_token
     if authorization and authorization[:7].lower() == "bearer ":
         return authorization[7:].strip() or None
+    for entry in (protocol_header or "").split(","):
+        entry = entry.strip()
+        if entry.startswith(TOKEN_PROTOCOL_PREFIX) and len(entry) > len(TOKEN_PROTOCOL_PREFIX):
+            return entry[len(TOKEN_PROTOCOL_PREFIX):]
     return None
-
-
-def verify_token(token: str | None, secret: str) -> Identity:
-    """Decode an HS256 JWT that must carry `sub` and `exp`; optional `rooms` list."""
-    if not token:
-        raise AuthError("a token is required (?token= or Authorization: Bearer)")
-    return _decode(token, secret, "HS256")
 
 
 def _decode(token: str, key: str | PyJWK, algorithm: str, audience: str | None = None,

@@ -5,7 +5,7 @@ import time
 import jwt
 import pytest
 
-from wsapp.auth import AuthError, bearer_token, client_ip, origin_allowed, verify_token
+from wsapp.auth import AuthError, JwtAuthenticator, client_ip, origin_allowed, token_from
 from wsapp.config import Settings
 from wsapp.exceptions import ConfigError
 from wsapp.ratelimit import TokenBucket
@@ -76,16 +76,17 @@ def test_origin_policy(origin: str | None, host: str, allowed: tuple[str, ...], 
 def test_tokens() -> None:
     secret = "s3cret-" + "x" * 32
     good = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60, "rooms": ["a"]}, secret, algorithm="HS256")
-    identity = verify_token(good, secret)
+    verify_token = JwtAuthenticator(Settings(jwt_secret=secret)).verify
+    identity = verify_token(good)
     assert identity.sub == "alice" and identity.rooms == frozenset({"a"})
     assert identity.expires > time.time()
-    assert bearer_token(None, f"Bearer {good}") == good
+    assert token_from(None, f"Bearer {good}", None) == good
     expired = jwt.encode({"sub": "a", "exp": int(time.time()) - 10}, secret, algorithm="HS256")
     no_exp = jwt.encode({"sub": "a"}, secret, algorithm="HS256")
     wrong_key = jwt.encode({"sub": "a", "exp": int(time.time()) + 60}, "other-" + "y" * 32, algorithm="HS256")
     for token in (None, "garbage", expired, no_exp, wrong_key):
         with pytest.raises(AuthError):
-            verify_token(token, secret)
+            verify_token(token)
 
 
 def test_client_ip_behind_trusted_proxies() -> None:
