@@ -2,12 +2,15 @@
 // Browser client for the wsapp rooms protocol on /ws.
 // Everything that came over the socket reaches the page through textContent only: message text,
 // names and error messages are data, never markup.
+// Opened as `/#token=<jwt>`, it signs in with that token: the fragment never reaches a server or its
+// logs, and the socket carries the token as a `bearer.<jwt>` subprotocol entry, not in its URL.
 (() => {
   const PING_MS = 25000; // below common proxy idle cuts (Heroku: 55 s)
   const BACKOFF_MIN_MS = 500;
   const BACKOFF_MAX_MS = 30000;
   const MAX_LOG_ITEMS = 500; // keeps a long-open tab from growing without bound
   const ROOM_RE = /^[A-Za-z0-9_.:-]{1,64}$/;
+  const JWT_RE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/; // base64url: valid in a subprotocol
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -27,6 +30,7 @@
   };
 
   const state = {
+    token: "", // from #token=; the server then names us after the token's subject
     ws: null,
     wanted: false, // the user asked to be in a room; false after Leave
     joined: false,
@@ -144,7 +148,7 @@
   }
 
   function setFormLocked(locked) {
-    ui.name.disabled = locked;
+    ui.name.disabled = locked || Boolean(state.token);
     ui.room.disabled = locked;
     ui.joinBtn.textContent = locked ? "Leave" : "Join";
   }
@@ -162,7 +166,11 @@
   function connect() {
     clearTimeout(state.retryTimer);
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(`${proto}//${location.host}/ws?name=${encodeURIComponent(state.name)}`);
+    // With a token, offer "wsapp" (which the server answers) beside it: the browser fails a connection
+    // whose offered protocols get no answer, and the server never picks the bearer entry.
+    const ws = state.token
+      ? new WebSocket(`${proto}//${location.host}/ws`, ["wsapp", `bearer.${state.token}`])
+      : new WebSocket(`${proto}//${location.host}/ws?name=${encodeURIComponent(state.name)}`);
     state.ws = ws;
     setStatus("connecting", state.attempt ? `Reconnecting (attempt ${state.attempt + 1})…` : "Connecting…");
     ws.onopen = () => {
@@ -185,6 +193,12 @@
       if (state.ws !== ws) return;
       const normal = event.code === 1000 || event.code === 1005;
       const reason = event.reason ? `: ${event.reason}` : "";
+      if (event.code === 1008 && state.token) {
+        // Policy, e.g. the token expired: the same token would only be refused again.
+        stop();
+        showError(`The server ended the session${reason}. Open the page with a new token.`);
+        return;
+      }
       disconnected(normal ? "Disconnected" : `Disconnected (code ${event.code}${reason})`);
     };
   }
@@ -234,6 +248,7 @@
     switch (msg.type) {
       case "welcome":
         state.myName = String(msg.name || state.name);
+        if (state.token) ui.name.value = state.myName;
         state.limits = msg.limits && typeof msg.limits === "object" ? msg.limits : {};
         send(
           state.lastSeq === null
@@ -343,14 +358,16 @@
   function start() {
     const name = ui.name.value.trim();
     const room = ui.room.value.trim();
-    if (!name || !ROOM_RE.test(room)) {
+    if ((!name && !state.token) || !ROOM_RE.test(room)) {
       ui.joinForm.reportValidity();
       return;
     }
-    try {
-      localStorage.setItem("wsapp.name", name);
-    } catch {
-      // storage may be off (private mode); the name is only a convenience
+    if (!state.token) {
+      try {
+        localStorage.setItem("wsapp.name", name);
+      } catch {
+        // storage may be off (private mode); the name is only a convenience
+      }
     }
     clearError();
     Object.assign(state, { wanted: true, name, room, myName: name, lastSeq: null, attempt: 0, unconfirmed: [] });
@@ -404,6 +421,23 @@
     if (state.wanted && !state.ws) connect();
   });
 
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const token = fragment.get("token") || "";
+  if (fragment.has("token")) {
+    // Out of the address bar and this history entry: a token is not for bookmarks or screenshots.
+    fragment.delete("token");
+    const rest = fragment.toString();
+    history.replaceState(null, "", `${location.pathname}${location.search}${rest ? `#${rest}` : ""}`);
+  }
+  if (JWT_RE.test(token)) {
+    state.token = token;
+    ui.name.required = false;
+    ui.name.disabled = true;
+    ui.name.placeholder = "from your token";
+  } else if (token) {
+    showError("The token in the page address is not a JWT; joining without it.");
+  }
+
   const params = new URLSearchParams(location.search);
   let savedName = "";
   try {
@@ -411,6 +445,6 @@
   } catch {
     // see above
   }
-  ui.name.value = params.get("name") || savedName;
+  if (!state.token) ui.name.value = params.get("name") || savedName;
   if (params.get("room")) ui.room.value = params.get("room");
 })();

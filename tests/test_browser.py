@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import websocket
 from selenium import webdriver
@@ -27,6 +28,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT = Path("/tmp/wsapp-page.png")
 HOSTILE_TEXT = "<img src=x onerror=alert(1)><b>bold</b>"
+JWT_SECRET = "browser-test-secret-of-at-least-32-bytes"
 WAIT_SECONDS = 10.0
 
 pytestmark = pytest.mark.chromium
@@ -104,12 +106,19 @@ def page_texts(driver: webdriver.Chrome, selector: str) -> list[str]:
 
 def join_room(driver: webdriver.Chrome, name: str, room: str) -> None:
     """Fill in the join form of the loaded page and wait until the page is in the room."""
+    submit_join(driver, room, name)
+    wait_for(driver, lambda d: status_of(d) == "connected", "page joins its room")
+
+
+def submit_join(driver: webdriver.Chrome, room: str, name: str | None = None) -> None:
+    """Fill in the join form (the name too, unless a token names the page) and press Join."""
     for field, value in (("name", name), ("room", room)):
+        if value is None:
+            continue
         box = driver.find_element(By.ID, field)
         box.clear()
         box.send_keys(value)
     driver.find_element(By.ID, "join-btn").click()
-    wait_for(driver, lambda d: status_of(d) == "connected", "page joins its room")
 
 
 def install_page_hooks(driver: webdriver.Chrome, timer_speedup: int = 1) -> None:
@@ -278,3 +287,68 @@ def test_page_heartbeat_pings_and_drops_a_silent_connection(server: ServerProces
         "page gives up on a connection that stopped answering and opens another",
     )
     assert browser.execute_script("return window.__sockets[0].readyState;") in (2, 3)  # CLOSING, CLOSED
+
+
+
+def test_page_signs_in_with_a_token_from_its_fragment(make_server: Callable[..., ServerProcess],
+                                                     browser: webdriver.Chrome) -> None:
+    tag = uuid.uuid4().hex[:8]
+    room, page_sub, py_sub = f"e2e-{tag}", f"sub-{tag}", f"py-{tag}"
+    srv = make_server(WSAPP_JWT_SECRET=JWT_SECRET)
+    install_page_hooks(browser)
+
+    # Without a token: the page offers no subprotocol, and the server refuses it before the 101.
+    browser.get(srv.http("/"))
+    submit_join(browser, room, f"anon-{tag}")
+    wait_for(browser, lambda d: status_of(d) == "reconnecting", "page sees its connection refused")
+    assert browser.execute_script("return window.__sockets[0].protocol;") == ""
+    wait_for(browser, lambda d: "401 a token is required" in srv.log_text(), "server logs the 401")
+    browser.get_log("browser")  # Chromium reports the refused handshake as an error: not this test's concern
+
+    # With #token=: the token travels as a subprotocol entry, and the server names the page after `sub`.
+    token = jwt.encode({"sub": page_sub, "exp": int(time.time()) + 300}, JWT_SECRET, algorithm="HS256")
+    browser.get("about:blank")  # a new document: from `/` itself, `/#token=` would only scroll
+    browser.get(srv.http(f"/#token={token}"))
+    assert token not in browser.current_url  # out of the address bar and history
+    name_box = browser.find_element(By.ID, "name")
+    assert not name_box.is_enabled()
+    submit_join(browser, room)
+    wait_for(browser, lambda d: status_of(d) == "connected", "page joins with its token")
+    socket_info = "const ws = window.__sockets.at(-1); return [ws.protocol, ws.url];"
+    protocol, url = browser.execute_script(socket_info)
+    assert protocol == "wsapp"
+    assert token not in url and "name=" not in url
+    assert name_box.get_attribute("value") == page_sub
+    assert page_sub in browser.find_element(By.ID, "status").text
+
+    py_token = jwt.encode({"sub": py_sub, "exp": int(time.time()) + 300}, JWT_SECRET, algorithm="HS256")
+    conn = websocket.create_connection(srv.ws(f"/ws?token={py_token}"), timeout=WAIT_SECONDS)
+    try:
+        recv_until(conn, lambda f: f["type"] == "welcome" and f["name"] == py_sub)
+        conn.send(json.dumps({"type": "join", "room": room}))
+        joined = recv_until(conn, lambda f: f["type"] == "joined" and f["room"] == room)
+        assert sorted(joined["members"]) == sorted([page_sub, py_sub])
+        conn.send(json.dumps({"type": "publish", "room": room, "data": {"text": HOSTILE_TEXT}, "id": "t1"}))
+        wait_for(browser, lambda d: HOSTILE_TEXT in page_texts(d, "#log .msg .text"), "page shows the message")
+        assert browser.find_elements(By.CSS_SELECTOR, "#log img, #log b") == []
+        browser.find_element(By.ID, "text").send_keys("hello with a token")
+        browser.find_element(By.ID, "send-btn").click()
+        message = recv_until(conn, lambda f: f["type"] == "message" and f["data"] == {"text": "hello with a token"})
+        assert message["from"] == page_sub
+    finally:
+        conn.close()
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_page_stops_when_its_token_expires(make_server: Callable[..., ServerProcess],
+                                           browser: webdriver.Chrome) -> None:
+    srv = make_server(WSAPP_JWT_SECRET=JWT_SECRET)
+    install_page_hooks(browser)
+    token = jwt.encode({"sub": "brief", "exp": int(time.time()) + 3}, JWT_SECRET, algorithm="HS256")
+    browser.get(srv.http(f"/#token={token}"))
+    submit_join(browser, f"e2e-{uuid.uuid4().hex[:8]}")
+    wait_for(browser, lambda d: status_of(d) == "connected", "page joins with its token")
+    # The server closes the connection (1008) when the token expires; the page does not retry with it.
+    wait_for(browser, lambda d: status_of(d) == "idle", "page stops at the expiry")
+    assert "token expired" in browser.find_element(By.ID, "error").text
+    assert browser.execute_script("return window.__sockets.length;") == 1
