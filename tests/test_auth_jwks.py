@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.clients import connect, recv_type, send_json
+from tests.clients import connect, recv_type, send_json, wait_for
 from tests.harness import ServerProcess
 from tests.jwks_server import JwksServer, SigningKey
 from tests.rawws import RawClient
@@ -100,4 +100,5 @@ def test_unreachable_provider_is_503_promptly_and_logged(make_server: MakeServer
     assert time.monotonic() - started < 5
     assert int(refused.response_headers["retry-after"]) > 0
     assert b"identity provider unreachable" in refused.response_body
-    assert f"JWKS fetch from {url} failed" in srv.log_text()
+    # stderr reaches the test through a reader thread: the line may trail the HTTP answer a little.
+    wait_for(lambda: f"JWKS fetch from {url} failed" in srv.log_text(), what="the log line about the provider")
