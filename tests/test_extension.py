@@ -88,7 +88,7 @@ def test_url_arguments_subprotocols_identity_and_receive_timeout(app_server: Ser
     try:
         # The route's preference wins among what the client offered; a token entry is never chosen.
         assert ws.getsubprotocol() == "v2"
-        assert ws.recv() == "t1 v2 alice 127.0.0.1 Al"
+        assert ws.recv() == "t1 v2 alice 127.0.0.1 alice"  # ?name= cannot rename an authenticated client
         assert ws.recv() == "timeout"
         ws.send("after")
         assert ws.recv() == "after"

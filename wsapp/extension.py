@@ -144,7 +144,9 @@ class Realtime:
         env = request.environ
         conn: Connection = env[ENV_CONNECTION]
         identity = env.get(ENV_IDENTITY)
-        conn.name = display_name(request.args.get("name") or (str(identity) if identity is not None else None))
+        # An authenticated client is named after its identity, so nobody can pass for another user;
+        # `?name=` names anonymous clients only.
+        conn.name = display_name(str(identity) if identity is not None else request.args.get("name"))
         if isinstance(identity, Identity) and identity.expires is not None:
             conn.expires_at = identity.expires
         ws = WebSocket(conn, services, self.policy, identity, env.get(ENV_SUBPROTOCOL))

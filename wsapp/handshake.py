@@ -13,13 +13,12 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from wsapp.auth import origin_allowed
+# A `bearer.<token>` Sec-WebSocket-Protocol entry carries a token (browsers cannot set Authorization):
+# it is never a protocol to select.
+from wsapp.auth import TOKEN_PROTOCOL_PREFIX, origin_allowed
 from wsapp.exceptions import Refuse
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-# A Sec-WebSocket-Protocol entry that carries a token (browsers cannot set Authorization), never a
-# protocol to select: `new WebSocket(url, ["wsapp", "bearer." + token])`.
-TOKEN_PROTOCOL_PREFIX = "bearer."
 
 
 def accept_key(key: str) -> str:
