@@ -216,6 +216,9 @@ def test_the_gunicorn_command_delivers_rooms_across_workers_and_drains(
         srv.terminate()
         assert close_code(alice) == 1001 and close_code(bob) == 1001
         assert srv.wait(15) == 0
+        # The arbiter imports the worker class before gevent patches anything: it must pull in nothing that
+        # keeps unpatched names (the workers would warn, and block where they should yield).
+        assert "MonkeyPatchWarning" not in srv.log_text(), srv.log_text()
     finally:
         srv.stop()
 
