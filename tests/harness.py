@@ -15,15 +15,21 @@ _LISTEN_RE = re.compile(r"listening on http://[^:]+:(\d+)")
 
 
 class ServerProcess:
-    """A `python server.py` child process bound to 127.0.0.1 on a port the kernel picks."""
+    """A `python server.py` child process bound to 127.0.0.1 on a port the kernel picks.
 
-    def __init__(self, env: dict[str, str] | None = None, startup_timeout: float = 15.0) -> None:
+    `cmd` runs another command line instead (say, gunicorn): it must bind 127.0.0.1:0 and log
+    wsapp's "listening on" line.
+    """
+
+    def __init__(
+        self, env: dict[str, str] | None = None, startup_timeout: float = 15.0, cmd: list[str] | None = None
+    ) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("WSAPP_")}
         full_env.pop("REDIS_URL", None)
         full_env.update({"PORT": "0", "HOST": "127.0.0.1", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "server.py")],
+            cmd or [sys.executable, str(ROOT / "server.py")],
             cwd=ROOT,
             env=full_env,
             stdout=subprocess.DEVNULL,

@@ -20,7 +20,7 @@ class Settings:
     port: int = 8080
     host: str = "0.0.0.0"
     redis_url: str | None = None
-    # Worker processes sharing one listening socket (server.py forks them); more than 1 needs Redis.
+    # Worker processes sharing one listening socket (gunicorn's arbiter runs them); more than 1 needs Redis.
     web_concurrency: int = 1
     log_level: str = "INFO"
     # Frame layer limits (DESIGN.md section 4).
