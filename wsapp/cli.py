@@ -144,6 +144,6 @@ def drain_services(services: Services) -> None:
     """SIGTERM: close every connection with 1001 after what is queued for it, within
     WSAPP_DRAIN_SECONDS, then leave the broker."""
     settings = services.settings
-    log.info("SIGTERM: draining %d connections (at most %.0fs)", len(services.registry), settings.drain_seconds)
+    log.info("draining %d connections (at most %.0fs)", len(services.registry), settings.drain_seconds)
     services.registry.drain(time.monotonic() + settings.drain_seconds)
     services.backend.close()
