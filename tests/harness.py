@@ -1,4 +1,4 @@
-"""Start the real server (`python server.py`) on an ephemeral loopback port and stop it."""
+"""Start the real server (`python server.py`, or another command) on an ephemeral loopback port and stop it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,20 +18,29 @@ _LISTEN_RE = re.compile(r"listening on http://[^:]+:(\d+)")
 class ServerProcess:
     """A `python server.py` child process bound to 127.0.0.1 on a port the kernel picks.
 
-    `cmd` runs another command line instead (say, gunicorn): it must bind 127.0.0.1:0 and log
-    wsapp's "listening on" line.
+    `cmd` runs another command line instead (say, gunicorn, or `python -m wsapp` from an installed
+    wheel), in `cwd` if given: it must bind 127.0.0.1:0 and log wsapp's "listening on" line. An `env`
+    value of None removes that variable.
     """
 
     def __init__(
-        self, env: dict[str, str] | None = None, startup_timeout: float = 15.0, cmd: list[str] | None = None
+        self,
+        env: Mapping[str, str | None] | None = None,
+        startup_timeout: float = 15.0,
+        cmd: list[str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("WSAPP_")}
         full_env.pop("REDIS_URL", None)
         full_env.update({"PORT": "0", "HOST": "127.0.0.1", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
-        full_env.update(env or {})
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
         self.proc = subprocess.Popen(
             cmd or [sys.executable, str(ROOT / "server.py")],
-            cwd=ROOT,
+            cwd=cwd or ROOT,
             env=full_env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
