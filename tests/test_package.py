@@ -8,21 +8,28 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.clients import connect, recv_json, recv_type, send_json
 from tests.harness import ROOT, ServerProcess
 from tests.rawws import RawClient
 
-# pip fetches hatchling (to build) and the dependencies (to install) from PyPI; a warm cache makes it
-# quick, a cold one may take a few minutes.
-pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
+
+def needs_pypi(test: Callable[..., None]) -> Callable[..., None]:
+    """pip fetches hatchling (to build) and the dependencies (to install) from PyPI: quick with a warm
+    cache, a few minutes with a cold one."""
+    return pytest.mark.network(pytest.mark.timeout(300)(test))
+
 
 # Variables that would let the venv's Python import wsapp from somewhere other than its site-packages.
 _NOT_INHERITED = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
@@ -84,6 +91,7 @@ def http(url: str, body: object = None) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
+@needs_pypi
 def test_wheel_holds_the_package_with_its_page_and_py_typed_and_nothing_else(installed: Installed) -> None:
     with zipfile.ZipFile(installed.wheel) as wheel:
         names = set(wheel.namelist())
@@ -94,12 +102,14 @@ def test_wheel_holds_the_package_with_its_page_and_py_typed_and_nothing_else(ins
     assert not strays, f"files outside the package: {sorted(strays)}"  # no tests/, bench/, docs/, static/
 
 
+@needs_pypi
 def test_installed_package_is_imported_from_the_venv_with_its_page(installed: Installed) -> None:
     assert installed.package_dir.is_relative_to(installed.tmp / "venv")
     assert (installed.package_dir / "py.typed").is_file()
     assert (installed.package_dir / "static" / "index.html").read_bytes() == (ROOT / "static/index.html").read_bytes()
 
 
+@needs_pypi
 def test_python_m_wsapp_serves_the_bundled_app_from_the_venv(installed: Installed) -> None:
     workdir = installed.tmp / "bundled"
     workdir.mkdir()
@@ -115,6 +125,7 @@ def test_python_m_wsapp_serves_the_bundled_app_from_the_venv(installed: Installe
         server.stop()
 
 
+@needs_pypi
 def test_readme_example_runs_from_the_venv(installed: Installed) -> None:
     appdir = installed.tmp / "myproject"
     appdir.mkdir()
@@ -144,3 +155,18 @@ def test_readme_example_runs_from_the_venv(installed: Installed) -> None:
             assert message["data"] == {"text": "your order shipped"}
     finally:
         server.stop()
+
+
+def test_declared_dependencies_are_the_pinned_ones_as_ranges() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    ranges = {canonicalize_name(r.name): r.specifier for r in map(Requirement, project["dependencies"])}
+    pins: dict[str, str] = {}
+    for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    assert ranges.keys() == pins.keys()
+    outside = {name: (pins[name], str(ranges[name])) for name in pins if pins[name] not in ranges[name]}
+    assert not outside, f"requirements.txt pins outside pyproject.toml's ranges: {outside}"
+    assert all(spec.operator != "==" for specifier in ranges.values() for spec in specifier), "ranges, not pins"
