@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import resource
 import signal
 import sys
@@ -36,6 +37,10 @@ def load_app(ref: str) -> Any:
     """
     module_name, _, attr = ref.partition(":")
     attr = (attr or "app").removesuffix("()")
+    # Like gunicorn: the user's module is found from the directory the server was started in, even
+    # when that is not where server.py lives.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
