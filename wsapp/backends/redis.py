@@ -1,19 +1,6 @@
 """Redis backend: several wsapp processes share rooms (DESIGN.md section 5).
 
-Keys (one Redis, not Cluster: the scripts read process keys they are not handed):
-
-- `wsapp:room:<room>:seq`      INCR counter; with `:log` it expires ROOM_TTL after the room's last publish.
-- `wsapp:room:<room>:log`      stream of the last WSAPP_HISTORY messages, entry id `<seq>-0`, field `m`.
-- `wsapp:room:<room>:members`  hash `<incarnation>:<member id>` -> display name; expires MEMBERS_TTL
-                               after the last heartbeat of any process with members in the room.
-- `wsapp:proc:<incarnation>`   liveness of one process incarnation, expires PROC_TTL after its last
-                               heartbeat. A member entry counts only while its incarnation's key lives;
-                               the join script drops dead entries as it lists them.
-- channel `wsapp:bus`          every publish and presence event, as `<incarnation> <room> <seq> <payload>`
-                               (seq 0 for presence), and every relay (`/`) message as
-                               `<incarnation> / 0 <frame>` (`/` is no valid room name; the frame is the
-                               one the sender's process built, type and bytes included, never stored).
-                               Each process drops envelopes from its own process id.
+Key names, scripts and the bus envelope are in `redis_wire.py` (no I/O there; the Emitter uses it too).
 
 An incarnation is `<process id>.<n>`: each (re)connection starts a new one and registers every local
 member again under it, so entries of members that left while Redis was unreachable die with the old one.
@@ -29,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -40,94 +26,22 @@ import redis
 from gevent.event import Event
 from gevent.lock import Semaphore
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 
 from wsapp.backends import Deliver, RelayFrames, RoomView
+from wsapp.backends import redis_wire as wire
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CHANNEL = "wsapp:bus"
-PROC_PREFIX = "wsapp:proc:"
 HEARTBEAT_SECONDS = 2.0
-PROC_TTL = 10  # seconds a crashed process's members keep being listed
-MEMBERS_TTL = 60  # a room hash nobody refreshes any more (all its processes gone) is dropped after this
-ROOM_TTL = 24 * 3600  # seq and history of a room nobody publishes to
 LISTEN_POLL = 0.25  # how long the subscriber waits for a message before looking at its own state
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
-RELAY_ROOM = "/"  # the room field of a relay envelope: no room can be called that
-RELAY_MARK = RELAY_ROOM.encode()
 RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
 RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this new ones reach local clients only
-
-# KEYS: seq, log. ARGV: head, tail, history length, envelope prefix "<incarnation> <room> ", channel, ttl.
-_PUBLISH = """
-local seq = redis.call('INCR', KEYS[1])
-local s = string.format('%d', seq)
-local payload = ARGV[1] .. s .. ARGV[2]
-local keep = tonumber(ARGV[3])
-if keep > 0 then
-  local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', keep, s .. '-0', 'm', payload)
-  if type(added) == 'table' and added.err then
-    -- the log is ahead of the counter (the counter was lost): the old log describes another life
-    redis.call('DEL', KEYS[2])
-    redis.call('XADD', KEYS[2], 'MAXLEN', keep, s .. '-0', 'm', payload)
-  end
-  redis.call('EXPIRE', KEYS[2], ARGV[6])
-end
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('PUBLISH', ARGV[5], ARGV[4] .. s .. ' ' .. payload)
-return seq
-"""
-
-# KEYS: seq, log, members. ARGV: field, name, since (-1 = none), presence envelope ('' = none),
-# channel, process key prefix, members ttl. Returns {seq, live member names, replay, history gone}.
-_JOIN = """
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[3], ARGV[7])
-if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[4]) end
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local names, alive = {}, {[string.match(ARGV[1], '^([^:]*):')] = true}  -- the caller is alive
-local all = redis.call('HGETALL', KEYS[3])
-for i = 1, #all, 2 do
-  local owner = string.match(all[i], '^([^:]*):')
-  local live = alive[owner]
-  if live == nil then
-    live = redis.call('EXISTS', ARGV[6] .. owner) == 1
-    alive[owner] = live
-  end
-  if live then names[#names + 1] = all[i + 1] else redis.call('HDEL', KEYS[3], all[i]) end
-end
-local replay, gone = {}, 0
-local since = tonumber(ARGV[3])
-if since >= 0 then
-  local from = '-'
-  if since <= current then from = string.format('%d', since + 1) end
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], from, '+')) do replay[#replay + 1] = entry[2][2] end
-  if since > current then
-    gone = 1
-  elseif since < current then
-    local oldest = current + 1
-    local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-    if #first > 0 then oldest = tonumber(string.match(first[1][1], '^%d+')) end
-    if since + 1 < oldest then gone = 1 end
-  end
-end
-return {current, names, replay, gone}
-"""
-
-# KEYS: seq. ARGV: floor, ttl. Numbers handed out locally while Redis was away are never handed out again.
-_RAISE_SEQ = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-end
-"""
-
-
-def _key(room: str, part: str) -> str:
-    return f"wsapp:room:{room}:{part}"
 
 
 class RedisBackend:
@@ -148,13 +62,10 @@ class RedisBackend:
         )
         kwargs = self._client.connection_pool.connection_kwargs
         self._where = f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}".rstrip(":")
-        self._publish_script = self._client.register_script(_PUBLISH)
-        self._join_script = self._client.register_script(_JOIN)
-        self._raise_seq_script = self._client.register_script(_RAISE_SEQ)
-        self._process_id = secrets.token_hex(8)
-        self._own_prefix = self._process_id.encode() + b"."
-        self._generation = 0
-        self._incarnation = f"{self._process_id}.0"
+        self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
+        self._join_script = self._client.register_script(wire.JOIN_SCRIPT)
+        self._raise_seq_script = self._client.register_script(wire.RAISE_SEQ_SCRIPT)
+        self._bus = wire.BusIdentity()
         # One command at a time: replies come back in the order Redis numbered them.
         self._lock = Semaphore()
         self._healthy = False
@@ -193,10 +104,10 @@ class RedisBackend:
         return self._share_relay
 
     def publish(self, room: str, head: bytes, tail: bytes) -> tuple[int, bytes]:
+        # The incarnation is read under the lock: a reconnection may have started a new one meanwhile.
         seq = self._call(
-            lambda: self._publish_script(
-                keys=[_key(room, "seq"), _key(room, "log")],
-                args=[head, tail, self._history, f"{self._incarnation} {room} ", CHANNEL, ROOM_TTL],
+            lambda: self._run(
+                self._publish_script, wire.publish_call(self._bus.incarnation, room, head, tail, self._history)
             )
         )
         if seq is None:
@@ -207,17 +118,8 @@ class RedisBackend:
     def join(self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None) -> RoomView:
         self._members.setdefault(room, {})[member_id] = name
         result = self._call(
-            lambda: self._join_script(
-                keys=[_key(room, "seq"), _key(room, "log"), _key(room, "members")],
-                args=[
-                    f"{self._incarnation}:{member_id}",
-                    name,
-                    -1 if since is None else since,
-                    self._envelope(room, presence) if presence is not None else b"",
-                    CHANNEL,
-                    PROC_PREFIX,
-                    MEMBERS_TTL,
-                ],
+            lambda: self._run(
+                self._join_script, wire.join_call(self._bus.incarnation, room, member_id, name, presence, since)
             )
         )
         if result is None:
@@ -236,9 +138,10 @@ class RedisBackend:
                 del self._members[room]
 
         def withdraw() -> None:
+            incarnation = self._bus.incarnation
             pipe = self._client.pipeline(transaction=False)
-            pipe.hdel(_key(room, "members"), f"{self._incarnation}:{member_id}")
-            pipe.publish(CHANNEL, self._envelope(room, presence))
+            pipe.hdel(wire.room_key(room, "members"), wire.member_field(incarnation, member_id))
+            pipe.publish(wire.CHANNEL, wire.envelope(incarnation, room, 0, presence))
             pipe.execute()
 
         self._call(withdraw)
@@ -254,7 +157,7 @@ class RedisBackend:
         if self._relay_publisher is not None:
             self._relay_publisher.kill(timeout=self._timeout)
         # Members of this process stop being listed now rather than PROC_TTL from now.
-        self._call(lambda: self._client.delete(PROC_PREFIX + self._incarnation))
+        self._call(lambda: self._client.delete(wire.proc_key(self._bus.incarnation)))
         self._healthy = False
         self._client.close()
 
@@ -283,12 +186,12 @@ class RedisBackend:
                 self._relay_wake.wait()
                 continue
             batch = [queue.popleft() for _ in range(min(len(queue), RELAY_BATCH))]
-            prefix = self._envelope(RELAY_ROOM, b"")
+            prefix = wire.relay_prefix(self._bus.incarnation)
 
             def send(batch: list[bytes] = batch, prefix: bytes = prefix) -> None:
                 pipe = self._client.pipeline(transaction=False)
                 for frame in batch:
-                    pipe.publish(CHANNEL, prefix + frame)
+                    pipe.publish(wire.CHANNEL, prefix + frame)
                 pipe.execute()
 
             # Broker down: the batch is dropped (the relay keeps nothing) and _share_relay stops queueing.
@@ -296,8 +199,9 @@ class RedisBackend:
 
     # ---- Redis calls ----------------------------------------------------------------------------
 
-    def _envelope(self, room: str, presence: bytes) -> bytes:
-        return b"%s %s 0 %s" % (self._incarnation.encode(), room.encode(), presence)
+    @staticmethod
+    def _run(script: Script, call: wire.ScriptCall, client: Any = None) -> Any:
+        return script(keys=call.keys, args=call.args, client=client)
 
     def _seen(self, room: str, seq: int) -> None:
         if room in self._members and seq > self._seqs.get(room, 0):
@@ -366,7 +270,7 @@ class RedisBackend:
 
     def _subscribe(self, pubsub: Any) -> None:
         """Subscribe and wait for Redis to confirm it, so nothing published after this is missed."""
-        pubsub.subscribe(CHANNEL)
+        pubsub.subscribe(wire.CHANNEL)
         deadline = time.monotonic() + self._timeout
         while time.monotonic() < deadline:
             message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
@@ -376,17 +280,17 @@ class RedisBackend:
 
     def _register_again(self) -> None:
         """Start a new incarnation holding every local member; retire the previous one."""
-        previous = self._incarnation
-        self._generation += 1
-        self._incarnation = f"{self._process_id}.{self._generation}"
+        previous = self._bus.incarnation
+        incarnation = self._bus.next_incarnation()
         pipe = self._client.pipeline(transaction=False)
-        pipe.delete(PROC_PREFIX + previous)
-        pipe.set(PROC_PREFIX + self._incarnation, 1, ex=PROC_TTL)
+        pipe.delete(wire.proc_key(previous))
+        pipe.set(wire.proc_key(incarnation), 1, ex=wire.PROC_TTL)
         for room, members in self._members.items():
-            pipe.hset(_key(room, "members"), mapping={f"{self._incarnation}:{m}": n for m, n in members.items()})
-            pipe.expire(_key(room, "members"), MEMBERS_TTL)
+            key = wire.room_key(room, "members")
+            pipe.hset(key, mapping={wire.member_field(incarnation, m): n for m, n in members.items()})
+            pipe.expire(key, wire.MEMBERS_TTL)
             if self._seqs.get(room):
-                self._raise_seq_script(keys=[_key(room, "seq")], args=[self._seqs[room], ROOM_TTL], client=pipe)
+                self._run(self._raise_seq_script, wire.raise_seq_call(room, self._seqs[room]), pipe)
         pipe.execute()
 
     def _announce_up(self) -> None:
@@ -411,9 +315,9 @@ class RedisBackend:
     def _heartbeat(self) -> None:
         with self._locked():
             pipe = self._client.pipeline(transaction=False)
-            pipe.set(PROC_PREFIX + self._incarnation, 1, ex=PROC_TTL, get=True)
+            pipe.set(wire.proc_key(self._bus.incarnation), 1, ex=wire.PROC_TTL, get=True)
             for room in self._members:
-                pipe.expire(_key(room, "members"), MEMBERS_TTL)
+                pipe.expire(wire.room_key(room, "members"), wire.MEMBERS_TTL)
             alive = pipe.execute()[0]
             if alive is None:
                 # Our key expired (this process stalled past PROC_TTL) and others may have dropped our
@@ -423,21 +327,21 @@ class RedisBackend:
         self._backoff = MIN_BACKOFF
 
     def _on_bus(self, data: bytes) -> None:
-        if data.startswith(self._own_prefix):
+        if self._bus.is_echo(data):
             return
         try:
-            _, room_b, seq_b, payload = data.split(b" ", 3)
-            if room_b == RELAY_MARK:
-                self._on_relay(payload)
-                return
-            room = room_b.decode()
-            self._seen(room, int(seq_b))
+            message = wire.parse_envelope(data)
         except ValueError:
-            log.warning("broker: malformed message on %s ignored", CHANNEL)
+            log.warning("broker: malformed message on %s ignored", wire.CHANNEL)
             return
+        if message.is_relay:
+            self._on_relay(message.payload)
+            return
+        room = message.room
+        self._seen(room, message.seq)
         if room in self._members and self._deliver is not None:
             try:
-                self._deliver(room, payload)
+                self._deliver(room, message.payload)
             except Exception:
                 log.exception("broker: delivering a message from another process failed")
 

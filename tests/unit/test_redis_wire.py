@@ -1,0 +1,77 @@
+"""The Redis broker's wire format without Redis: keys, script calls, envelopes, echo suppression."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from wsapp.backends import redis_wire as wire
+from wsapp.protocol import message_parts
+
+
+def test_publish_call_names_the_rooms_keys_and_the_envelope_prefix() -> None:
+    head, tail = message_parts("lobby", "server", 7, {"a": 1})
+    call = wire.publish_call("p1.3", "lobby", head, tail, 50)
+    assert call.keys == ["wsapp:room:lobby:seq", "wsapp:room:lobby:log"]
+    assert call.args == [head, tail, 50, "p1.3 lobby ", "wsapp:bus", wire.ROOM_TTL]
+    # What the script publishes (prefix + seq + " " + payload) is an envelope the subscriber reads back.
+    payload = head + b"12" + tail
+    published = call.args[3].encode() + b"12 " + payload  # type: ignore[union-attr]
+    assert published == wire.envelope("p1.3", "lobby", 12, payload)
+    assert wire.parse_envelope(published) == wire.Envelope(b"p1.3", "lobby", 12, payload)
+
+
+def test_join_call_with_and_without_presence_and_since() -> None:
+    call = wire.join_call("p1.0", "r", "m9", "alice", b'{"type":"presence"}', 4)
+    assert call.keys == ["wsapp:room:r:seq", "wsapp:room:r:log", "wsapp:room:r:members"]
+    assert call.args == ["p1.0:m9", "alice", 4, b'p1.0 r 0 {"type":"presence"}', "wsapp:bus", "wsapp:proc:", 60]
+    again = wire.join_call("p1.0", "r", "m9", "alice", None, None)
+    assert again.args[2:4] == [-1, b""]  # no since, no presence on a repeated join
+
+
+def test_raise_seq_and_process_keys() -> None:
+    assert wire.raise_seq_call("r", 41) == wire.ScriptCall(["wsapp:room:r:seq"], [41, wire.ROOM_TTL])
+    assert wire.proc_key("abc.2") == "wsapp:proc:abc.2"
+    assert wire.member_field("abc.2", "m1") == "abc.2:m1"
+
+
+def test_envelope_payload_keeps_spaces_and_any_bytes() -> None:
+    payload = b'{"data":"a b  c"} \x00\xff'
+    message = wire.parse_envelope(wire.envelope("x.1", "r:1", 0, payload))
+    assert (message.room, message.seq, message.payload, message.is_relay) == ("r:1", 0, payload, False)
+
+
+def test_relay_envelope_carries_the_frame_unchanged() -> None:
+    frame = b"\x82\x03a b"
+    message = wire.parse_envelope(wire.relay_prefix("x.1") + frame)
+    assert message.is_relay
+    assert message.payload == frame
+
+
+@pytest.mark.parametrize("data", [b"", b"x.1 r", b"x.1 r 5", b"x.1 r five payload", b"x.1 \xff 1 p"])
+def test_malformed_envelopes_raise_value_error(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        wire.parse_envelope(data)
+
+
+def test_echo_suppression_covers_every_incarnation_and_no_other_process() -> None:
+    me = wire.BusIdentity("abc")
+    first = wire.envelope(me.incarnation, "r", 1, b"x")
+    assert me.next_incarnation() == "abc.1"
+    assert me.is_echo(first)  # an old incarnation's message still is this process's own
+    assert me.is_echo(wire.envelope(me.incarnation, "r", 2, b"x"))
+    # A process whose id merely starts with ours is someone else.
+    assert not me.is_echo(wire.envelope("abcd.0", "r", 3, b"x"))
+    assert not me.is_echo(wire.envelope(wire.BusIdentity().incarnation, "r", 3, b"x"))
+
+
+def test_fresh_identities_differ() -> None:
+    assert len({wire.BusIdentity().process_id for _ in range(50)}) == 50
+
+
+def test_imports_neither_gevent_nor_redis() -> None:
+    code = "import sys, wsapp.backends.redis_wire; print(sorted(m for m in ('gevent', 'redis') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    assert out.stdout.strip() == "[]"
