@@ -28,6 +28,7 @@ class Stats:
         self.rate_limited = 0
         self.ping_timeouts = 0
         self.internal_errors = 0
+        self.api_publishes = 0
 
     def snapshot(self, **gauges: Any) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if k != "started"}
@@ -49,6 +50,7 @@ _COUNTERS = {
     "rate_limited": "Messages refused by the per-connection rate limit",
     "ping_timeouts": "Peers dropped for silence past WSAPP_PING_TIMEOUT",
     "internal_errors": "Connections ended by an unexpected server error",
+    "api_publishes": "Messages published through POST /api/publish",
 }
 
 

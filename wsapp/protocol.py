@@ -17,6 +17,7 @@ from wsapp.exceptions import MessageError
 
 ROOM_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 MAX_ID_CHARS = 128
+MAX_SENDER_CHARS = 32  # the `from` of messages published from outside a connection, like display names
 
 # Stable error codes (the `code` field of `error` messages).
 BAD_JSON = "bad_json"
@@ -75,7 +76,7 @@ def parse(raw: bytes | str, max_depth: int = 32) -> Command:
         if "data" not in obj:
             raise MessageError(BAD_MESSAGE, "publish needs a 'data' field", msg_id)
         data = obj["data"]
-        if _depth(data) > max_depth:
+        if json_depth(data) > max_depth:
             raise MessageError(BAD_MESSAGE, f"data is nested deeper than {max_depth} levels", msg_id)
         return Publish(_room(obj, msg_id), data, msg_id)
     if kind == "join":
@@ -100,7 +101,11 @@ def _valid_id(value: object) -> bool:
 
 
 def _room(obj: dict[str, Any], msg_id: object) -> str:
-    room = obj.get("room")
+    return check_room(obj.get("room"), msg_id)
+
+
+def check_room(room: object, msg_id: object = None) -> str:
+    """`room` if it is a valid room name; MessageError (bad_message, bad_room) otherwise."""
     if not isinstance(room, str):
         raise MessageError(BAD_MESSAGE, "field 'room' (string) is required", msg_id)
     if not ROOM_RE.fullmatch(room):
@@ -108,7 +113,14 @@ def _room(obj: dict[str, Any], msg_id: object) -> str:
     return room
 
 
-def _depth(value: Any) -> int:
+def check_sender(sender: object) -> str:
+    """The `from` of a publish made outside a connection (Emitter, HTTP API): 1-32 printable characters."""
+    if not isinstance(sender, str) or not 1 <= len(sender) <= MAX_SENDER_CHARS or not sender.isprintable():
+        raise MessageError(BAD_MESSAGE, f"a sender name is 1-{MAX_SENDER_CHARS} printable characters")
+    return sender
+
+
+def json_depth(value: Any) -> int:
     """Nesting depth of a decoded JSON value, without recursion."""
     if not isinstance(value, (dict, list)):
         return 0

@@ -20,16 +20,21 @@ class TokenBucket:
         # Refusals since the last allowed message: a client that keeps going is flooding.
         self.strikes = 0
 
-    def allow(self) -> bool:
+    def allow(self, cost: float = 1.0) -> bool:
+        """Take `cost` tokens (a batch of messages) if there are that many; False leaves them all."""
         now = self._clock()
         tokens = self._tokens + (now - self._last) * self.rate
         self._last = now
         if tokens > self.burst:
             tokens = self.burst
-        if tokens >= 1.0:
-            self._tokens = tokens - 1.0
+        if tokens >= cost:
+            self._tokens = tokens - cost
             self.strikes = 0
             return True
         self._tokens = tokens
         self.strikes += 1
         return False
+
+    def seconds_until(self, cost: float = 1.0) -> float:
+        """How long until `cost` tokens are there (as of the last `allow`): a Retry-After."""
+        return max(0.0, (cost - self._tokens) / self.rate) if self.rate > 0 else float("inf")

@@ -1,0 +1,184 @@
+"""The Emitter: publishing from another Python process into rooms served by wsapp processes sharing Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import websocket
+
+from tests.clients import connect, recv_json, recv_type, send_json, wait_for
+from tests.harness import ROOT, ServerProcess
+from tests.redis_fixture import RedisServer
+from wsapp.emitter import Emitter
+
+pytestmark = pytest.mark.redis
+
+HISTORY = 10
+
+# Runs in a fresh interpreter: no gevent, no monkey patching, nothing of the test process.
+EMITTER_SCRIPT = """
+import json, sys
+from wsapp.emitter import Emitter
+with Emitter(sys.argv[1], history=int(sys.argv[3])) as emitter:
+    seqs = [emitter.publish(sys.argv[2], {"n": n}, sender="cron") for n in range(2)]
+print(json.dumps({"seqs": seqs, "gevent": "gevent" in sys.modules}))
+"""
+
+
+def room() -> str:
+    return "e-" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="module")
+def pair(redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    env = {"REDIS_URL": redis_server.url, "WSAPP_HISTORY": str(HISTORY), "WSAPP_RATE_LIMIT": "0"}
+    a = ServerProcess(env)
+    try:
+        b = ServerProcess(env)
+    except Exception:
+        a.stop()
+        raise
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def member(srv: ServerProcess, name: str, r: str, **join: object) -> websocket.WebSocket:
+    ws = connect(srv.ws(f"/ws?name={name}"))
+    assert recv_json(ws)["type"] == "welcome"
+    send_json(ws, type="join", room=r, **join)
+    recv_type(ws, "joined")
+    return ws
+
+
+def messages(ws: websocket.WebSocket, count: int) -> list[tuple[dict[str, Any], str]]:
+    """The next `count` `message`s (decoded and as sent), skipping presence."""
+    out = []
+    while len(out) < count:
+        raw = ws.recv()
+        msg = json.loads(raw)
+        if msg["type"] == "message":
+            out.append((msg, raw))
+        else:
+            assert msg["type"] == "presence", msg
+    return out
+
+
+def assert_no_more_messages(ws: websocket.WebSocket) -> None:
+    """Nothing but presence was queued before a ping's pong: no duplicate or stray `message`."""
+    send_json(ws, type="ping", id="end")
+    while (msg := recv_json(ws))["type"] != "pong":
+        assert msg["type"] == "presence", msg
+
+
+def test_emitter_in_another_process_is_numbered_delivered_and_kept_like_server_publishes(
+    pair: tuple[ServerProcess, ServerProcess], redis_server: RedisServer
+) -> None:
+    a, b = pair
+    r = room()
+    alice, bob = member(a, "alice", r, echo=True), member(b, "bob", r, echo=True)
+    try:
+        send_json(alice, type="publish", room=r, data="from alice")
+        assert [m["seq"] for m, _ in messages(bob, 1)] == [1]
+
+        before_ms = int(time.time() * 1000)
+        done = subprocess.run(
+            [sys.executable, "-c", EMITTER_SCRIPT, redis_server.url, r, str(HISTORY)],
+            cwd=ROOT, capture_output=True, text=True, timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result == {"seqs": [2, 3], "gevent": False}
+
+        got_bob = messages(bob, 2)
+        assert [(m["seq"], m["from"], m["data"]) for m, _ in got_bob] == [(2, "cron", {"n": 0}), (3, "cron", {"n": 1})]
+        assert all(before_ms <= m["ts"] <= int(time.time() * 1000) for m, _ in got_bob)
+        send_json(bob, type="publish", room=r, data="from bob")
+        assert [m["seq"] for m, _ in messages(bob, 1)] == [4]
+
+        # Alice, on the other process, sees all four once, in order, the Emitter's among the servers'.
+        got_alice = messages(alice, 4)
+        assert [(m["seq"], m["from"]) for m, _ in got_alice] == [(1, "alice"), (2, "cron"), (3, "cron"), (4, "bob")]
+
+        # A late joiner replays them from the shared history, byte for byte what the members got.
+        carol = member(b, "carol", r, since=0)
+        try:
+            replay = messages(carol, 4)
+            assert [raw for _, raw in replay] == [raw for _, raw in got_alice]
+        finally:
+            carol.close()
+        for ws in (alice, bob):
+            assert_no_more_messages(ws)
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_emitter_alone_keeps_history_for_a_later_join(
+    pair: tuple[ServerProcess, ServerProcess], redis_server: RedisServer
+) -> None:
+    a, _ = pair
+    r = room()
+    with Emitter(redis_server.url, history=HISTORY) as emitter:
+        assert [emitter.publish(r, n) for n in range(3)] == [1, 2, 3]
+    late = member(a, "late", r, since=1)
+    try:
+        assert [(m["seq"], m["data"], m["from"]) for m, _ in messages(late, 2)] == [(2, 1, "server"), (3, 2, "server")]
+    finally:
+        late.close()
+
+
+def test_emitter_validates_before_publishing(redis_server: RedisServer) -> None:
+    r = room()
+    with Emitter(redis_server.url) as emitter:
+        for bad_room in ("", "a b", "x" * 65, "/", None):
+            with pytest.raises(ValueError, match="room"):
+                emitter.publish(bad_room, 1)  # type: ignore[arg-type]
+        for bad_sender in ("", "x" * 33, "tab\there"):
+            with pytest.raises(ValueError, match="sender"):
+                emitter.publish(r, 1, sender=bad_sender)
+        with pytest.raises(TypeError, match="JSON"):
+            emitter.publish(r, {"when": object()})
+        with pytest.raises(TypeError, match="JSON"):
+            emitter.publish(r, 2**70)
+        assert emitter.publish(r, "first valid") == 1  # nothing above took a number
+    for history in (-1, 1.5):
+        with pytest.raises(ValueError, match="history"):
+            Emitter(redis_server.url, history=history)  # type: ignore[arg-type]
+
+
+def test_emitter_trims_history_and_survives_redis_closing_its_connection(redis_server: RedisServer) -> None:
+    r = room()
+    admin = redis_server.client()
+    emitter = Emitter(redis_server.url, history=2)
+    try:
+        assert [emitter.publish(r, n) for n in range(3)] == [1, 2, 3]
+        assert [entry_id for entry_id, _ in admin.xrange(f"wsapp:room:{r}:log")] == [b"2-0", b"3-0"]
+
+        # Redis drops idle clients (its `timeout` setting, a proxy, a failover): the next publish
+        # reconnects instead of failing, and is published once.
+        ours = [c for c in admin.client_list() if c["name"] == "wsapp-emitter"]
+        assert len(ours) == 1
+        admin.client_kill_filter(_id=ours[0]["id"])
+        assert emitter.publish(r, 3) == 4
+        assert admin.get(f"wsapp:room:{r}:seq") == b"4"
+    finally:
+        emitter.close()
+    wait_for(lambda: not [c for c in admin.client_list() if c["name"] == "wsapp-emitter"], what="emitter closed")
+    admin.close()
+
+
+def test_emitter_reports_an_unreachable_redis(make_redis: Any) -> None:
+    broker: RedisServer = make_redis()
+    url = broker.url
+    broker.stop()
+    with Emitter(url, timeout=1.0) as emitter, pytest.raises(redis.ConnectionError):
+        emitter.publish(room(), 1)

@@ -1,0 +1,77 @@
+"""Publish into wsapp rooms from any Python process (a Celery task, a cron job) through the servers' Redis.
+
+Plain redis-py, no gevent and no monkey patching: the Emitter runs the servers' own publish script
+with the servers' keys, envelope and message bytes (`redis_wire`, `protocol.message_parts`), so a
+message it publishes is numbered, kept and delivered exactly like `rt.publish` inside a server.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from wsapp import protocol
+from wsapp.backends import redis_wire as wire
+from wsapp.exceptions import MessageError
+
+
+class Emitter:
+    """Publishes to the rooms of every wsapp server sharing `redis_url` (their REDIS_URL).
+
+    `history` must be the servers' WSAPP_HISTORY (default 100 on both sides): every publish trims the
+    room's log to that length, so a different value changes how much a `join` with `since` can replay.
+    Thread-safe (redis-py's connection pool); create it after forking, as any Redis client.
+    """
+
+    def __init__(self, redis_url: str, history: int = 100, timeout: float = 5.0) -> None:
+        if type(history) is not int or history < 0:
+            raise ValueError("history must be a whole number >= 0 (the servers' WSAPP_HISTORY)")
+        self._history = history
+        self._client = redis.Redis.from_url(
+            redis_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # No automatic retry: a reply lost after the script ran would publish the message twice.
+            # A connection Redis closed while idle is replaced by the pool before use, not retried.
+            retry=Retry(NoBackoff(), 0),
+            protocol=2,
+            client_name="wsapp-emitter",
+        )
+        self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
+        # A process id of its own: every server delivers what it publishes (none takes it for its echo).
+        self._bus = wire.BusIdentity()
+
+    def publish(self, room: str, data: Any, sender: str = "server") -> int:
+        """Number, keep and deliver `data` in `room` as a `message` from `sender`; returns its seq.
+
+        Raises ValueError for a bad room or sender name, TypeError when `data` is not JSON-serializable,
+        and redis.RedisError when Redis cannot be reached (the message may then not have been published).
+        """
+        try:
+            protocol.check_room(room)
+            protocol.check_sender(sender)
+        except MessageError as exc:
+            raise ValueError(exc.message) from None
+        try:
+            head, tail = protocol.message_parts(room, sender, int(time.time() * 1000), data)
+        except TypeError as exc:  # orjson.JSONEncodeError
+            raise TypeError(f"data is not JSON-serializable: {exc}") from None
+        call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history)
+        return int(self._publish_script(keys=call.keys, args=call.args))
+
+    def close(self) -> None:
+        """Close the Redis connections."""
+        self._client.close()
+
+    def __enter__(self) -> Emitter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
