@@ -230,8 +230,10 @@ def test_broker_loss_keeps_local_rooms_and_recovers(
     # Every process registered its members again in the restarted (empty) Redis.
     newcomer = client(b, "newcomer")
     assert sorted(join(newcomer, r)["members"]) == ["a1", "a2", "b1", "late", "newcomer"]
-    # One log line per state change, not one per message.
+    # One log line per state change, not one per message. The line follows the state change and
+    # the harness reads the log on a thread of its own: wait for it before counting.
     for srv in (a, b):
+        wait_for(lambda srv=srv: "broker back" in srv.log_text(), what="'broker back' logged")
         log_text = srv.log_text()
         assert log_text.count("broker lost") == 1, log_text
         assert log_text.count("broker back") == 1, log_text
