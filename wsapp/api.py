@@ -50,7 +50,11 @@ def publish_api_view() -> Response:
     except _Answer as answer:
         return _json({"error": answer.code, "message": answer.message}, answer.status, answer.headers)
     single, batch = items
-    seqs = [services.hub.post(room, data, sender) for room, data, sender in batch]
+    seqs = []
+    for room, data, sender in batch:
+        seqs.append(services.hub.post(room, data, sender))
+        # Like rt.publish: a batch waits for recipients it put over their backlog cap.
+        services.outbox.pace_if_needed()
     services.stats.api_publishes += len(seqs)
     return _json({"seq": seqs[0]} if single else {"seqs": seqs}, 200)
 
