@@ -17,7 +17,7 @@ import websocket
 from tests.clients import connect, recv_json, recv_type, send_json, wait_for
 from tests.harness import ROOT, ServerProcess
 from tests.redis_fixture import RedisServer
-from wsapp.emitter import Emitter
+from wsapp import Emitter
 
 pytestmark = pytest.mark.redis
 
@@ -26,7 +26,7 @@ HISTORY = 10
 # Runs in a fresh interpreter: no gevent, no monkey patching, nothing of the test process.
 EMITTER_SCRIPT = """
 import json, sys
-from wsapp.emitter import Emitter
+from wsapp import Emitter
 with Emitter(sys.argv[1], history=int(sys.argv[3])) as emitter:
     seqs = [emitter.publish(sys.argv[2], {"n": n}, sender="cron") for n in range(2)]
 print(json.dumps({"seqs": seqs, "gevent": "gevent" in sys.modules}))
