@@ -23,9 +23,11 @@ from typing import Any, TypeVar
 
 from flask import Flask, Request, Response, current_app, request
 
+from wsapp import protocol
 from wsapp.auth import Identity, JwtAuthenticator
 from wsapp.config import Settings
 from wsapp.connection import Connection
+from wsapp.exceptions import MessageError
 from wsapp.policy import Authorize, OnPublish, Policy
 from wsapp.rooms import display_name
 from wsapp.services import EXTENSION_KEY, Services, build_services, services_of
@@ -188,11 +190,15 @@ class Realtime:
         """Publish `data` to `room` from server code (a view, a greenlet): numbered, kept in history and
         delivered to its members on every process sharing the broker. Returns the seq. Like a client's
         burst, a burst of publishes waits while a recipient is over its backlog cap (at most the
-        slow-consumer grace, after which that recipient is closed 1013)."""
-        from wsapp.websocket import _valid_room
-
+        slow-consumer grace, after which that recipient is closed 1013). ValueError for a bad room
+        name or sender."""
+        try:
+            protocol.check_room(room)
+            protocol.check_sender(sender)
+        except MessageError as exc:
+            raise ValueError(exc.message) from None
         services = self.services
-        seq = services.hub.post(_valid_room(room), data, sender)
+        seq = services.hub.post(room, data, sender)
         services.outbox.pace_if_needed()  # a burst of publishes waits for slow recipients like a client's
         return seq
 

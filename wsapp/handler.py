@@ -46,6 +46,7 @@ class WsappHandler(WebSocketHandler):
     def run_application(self) -> None:
         if not is_upgrade(self.environ):
             WSGIHandler.run_application(self)
+            self._skip_refused_body()
             return
         services = self._services()
         try:
@@ -57,6 +58,16 @@ class WsappHandler(WebSocketHandler):
             self._refuse(refusal)
             return
         self._upgrade_and_serve(services, route)
+
+    def _skip_refused_body(self) -> None:
+        """A request refused (4xx) before its body was read, a 413 for a huge upload say: close the
+        connection instead of letting pywsgi read and discard the whole announced body first."""
+        body = self.wsgi_input
+        if body is None or not 400 <= (getattr(self, "code", 0) or 0) < 500:
+            return
+        if body.chunked_input or body.position < (body.content_length or 0):
+            self.close_connection = True
+            body._chunked_input_error = True  # pywsgi's own "the stream is unusable, do not discard" flag
 
     def _admit(self, services: Services) -> WebSocketRoute:
         """Every check before the 101, cheapest first; the route says whether it authenticates."""

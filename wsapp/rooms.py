@@ -20,7 +20,7 @@ def display_name(requested: str | None) -> str:
     """The `?name=` if it is 1-32 printable characters, else a generated `guest-xxxx`."""
     if requested:
         name = requested.strip()
-        if 1 <= len(name) <= 32 and name.isprintable():
+        if 1 <= len(name) <= protocol.MAX_SENDER_CHARS and name.isprintable():
             return name
     return "guest-" + secrets.token_hex(2)
 

@@ -21,7 +21,7 @@ from gevent.event import Event
 
 from wsapp import protocol
 from wsapp.connection import CLOSE_TIMEOUT, Connection, MessageHandler
-from wsapp.exceptions import ConnectionClosed, Reject
+from wsapp.exceptions import ConnectionClosed, MessageError, Reject
 from wsapp.frames import OP_BINARY, OP_TEXT, CloseCode, encode_frame
 from wsapp.policy import JOIN, PUBLISH, Policy
 from wsapp.ratelimit import TokenBucket
@@ -270,6 +270,7 @@ def _discard(opcode: int, payload: bytes) -> None:
 
 
 def _valid_room(room: str) -> str:
-    if not isinstance(room, str) or not protocol.ROOM_RE.fullmatch(room):
-        raise Reject(protocol.BAD_ROOM, "room names are 1-64 characters of A-Z a-z 0-9 _ . : -")
-    return room
+    try:
+        return protocol.check_room(room)
+    except MessageError as exc:
+        raise Reject(exc.code, exc.message) from None
