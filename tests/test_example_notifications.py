@@ -182,8 +182,8 @@ def test_notifications_from_a_view_and_from_the_job(notify_server: ServerProcess
                                                                            "kind": "job"})
 
         # Only your own room, and only the server writes to it.
-        send_json(ws, type="join", room="user:bob", id="j")
-        assert recv_type(ws, "error") == {"type": "error", "code": "forbidden", "id": "j",
+        send_json(ws, type="join", room="user:bob")
+        assert recv_type(ws, "error") == {"type": "error", "code": "forbidden",
                                           "message": "not allowed to join in room 'user:bob'"}
         send_json(ws, type="publish", room="user:alice", data={"text": "me"}, id="p")
         assert recv_type(ws, "error")["code"] == "forbidden"
