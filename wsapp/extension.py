@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from flask import Flask, Request, Response, current_app, request
+from flask import Flask, Request, Response, current_app, has_app_context, request
 
 from wsapp import protocol
 from wsapp.auth import Identity, JwtAuthenticator
@@ -67,42 +67,52 @@ class Realtime:
 
     def __init__(self, app: Flask | None = None, settings: Settings | None = None, rooms_path: str | None = "/ws"):
         self._settings = settings
-        self._rooms_path = rooms_path
         self._routes: dict[str, WebSocketRoute] = {}
-        self._pending: list[Callable[[Flask], None]] = []
+        # Every registration made on this extension, replayed on each app it is initialised with.
+        self._registrations: list[Callable[[Flask], None]] = []
+        self._apps: list[Flask] = []
         self._authenticate: Authenticate | None = None
+        self._jwt: dict[Settings, JwtAuthenticator] = {}
         self.policy = Policy()
-        self.app: Flask | None = None
+        if rooms_path:
+            self.mount_rooms(rooms_path)
         if app is not None:
             self.init_app(app)
 
     # ---- wiring ---------------------------------------------------------------------------------
 
     def init_app(self, app: Flask) -> None:
-        """Build this app's services (settings, broker, hub, registry) and register the routes so far."""
+        """Build this app's services (settings, broker, hub, registry) and register every route on it.
+
+        One Realtime may serve several apps (an app factory called twice, tests): each gets services of
+        its own, and routes, hooks and mounts made before or after apply to all of them."""
         settings = self._settings or Settings.from_env()
         services = build_services(settings)
         services.realtime = self
         app.extensions[EXTENSION_KEY] = services
-        self.app = app
-        if self._rooms_path:
-            self.mount_rooms(self._rooms_path)
-        pending, self._pending = self._pending, []
-        for register in pending:
+        self._apps.append(app)
+        for register in self._registrations:
             register(app)
 
     def _when_ready(self, register: Callable[[Flask], None]) -> None:
-        if self.app is None:
-            self._pending.append(register)
-        else:
-            register(self.app)
+        self._registrations.append(register)
+        for app in self._apps:
+            register(app)
+
+    @property
+    def app(self) -> Flask | None:
+        """The app this extension serves: the current one inside an app context, else the last one."""
+        if has_app_context() and EXTENSION_KEY in current_app.extensions:
+            return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
+        return self._apps[-1] if self._apps else None
 
     @property
     def services(self) -> Services:
-        """This extension's services (of the app it was last initialised with)."""
-        if self.app is None:
+        """The services of `app` (see there)."""
+        app = self.app
+        if app is None:
             raise RuntimeError("Realtime has no app yet: call init_app(app) first")
-        return services_of(self.app)
+        return services_of(app)
 
     def websocket_route(self, endpoint: str) -> WebSocketRoute | None:
         """The WebSocket route registered under a Flask endpoint, or None (the upgrade is refused 404)."""
@@ -180,8 +190,9 @@ class Realtime:
         if self._authenticate is not None:
             return self._authenticate
         if settings.jwt_secret or settings.jwt_jwks_url:
-            self._authenticate = JwtAuthenticator(settings)
-            return self._authenticate
+            if settings not in self._jwt:
+                self._jwt[settings] = JwtAuthenticator(settings)  # one key cache per configuration
+            return self._jwt[settings]
         return None
 
     # ---- publishing -----------------------------------------------------------------------------
