@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 from tests.clients import get_json, wait_for
 from tests.harness import ServerProcess
 from tests.rawws import RawClient
+from tests.redis_fixture import RedisServer
 
 NODE_DIR = Path(__file__).resolve().parent
 GRACE = 1.0
@@ -212,3 +214,79 @@ def test_several_flooders_at_once(make_server: Callable[..., ServerProcess], raw
     # No flooder was closed, and each got the other two bursts (1 KiB messages plus 4 bytes of header).
     assert not any(e.is_set() for e in ended)
     wait_for(lambda: all(r >= (senders - 1) * per * 1028 for r in received), what="the flooders' own reads")
+
+
+# ---- across processes (Redis) ---------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_relay_burst_across_two_processes(make_server: Callable[..., ServerProcess], raw: RawFactory,
+                                          node_reader: Callable[..., NodeReader],
+                                          make_redis: Callable[[], RedisServer]) -> None:
+    broker = make_redis()  # the relay reaches every process on a Redis: a private one
+    a = make_server(REDIS_URL=broker.url, **FLOW_ENV)
+    b = make_server(REDIS_URL=broker.url, **FLOW_ENV)
+    n = 20000
+    raw(a.ws("/"))  # stalled, on the flooder's process
+    flooder = raw(a.ws("/"))
+    reader = node_reader(b.ws("/"), "relay", n)
+    sending = flood(flooder, relay_burst(0, n))
+    watch(b, lambda: reader.proc.poll() is not None)
+    result = reader.result()
+    assert result == {**result, "count": n, "outOfOrder": 0, "closeCode": None}
+    sending.join(10)
+    assert_kicked_within_grace(a)
+    assert_still_open(flooder)
+    assert get_json(b.http("/stats"))[1]["broker_reconnects"] == 0
+
+
+@pytest.mark.redis
+def test_rooms_burst_across_two_processes(make_server: Callable[..., ServerProcess], raw: RawFactory,
+                                          node_reader: Callable[..., NodeReader], redis_server: RedisServer) -> None:
+    a = make_server(REDIS_URL=redis_server.url, **FLOW_ENV)
+    b = make_server(REDIS_URL=redis_server.url, **FLOW_ENV)
+    n = 20000
+    room = f"burst-{id(a)}"
+    join_raw(raw, a.ws("/ws"), room)  # stalled, on the flooder's process
+    join_raw(raw, b.ws("/ws"), room)  # stalled, on the reader's process: its subscriber paces
+    flooder = join_raw(raw, a.ws("/ws"), room)
+    reader = node_reader(b.ws("/ws"), "rooms", n, room)
+    sending = flood(flooder, rooms_burst(0, n, room))
+    watch(b, lambda: reader.proc.poll() is not None)
+    result = reader.result()
+    assert result == {**result, "count": n, "outOfOrder": 0, "closeCode": None}
+    sending.join(10)
+    assert_kicked_within_grace(a)
+    assert_kicked_within_grace(b)
+    assert_still_open(flooder)
+    assert get_json(b.http("/stats"))[1]["broker_reconnects"] == 0
+
+
+@pytest.mark.redis
+def test_a_subscriber_redis_cuts_off_is_counted_and_comes_back(make_server: Callable[..., ServerProcess],
+                                                               raw: RawFactory,
+                                                               make_redis: Callable[[], RedisServer]) -> None:
+    """The loss window, shown: a subscriber that pauses for its slow reader lets Redis buffer for it;
+    past Redis's client-output-buffer-limit for pub/sub, Redis drops it. wsapp counts it, says so and
+    subscribes again; what was published meanwhile does not reach that process live."""
+    broker = make_redis()
+    broker.client().config_set("client-output-buffer-limit", "pubsub 262144 131072 1")
+    a = make_server(REDIS_URL=broker.url, **FLOW_ENV)
+    b = make_server(REDIS_URL=broker.url, WSAPP_SEND_QUEUE="64", **FLOW_ENV)
+    raw(b.ws("/"))  # stalled: b's subscriber waits for it, Redis buffers for b's subscriber
+    flooder = raw(a.ws("/"))
+    wait_for(lambda: get_json(b.http("/stats"))[1]["relay_clients"] == 1, what="the stalled client")
+    sending = flood(flooder, relay_burst(0, 20000))
+    wait_for(lambda: get_json(b.http("/stats"))[1]["broker_reconnects"] >= 1, timeout=30, what="b to resubscribe")
+    sending.join(20)
+    assert "broker lost" in b.log_text() and "broker back" in b.log_text()
+    # b serves on, across processes too.
+    status, health = get_json(b.http("/healthz"))
+    assert status == 200 and health["broker_healthy"] is True
+    listener = raw(b.ws("/"))
+    wait_for(lambda: get_json(b.http("/stats"))[1]["relay_clients"] >= 1, what="the listener")
+    flooder.send(0x1, b"after the cut")
+    frame = listener.recv_frame()
+    while frame.payload != b"after the cut":
+        frame = listener.recv_frame()
+    assert "broker_reconnects_total" in urllib.request.urlopen(b.http("/metrics"), timeout=5).read().decode()

@@ -55,9 +55,12 @@ _COUNTERS = {
 
 
 class _StatsCollector(Collector):
-    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, float]]) -> None:
+    def __init__(
+        self, stats: Stats, gauges: Callable[[], dict[str, float]], counters: Callable[[], dict[str, int]] | None
+    ) -> None:
         self._stats = stats
         self._gauges = gauges
+        self._counters = counters
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         for name, doc in _COUNTERS.items():
@@ -66,10 +69,15 @@ class _StatsCollector(Collector):
         yield GaugeMetricFamily("wsapp_uptime_seconds", "Seconds since start", value=time.time() - self._stats.started)
         for name, value in self._gauges().items():
             yield GaugeMetricFamily(f"wsapp_{name}", name.replace("_", " "), value=value)
+        for name, count in (self._counters() if self._counters else {}).items():
+            yield CounterMetricFamily(f"wsapp_{name}", name.replace("_", " "), value=count)
 
 
-def prometheus_registry(stats: Stats, gauges: Callable[[], dict[str, float]]) -> CollectorRegistry:
-    """A registry of its own per app, so tests can build several apps in one process."""
+def prometheus_registry(
+    stats: Stats, gauges: Callable[[], dict[str, float]], counters: Callable[[], dict[str, int]] | None = None
+) -> CollectorRegistry:
+    """A registry of its own per app, so tests can build several apps in one process. `gauges` and
+    `counters` are read at each scrape (the broker's, say)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(stats, gauges))
+    registry.register(_StatsCollector(stats, gauges, counters))
     return registry

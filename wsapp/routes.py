@@ -94,6 +94,7 @@ def ops_blueprint() -> Blueprint:
                 rooms=services.hub.room_count,
                 relay_clients=len(services.relay),
                 broker_healthy=services.backend.healthy,
+                **services.backend.counters,
                 # Figures are per process: with several workers, this says which one answered.
                 pid=os.getpid(),
             )

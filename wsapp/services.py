@@ -73,7 +73,7 @@ def build_services(settings: Settings) -> Services:
         relay=relay,
         registry=registry,
         outbox=outbox,
-        metrics=prometheus_registry(stats, gauges),
+        metrics=prometheus_registry(stats, gauges, lambda: backend.counters),
     )
 
 

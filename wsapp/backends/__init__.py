@@ -58,3 +58,7 @@ class HistoryBackend(Protocol):
     @property
     def healthy(self) -> bool:
         """False while a shared broker is unreachable."""
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Monotonic counts of broker events for /stats and /metrics (name -> count)."""

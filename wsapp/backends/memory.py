@@ -34,6 +34,10 @@ class MemoryBackend:
     def healthy(self) -> bool:
         return True
 
+    @property
+    def counters(self) -> dict[str, int]:
+        return {}
+
     def attach(self, deliver: Deliver) -> None:
         """A single process has nobody else to hear from."""
 

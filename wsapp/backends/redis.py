@@ -41,7 +41,7 @@ LISTEN_POLL = 0.25  # how long the subscriber waits for a message before looking
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
 RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
-RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this new ones reach local clients only
+RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this the sender waits (pacing) until half have gone
 
 
 class RedisBackend:
@@ -81,7 +81,10 @@ class RedisBackend:
         self._relay_queue: deque[bytes] = deque()
         self._relay_wake = Event()
         self._relay_publisher: gevent.Greenlet | None = None
-        self._relay_overflow = False
+        self._relay_drained = Event()
+        # What /stats and /metrics show of the broker (see `counters`).
+        self._reconnects = 0
+        self._relay_waits = 0
         # Local rooms: their members (for re-registering after a reconnect) and the last seq seen.
         self._members: dict[str, dict[str, str]] = {}
         self._seqs: dict[str, int] = {}
@@ -89,6 +92,13 @@ class RedisBackend:
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """`broker_reconnects`: times the subscription was lost and made again (Redis restarted, or cut
+        off a subscriber that fell behind past its client-output-buffer-limit); `broker_relay_waits`:
+        times a relay sender waited for Redis to take its backlog."""
+        return {"broker_reconnects": self._reconnects, "broker_relay_waits": self._relay_waits}
 
     # ---- the hub's interface --------------------------------------------------------------------
 
@@ -164,15 +174,19 @@ class RedisBackend:
     # ---- the relay: one PUBLISH per message, sent from one greenlet -----------------------------
 
     def _share_relay(self, frame: bytes) -> None:
-        """Queue one of this process's relay frames for the others; the sender's reader never waits on Redis."""
+        """Queue one of this process's relay frames for the others. The sender's reader does not wait
+        on Redis round trips, only when Redis falls RELAY_BACKLOG frames behind: then it waits (pacing
+        its client, as for a slow local reader) until half of them have gone."""
         if not self._healthy:
             return  # like rooms: while the broker is away, local clients only
         queue = self._relay_queue
         if len(queue) >= RELAY_BACKLOG:
-            if not self._relay_overflow:
-                self._relay_overflow = True
-                log.warning("broker: relay backlog full (%d frames); other processes miss messages", RELAY_BACKLOG)
-            return
+            self._relay_waits += 1
+            while len(queue) >= RELAY_BACKLOG // 2 and self._healthy:
+                self._relay_drained.clear()
+                self._relay_drained.wait(self._timeout)
+            if not self._healthy:
+                return
         queue.append(frame)
         if len(queue) == 1:
             self._relay_wake.set()
@@ -180,8 +194,9 @@ class RedisBackend:
     def _publish_relay_forever(self) -> None:
         queue = self._relay_queue
         while True:
+            if len(queue) < RELAY_BACKLOG // 2:
+                self._relay_drained.set()
             if not queue:
-                self._relay_overflow = False
                 self._relay_wake.clear()
                 self._relay_wake.wait()
                 continue
@@ -195,7 +210,9 @@ class RedisBackend:
                 pipe.execute()
 
             # Broker down: the batch is dropped (the relay keeps nothing) and _share_relay stops queueing.
-            self._call(send)
+            if self._call(send) is None and not self._healthy:
+                queue.clear()
+                self._relay_drained.set()
 
     # ---- Redis calls ----------------------------------------------------------------------------
 
@@ -209,6 +226,11 @@ class RedisBackend:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        if self._lock.linkcount():
+            # Others are waiting: let them go first. gevent's Semaphore is not fair, and a client
+            # publishing back to back would otherwise take it again at once, starve the heartbeat past
+            # its timeout and have the broker declared lost in the middle of a healthy burst.
+            gevent.sleep(0)
         if not self._lock.acquire(timeout=self._timeout):
             raise redis.TimeoutError("another Redis call is stuck")
         try:
@@ -296,6 +318,7 @@ class RedisBackend:
     def _announce_up(self) -> None:
         if not self._up:
             if self._settled.is_set():
+                self._reconnects += 1
                 log.warning("broker back (redis %s) after %.1fs", self._where, time.monotonic() - self._down_since)
             else:
                 log.info("broker connected (redis %s)", self._where)
