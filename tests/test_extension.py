@@ -28,6 +28,13 @@ def as_user(url: str, user: str, **kw: object) -> websocket.WebSocket:
     return connect(url, cookie=f"user={user}", **kw)  # type: ignore[arg-type]
 
 
+def joined(ws: websocket.WebSocket, room: str, **join: object) -> int:
+    """Skip `welcome`, join `room` on /ws; the room's seq from `joined`."""
+    recv_type(ws, "welcome")
+    send_json(ws, type="join", room=room, **join)
+    return recv_type(ws, "joined")["seq"]  # type: ignore[no-any-return]
+
+
 def post_json(url: str, body: object) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -54,9 +61,7 @@ def test_own_websocket_route_with_a_room(app_server: ServerProcess) -> None:
         assert ws.recv() == "HELLO"
         ws.send_binary(b"abc")
         assert ws.recv() == b"cba"  # binary stays binary
-        recv_type(member, "welcome")
-        send_json(member, type="join", room="shouts")
-        recv_type(member, "joined")
+        joined(member, "shouts")
         send_json(member, type="publish", room="shouts", data={"text": "to the shouters"})
         # /shout joined "shouts": the room's presence and messages reach it as rooms-protocol frames.
         assert json.loads(ws.recv()) == {"type": "presence", "room": "shouts", "event": "join", "who": "bob"}
@@ -136,9 +141,7 @@ def test_on_publish_rejects_and_transforms(app_server: ServerProcess) -> None:
     a, b = as_user(app_server.ws("/ws"), "alice"), as_user(app_server.ws("/ws"), "bob")
     try:
         for ws in (a, b):
-            recv_type(ws, "welcome")
-            send_json(ws, type="join", room="lobby")
-            recv_type(ws, "joined")
+            joined(ws, "lobby")
         send_json(a, type="publish", room="lobby", data="not an object", id=1)
         assert recv_type(a, "error") == {"type": "error", "code": "bad_message", "message": "data must be an object",
                                          "id": 1}
@@ -157,9 +160,7 @@ def test_ws_publish_goes_through_the_hooks(app_server: ServerProcess) -> None:
     member = as_user(app_server.ws("/ws"), "bob")
     speaker = as_user(app_server.ws("/speak"), "dave")
     try:
-        recv_type(member, "welcome")
-        send_json(member, type="join", room="lobby")
-        seq = recv_type(member, "joined")["seq"]
+        seq = joined(member, "lobby")
         speaker.send("lobby hello")
         assert speaker.recv() == str(seq + 1)
         got = recv_type(member, "message")
@@ -176,9 +177,7 @@ def test_ws_publish_goes_through_the_hooks(app_server: ServerProcess) -> None:
 def test_publish_from_a_view_and_from_a_greenlet(app_server: ServerProcess) -> None:
     rooms_member = as_user(app_server.ws("/ws"), "erin")
     try:
-        recv_type(rooms_member, "welcome")
-        send_json(rooms_member, type="join", room="user:erin")
-        seq = recv_type(rooms_member, "joined")["seq"]
+        seq = joined(rooms_member, "user:erin")
         status, body = post_json(app_server.http("/notify/erin"), {"text": "you have mail"})
         assert status == 200 and json.loads(body) == {"seq": seq + 1}
         got = recv_type(rooms_member, "message")
@@ -189,9 +188,7 @@ def test_publish_from_a_view_and_from_a_greenlet(app_server: ServerProcess) -> N
         # Kept in history: a later join with `since` replays both.
         again = as_user(app_server.ws("/ws"), "erin")
         try:
-            recv_type(again, "welcome")
-            send_json(again, type="join", room="user:erin", since=seq)
-            assert recv_type(again, "joined")["seq"] == seq + 2
+            assert joined(again, "user:erin", since=seq) == seq + 2
             assert [recv_json(again)["seq"] for _ in range(2)] == [seq + 1, seq + 2]
         finally:
             again.close()

@@ -124,6 +124,17 @@ def watch(srv: ServerProcess, done: Callable[[], bool]) -> int:
     return peak - before
 
 
+def delivered_whole(srv: ServerProcess, reader: NodeReader, sending: list[threading.Thread], n: int) -> int:
+    """Wait for the reader to get all `n` messages in order (never closed); the server's RSS growth."""
+    growth = watch(srv, lambda: reader.proc.poll() is not None)
+    result = reader.result()
+    assert result == {**result, "count": n, "outOfOrder": 0, "closeCode": None}
+    for thread in sending:
+        thread.join(10)
+        assert not thread.is_alive()
+    return growth
+
+
 def assert_kicked_within_grace(srv: ServerProcess) -> None:
     wait_for(lambda: get_json(srv.http("/stats"))[1]["slow_consumer_kicks"] == 1, what="the stalled reader's 1013")
     over = [float(x) for x in re.findall(r"slow consumer: \d+ bytes queued, over its cap for ([\d.]+)s",
@@ -146,12 +157,7 @@ def test_relay_burst_reaches_the_reader_whole_and_closes_only_the_stalled(
     flooder = raw(srv.ws("/"))
     reader = node_reader(srv.ws("/"), "relay", n)
     wait_for(lambda: get_json(srv.http("/stats"))[1]["relay_clients"] == 3, what="3 relay clients")
-    sending = flood(flooder, burst)
-    growth = watch(srv, lambda: reader.proc.poll() is not None)
-    result = reader.result()
-    assert result == {**result, "count": n, "outOfOrder": 0, "closeCode": None}
-    sending.join(10)
-    assert not sending.is_alive()
+    growth = delivered_whole(srv, reader, [flood(flooder, burst)], n)
     assert growth < RSS_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB"
     assert_kicked_within_grace(srv)
     assert_still_open(flooder)
@@ -169,11 +175,7 @@ def test_rooms_burst_reaches_the_reader_whole_and_closes_only_the_stalled(
     join_raw(raw, srv.ws("/ws"), "burst")  # stalled from here on
     flooder = join_raw(raw, srv.ws("/ws"), "burst")
     reader = node_reader(srv.ws("/ws"), "rooms", n, "burst")
-    sending = flood(flooder, burst)
-    growth = watch(srv, lambda: reader.proc.poll() is not None)
-    result = reader.result()
-    assert result == {**result, "count": n, "outOfOrder": 0, "closeCode": None}
-    sending.join(10)
+    growth = delivered_whole(srv, reader, [flood(flooder, burst)], n)
     assert growth < RSS_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB"
     assert_kicked_within_grace(srv)
     assert_still_open(flooder)
@@ -203,12 +205,8 @@ def test_several_flooders_at_once(make_server: Callable[..., ServerProcess], raw
     reader = node_reader(srv.ws("/"), "relay", per * senders)
     wait_for(lambda: get_json(srv.http("/stats"))[1]["relay_clients"] == senders + 2, what="every client")
     threads = [flood(f, relay_burst(k + 1, per)) for k, f in enumerate(flooders)]
-    growth = watch(srv, lambda: reader.proc.poll() is not None)
-    result = reader.result()
     # Every sender's messages, each sender's in its own order (senders interleave).
-    assert result == {**result, "count": per * senders, "outOfOrder": 0, "closeCode": None}
-    for thread in threads:
-        thread.join(10)
+    growth = delivered_whole(srv, reader, threads, per * senders)
     assert growth < RSS_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB"
     assert_kicked_within_grace(srv)
     # No flooder was closed, and each got the other two bursts (1 KiB messages plus 4 bytes of header).
@@ -230,11 +228,7 @@ def test_relay_burst_across_two_processes(make_server: Callable[..., ServerProce
     raw(a.ws("/"))  # stalled, on the flooder's process
     flooder = raw(a.ws("/"))
     reader = node_reader(b.ws("/"), "relay", n)
-    sending = flood(flooder, relay_burst(0, n))
-    watch(b, lambda: reader.proc.poll() is not None)
-    result = reader.result()
-    assert result == {**result, "count": n, "outOfOrder": 0, "closeCode": None}
-    sending.join(10)
+    delivered_whole(b, reader, [flood(flooder, relay_burst(0, n))], n)
     assert_kicked_within_grace(a)
     assert_still_open(flooder)
     assert get_json(b.http("/stats"))[1]["broker_reconnects"] == 0
@@ -251,11 +245,7 @@ def test_rooms_burst_across_two_processes(make_server: Callable[..., ServerProce
     join_raw(raw, b.ws("/ws"), room)  # stalled, on the reader's process: its subscriber paces
     flooder = join_raw(raw, a.ws("/ws"), room)
     reader = node_reader(b.ws("/ws"), "rooms", n, room)
-    sending = flood(flooder, rooms_burst(0, n, room))
-    watch(b, lambda: reader.proc.poll() is not None)
-    result = reader.result()
-    assert result == {**result, "count": n, "outOfOrder": 0, "closeCode": None}
-    sending.join(10)
+    delivered_whole(b, reader, [flood(flooder, rooms_burst(0, n, room))], n)
     assert_kicked_within_grace(a)
     assert_kicked_within_grace(b)
     assert_still_open(flooder)
