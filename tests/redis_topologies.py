@@ -108,7 +108,9 @@ class RedisProc:
 
 
 def plain_args(port: int, *extra: str) -> list[str]:
-    return ["--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no", *extra]
+    # shutdown-timeout 0: a primary stopped after a failover must not wait for its replicas to catch up.
+    return ["--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no", "--shutdown-timeout", "0",
+            *extra]
 
 
 # ---- password ----------------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ class TlsRedis(RedisProc):
 
 
 def _make_certificates(directory: Path) -> tuple[Path, Path, Path]:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "wsapp test CA")])
     ca = (
@@ -184,7 +186,7 @@ class RedisClusterProcs:
     def __init__(self, directory: Path, masters: int = 3, node_timeout_ms: int = 1000) -> None:
         self.nodes: list[RedisProc] = []
         try:
-            for i in range(masters):
+            for _ in range(masters):
                 port = free_port(with_bus=True)
                 args = plain_args(port, "--cluster-enabled", "yes", "--cluster-config-file",
                                   str(directory / f"nodes-{port}.conf"), "--cluster-node-timeout", str(node_timeout_ms),
@@ -243,7 +245,8 @@ class RedisClusterProcs:
 
 class SentinelProcs:
     """A primary, one replica and one Sentinel (quorum 1) watching them as `master_name`.
-    `failover()` promotes the replica (SENTINEL FAILOVER) and waits until it is the primary."""
+    `failover()` promotes the replica (SENTINEL FAILOVER) and waits until it is the primary;
+    `kill_primary()` crashes the primary and waits for the Sentinel to promote the replica (faster)."""
 
     master_name = "wsapp-primary"
 
@@ -288,14 +291,16 @@ class SentinelProcs:
             for fields in replicas:
                 entry = dict(zip(fields[::2], fields[1::2], strict=True)) if isinstance(fields, list) else fields
                 flags = entry.get(b"flags", b"")
-                if b"s_down" not in flags and b"disconnected" not in flags and entry.get(b"master-link-status") == b"ok":
+                healthy = b"s_down" not in flags and b"disconnected" not in flags
+                if healthy and entry.get(b"master-link-status") == b"ok":
                     return True
             return False
 
         poll(known, timeout, "the Sentinel to know a healthy replica", interval=0.1)
 
     def failover(self, timeout: float = 20.0) -> int:
-        """Promote the replica; return the new primary's port once the Sentinel and it agree."""
+        """Promote the replica; return the new primary's port once the Sentinel and it agree and the old
+        primary has been made a replica (the Sentinel does that on its next INFO round: up to ~10 s)."""
         assert self.sentinel is not None
         old = self.primary_port()
         sentinel = self.sentinel.client()
@@ -310,7 +315,27 @@ class SentinelProcs:
             role = redis.Redis(LOOPBACK, port, socket_timeout=2).execute_command("ROLE")[0]
             return port if role == b"master" else None
 
-        return poll(promoted, timeout, "the new primary", interval=0.1)
+        new = poll(promoted, timeout, "the new primary", interval=0.1)
+        # Until then the old primary still takes writes that its demotion will throw away.
+        poll(lambda: redis.Redis(LOOPBACK, old, socket_timeout=2).execute_command("ROLE")[0] == b"slave", timeout,
+             "the old primary to become a replica", interval=0.1)
+        return new
+
+    def kill_primary(self, timeout: float = 20.0) -> int:
+        """The primary crashes (SIGKILL): the Sentinel notices within a second and promotes the replica;
+        return the new primary's port once it answers as one."""
+        old = self.primary_port()
+        crashed = next(proc for proc in (self.primary, self.replica) if proc is not None and proc.port == old)
+        crashed.stop(kill=True)
+
+        def promoted() -> int | None:
+            port = self.primary_port()
+            if port == old:
+                return None
+            role = redis.Redis(LOOPBACK, port, socket_timeout=2).execute_command("ROLE")[0]
+            return port if role == b"master" else None
+
+        return poll(promoted, timeout, "the Sentinel to promote the replica", interval=0.1)
 
     def stop(self) -> None:
         for proc in (self.sentinel, self.replica, self.primary):

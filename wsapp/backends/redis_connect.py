@@ -254,8 +254,6 @@ def _fatal(exc: BaseException, settings: Settings) -> str | None:
         return (f"TLS certificate verification failed ({tls.verify_message or tls}): give the server's CA "
                 "in WSAPP_REDIS_TLS_CA, or set WSAPP_REDIS_TLS_VERIFY=none to encrypt without checking "
                 "the certificate (Heroku Redis)")
-    if tls is not None and "WRONG_VERSION_NUMBER" in str(tls):
-        return "the server does not speak TLS: use redis:// for a plain connection"
     if is_tls(settings) and "verify failed" in str(exc).lower():
         return f"TLS certificate verification failed ({exc})"
     return None
