@@ -67,7 +67,7 @@ def test_unreachable_redis_is_not_fatal(make_server: object) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     check_broker(settings(REDIS_URL=url))  # returns: an outage is not a configuration error
     srv = make_server(REDIS_URL=url)  # type: ignore[operator]
-    status, body = wait_for(lambda: (h := get_json(srv.http("/healthz")))[0] == 503 and h, what="healthz 503")
+    _, body = wait_for(lambda: (h := get_json(srv.http("/healthz")))[0] == 503 and h, what="healthz 503")
     assert body["status"] == "degraded"
     assert "unreachable at start-up" in srv.log_text()
 
@@ -107,7 +107,7 @@ def test_cluster_client_spans_slots_and_sharded_pubsub_round_trips(redis_cluster
     try:
         subscriber.subscribe(*channels)
         # SPUBLISH reaches only subscribers of the owning shard: check every channel arrives once.
-        wait_for(lambda: all(client.execute_command("PUBSUB", "SHARDNUMSUB", ch, target_nodes=client.get_node_from_key(ch))[1]
+        wait_for(lambda: all(client.pubsub_shardnumsub(ch, target_nodes=client.get_node_from_key(ch))[0][1]
                              for ch in channels), what="the SSUBSCRIBEs registered")
         for channel in channels:
             assert publish(client, channel, channel.encode()) == 1
