@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine, then run the whole suite.
-# Debian packages: redis-server, chromium + chromedriver (browser test), node + npm (ws interop).
+# Debian packages: redis-server, redis-sentinel, chromium + chromedriver (browser test), node + npm (ws interop).
 # Python packages: requirements-dev.txt into .venv. Node packages: tests/package-lock.json.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k rooms`.
 set -euo pipefail
@@ -10,6 +10,7 @@ source scripts/venv.sh
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-sentinel >/dev/null || missing+=(redis-sentinel)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v node >/dev/null || missing+=(nodejs)

@@ -7,6 +7,7 @@ import pytest
 from tests.harness import ServerProcess
 from tests.rawws import RawClient
 from tests.redis_fixture import make_redis, redis_server  # noqa: F401 - fixtures for tests/test_redis.py
+from tests.redis_topologies import make_redis_cluster, password_redis, redis_cluster, redis_sentinel, tls_redis  # noqa: F401
 
 
 @pytest.fixture(scope="session")

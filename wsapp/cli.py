@@ -87,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("WEB_CONCURRENCY=%d needs REDIS_URL (workers must share rooms and the relay): "
                     "running one process", settings.web_concurrency)
     raise_fd_limit()
+    if settings.redis_url:  # bad credentials or TLS stop start-up here; an absent broker only degrades
+        from wsapp.backends.redis_connect import check_broker  # not at the top: redis.cluster is slow to import
+
+        try:
+            check_broker(settings)
+        except ConfigError as exc:
+            print(f"wsapp: configuration error: {exc}", file=sys.stderr)
+            return 2
     if workers > 1:
         from wsapp.gunicorn import run_arbiter
 

@@ -20,6 +20,14 @@ class Settings:
     port: int = 8080
     host: str = "0.0.0.0"
     redis_url: str | None = None
+    # What REDIS_URL names (redis_connect.py): one server, any node of a Redis Cluster, or Sentinels
+    # watching the primary called redis_sentinel_master.
+    redis_cluster: bool = False
+    redis_sentinel_master: str | None = None
+    # rediss:// certificate checks: "full" (chain and host name) or "none" (encrypted, server not
+    # authenticated); redis_tls_ca trusts one CA bundle instead of the system's.
+    redis_tls_verify: str = "full"
+    redis_tls_ca: str | None = None
     # Worker processes sharing one listening socket (gunicorn's arbiter runs them); more than 1 needs Redis.
     web_concurrency: int = 1
     log_level: str = "INFO"
@@ -71,7 +79,11 @@ class Settings:
         settings = cls(
             port=reader.get("PORT", 8080, _int_range(0, 65535)),
             host=reader.get("HOST", "0.0.0.0", _nonempty),
-            redis_url=env.get("REDIS_URL") or None,
+            redis_url=reader.get("REDIS_URL", None, _redis_url),
+            redis_cluster=reader.get("WSAPP_REDIS_CLUSTER", False, _bool),
+            redis_sentinel_master=reader.get("WSAPP_REDIS_SENTINEL_MASTER", None, _sentinel_master),
+            redis_tls_verify=reader.get("WSAPP_REDIS_TLS_VERIFY", "full", _tls_verify),
+            redis_tls_ca=reader.get("WSAPP_REDIS_TLS_CA", None, _ca_file),
             web_concurrency=reader.get("WEB_CONCURRENCY", 1, _int_range(1, 1024)),
             log_level=reader.get("LOG_LEVEL", "INFO", _log_level),
             max_message_bytes=reader.get("WSAPP_MAX_MESSAGE_BYTES", 1024 * 1024, _int_range(125, 2**40)),
@@ -103,6 +115,7 @@ class Settings:
         )
         if settings.ping_timeout <= settings.ping_interval:
             raise ConfigError("WSAPP_PING_TIMEOUT must be longer than WSAPP_PING_INTERVAL")
+        _check_redis_combination(settings)
         return settings
 
     @property
@@ -124,7 +137,7 @@ class _Reader:
         try:
             return parse(raw.strip())
         except ValueError as exc:
-            shown = "(hidden)" if "SECRET" in name or "KEY" in name else repr(raw)
+            shown = "(hidden)" if "SECRET" in name or "KEY" in name else repr(_without_password(raw))
             raise ConfigError(f"{name}={shown} is invalid: {exc}") from None
 
 
@@ -202,3 +215,94 @@ def _origins(raw: str) -> tuple[str, ...]:
         if origin != "*" and "://" not in origin:
             raise ValueError(f"origin {origin!r} needs a scheme, e.g. https://example.com")
     return origins
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _without_password(raw: str) -> str:
+    """A URL as it may be logged: `scheme://user:***@host` (REDIS_URL carries the password)."""
+    scheme, sep, rest = raw.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at:
+        return raw
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{hosts}" if colon or user else f"{scheme}://@{hosts}"
+
+
+def _redis_url(raw: str) -> str:
+    scheme, sep, rest = raw.partition("://")
+    if not sep or scheme.lower() not in REDIS_SCHEMES:
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    location = rest.rpartition("@")[2]
+    if scheme.lower() == "unix":
+        if not location.startswith("/"):
+            raise ValueError("expected unix:///path/to/redis.sock")
+        return raw
+    db = location.partition("?")[0].partition("/")[2].strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the database after the host must be a number, not {db!r}")
+    hosts = location.partition("/")[0].partition("?")[0].split(",")
+    for host in hosts:
+        name, port = _host_port(host)
+        if not name and len(hosts) > 1:  # alone, an empty host means localhost as in redis-py
+            raise ValueError("expected host:port[,host:port...]")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"bad port {port!r}")
+    return raw
+
+
+def _host_port(host: str) -> tuple[str, str]:
+    if host.startswith("["):  # [IPv6]:port
+        name, _, rest = host[1:].partition("]")
+        return name, rest.removeprefix(":")
+    name, _, port = host.partition(":")
+    return name, port
+
+
+def _sentinel_master(raw: str) -> str:
+    if any(ch.isspace() for ch in raw):
+        raise ValueError("expected the name Sentinel knows the primary by (no spaces)")
+    return raw
+
+
+def _tls_verify(raw: str) -> str:
+    value = raw.lower()
+    if value not in {"full", "none"}:
+        raise ValueError("expected full (check the certificate) or none (encrypt without checking it)")
+    return value
+
+
+def _ca_file(raw: str) -> str:
+    if not os.path.isfile(raw):
+        raise ValueError("expected the path of a PEM file of CA certificates")
+    if not os.access(raw, os.R_OK):
+        raise ValueError("the file is not readable")
+    return raw
+
+
+def _check_redis_combination(settings: Settings) -> None:
+    """Settings that are each valid but cannot work together."""
+    url = settings.redis_url
+    scheme = url.partition("://")[0].lower() if url else ""
+    for name, is_set in (
+        ("WSAPP_REDIS_CLUSTER", settings.redis_cluster),
+        ("WSAPP_REDIS_SENTINEL_MASTER", settings.redis_sentinel_master is not None),
+        ("WSAPP_REDIS_TLS_CA", settings.redis_tls_ca is not None),
+    ):
+        if is_set and not url:
+            raise ConfigError(f"{name} needs REDIS_URL")
+    if settings.redis_cluster and settings.redis_sentinel_master is not None:
+        raise ConfigError("WSAPP_REDIS_CLUSTER and WSAPP_REDIS_SENTINEL_MASTER cannot both be set: a Redis "
+                          "Cluster fails over by itself, Sentinel watches a single primary")
+    if scheme == "unix" and (settings.redis_cluster or settings.redis_sentinel_master is not None):
+        raise ConfigError("REDIS_URL must be redis:// or rediss:// (host:port) with WSAPP_REDIS_CLUSTER or "
+                          "WSAPP_REDIS_SENTINEL_MASTER")
+    if url and "," in url and settings.redis_sentinel_master is None:
+        raise ConfigError("REDIS_URL lists several hosts, which only WSAPP_REDIS_SENTINEL_MASTER uses "
+                          "(a Redis Cluster needs just one of its nodes)")
+    if settings.redis_tls_ca is not None:
+        if scheme != "rediss":
+            raise ConfigError("WSAPP_REDIS_TLS_CA needs a rediss:// REDIS_URL (TLS)")
+        if settings.redis_tls_verify == "none":
+            raise ConfigError("WSAPP_REDIS_TLS_CA is not used with WSAPP_REDIS_TLS_VERIFY=none: drop one of them")

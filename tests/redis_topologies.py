@@ -1,0 +1,391 @@
+"""Redis set-ups beyond one plain server, for tests of redis_connect and the backend: a password-protected
+server, a TLS server with a certificate made here, a 3-master Redis Cluster, and Sentinel with a
+primary and a replica. All on free loopback ports, without persistence, always stopped, bounded waits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+T = TypeVar("T")
+LOOPBACK = "127.0.0.1"
+
+
+def _binary(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found on PATH: install Debian's {package} (scripts/test.sh does)")
+    return path
+
+
+def free_port(with_bus: bool = False) -> int:
+    """A free loopback port; with_bus: port + 10000 (a cluster node's bus) is free too."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind((LOOPBACK, 0))
+            port = int(sock.getsockname()[1])
+        if not with_bus:
+            return port
+        if port + 10000 < 65536:
+            with socket.socket() as bus:
+                try:
+                    bus.bind((LOOPBACK, port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair found")
+
+
+def poll(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll a process we do not control (no event to wait on) until `predicate` is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (redis.RedisError, OSError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisProc:
+    """One redis-server (or redis-sentinel) child; stop() then start() again keeps port and config."""
+
+    def __init__(self, args: list[str], port: int, binary: str = "redis-server", package: str = "redis-server",
+                 ping: Callable[[], Any] | None = None) -> None:
+        self.args = args
+        self.port = port
+        self._binary = _binary(binary, package)
+        self._ping = ping or (lambda: self.client().ping())
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.proc = subprocess.Popen([self._binary, *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self._binary} {self.args} exited with {self.proc.returncode}")
+            return bool(self._ping())
+
+        try:
+            poll(up, timeout, f"{self._binary} on port {self.port}", interval=0.02)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM (or SIGKILL: a crash) and wait."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def client(self, **kw: Any) -> redis.Redis:
+        return redis.Redis(LOOPBACK, self.port, socket_timeout=2, socket_connect_timeout=2, **kw)
+
+
+def plain_args(port: int, *extra: str) -> list[str]:
+    # shutdown-timeout 0: a primary stopped after a failover must not wait for its replicas to catch up.
+    return ["--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no", "--shutdown-timeout", "0",
+            *extra]
+
+
+# ---- password ----------------------------------------------------------------------------------------
+
+
+class PasswordRedis(RedisProc):
+    password = "correct-horse-battery"
+
+    def __init__(self) -> None:
+        port = free_port()
+        super().__init__(plain_args(port, "--requirepass", self.password), port,
+                         ping=lambda: self.client(password=self.password).ping())
+
+    def url(self, password: str | None = None) -> str:
+        auth = "" if password is None else f":{password}@"
+        return f"redis://{auth}{LOOPBACK}:{self.port}/0"
+
+
+# ---- TLS ---------------------------------------------------------------------------------------------
+
+
+class TlsRedis(RedisProc):
+    """redis-server with a TLS port only; its certificate (for 127.0.0.1 and localhost) is signed by a
+    CA made here, found in `ca_file`; nothing on the machine trusts that CA."""
+
+    def __init__(self, directory: Path) -> None:
+        self.ca_file, cert, key = _make_certificates(directory)
+        port = free_port()
+        args = plain_args(0, "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                          "--tls-ca-cert-file", str(self.ca_file), "--tls-auth-clients", "no")
+        super().__init__(args, port, ping=lambda: self.client(ssl=True, ssl_ca_certs=str(self.ca_file)).ping())
+        self.url = f"rediss://{LOOPBACK}:{port}/0"
+
+
+def _make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "wsapp test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address(LOOPBACK))]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+# ---- Redis Cluster -----------------------------------------------------------------------------------
+
+
+class RedisClusterProcs:
+    """Three masters, no replicas, created with `redis-cli --cluster create`. `stop_node(i)` /
+    `kill_node(i)` take one shard away (its slots fail), `start_node(i)` brings it back with its slots."""
+
+    def __init__(self, directory: Path, masters: int = 3, node_timeout_ms: int = 1000) -> None:
+        self.nodes: list[RedisProc] = []
+        try:
+            for _ in range(masters):
+                port = free_port(with_bus=True)
+                args = plain_args(port, "--cluster-enabled", "yes", "--cluster-config-file",
+                                  str(directory / f"nodes-{port}.conf"), "--cluster-node-timeout", str(node_timeout_ms),
+                                  "--dir", str(directory))
+                self.nodes.append(RedisProc(args, port))
+            subprocess.run(
+                [_binary("redis-cli", "redis-tools"), "--cluster", "create",
+                 *(f"{LOOPBACK}:{node.port}" for node in self.nodes), "--cluster-replicas", "0", "--cluster-yes"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30,
+            )
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+        self.url = f"redis://{LOOPBACK}:{self.nodes[0].port}"
+
+    def wait_ok(self, timeout: float = 15.0) -> None:
+        """Until every running node says cluster_state:ok and knows all masters."""
+        def ok() -> bool:
+            for node in self.nodes:
+                if node.proc is None:
+                    continue
+                info = node.client().execute_command("CLUSTER", "INFO").decode()
+                if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.nodes)}" not in info:
+                    return False
+            return True
+
+        poll(ok, timeout, "cluster_state:ok on every node")
+
+    def wait_failed(self, timeout: float = 10.0) -> None:
+        """Until the running nodes have noticed a missing shard (cluster_state:fail)."""
+        poll(lambda: all("cluster_state:fail" in n.client().execute_command("CLUSTER", "INFO").decode()
+                         for n in self.nodes if n.proc is not None), timeout, "cluster_state:fail")
+
+    def stop_node(self, index: int, kill: bool = False) -> None:
+        self.nodes[index].stop(kill=kill)
+
+    def start_node(self, index: int) -> None:
+        self.nodes[index].start()
+        self.wait_ok()
+
+    def port_of_key(self, key: str) -> int:
+        slot = int(self.nodes[0].client().execute_command("CLUSTER", "KEYSLOT", key))
+        for start, end, (_, port, *_rest), *_ in self.nodes[0].client().execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(port)
+        raise LookupError(key)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+# ---- Sentinel ----------------------------------------------------------------------------------------
+
+
+class SentinelProcs:
+    """A primary, one replica and one Sentinel (quorum 1) watching them as `master_name`.
+    `failover()` promotes the replica (SENTINEL FAILOVER) and waits until it is the primary;
+    `kill_primary()` crashes the primary and waits for the Sentinel to promote the replica (faster)."""
+
+    master_name = "wsapp-primary"
+
+    def __init__(self, directory: Path) -> None:
+        self.primary: RedisProc | None = None
+        self.replica: RedisProc | None = None
+        self.sentinel: RedisProc | None = None
+        try:
+            port = free_port()
+            self.primary = RedisProc(plain_args(port), port)
+            port = free_port()
+            self.replica = RedisProc(plain_args(port, "--replicaof", LOOPBACK, str(self.primary.port)), port)
+            replica = self.replica
+            poll(lambda: replica.client().info("replication").get("master_link_status") == "up", 10,
+                 "the replica in sync")
+            port = free_port()
+            conf = directory / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind {LOOPBACK}\ndir {directory}\n"
+                f"sentinel monitor {self.master_name} {LOOPBACK} {self.primary.port} 1\n"
+                f"sentinel down-after-milliseconds {self.master_name} 1000\n"
+                f"sentinel failover-timeout {self.master_name} 10000\n"
+            )
+            self.sentinel = RedisProc([str(conf)], port, binary="redis-sentinel", package="redis-sentinel")
+            self.wait_replica_known()
+        except BaseException:
+            self.stop()
+            raise
+        self.url = f"redis://{LOOPBACK}:{self.sentinel.port}"
+
+    def primary_port(self) -> int:
+        assert self.sentinel is not None
+        host_port = self.sentinel.client().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+        return int(host_port[1])
+
+    def wait_replica_known(self, timeout: float = 15.0) -> None:
+        """Until the Sentinel lists a healthy replica (SENTINEL FAILOVER needs one)."""
+        assert self.sentinel is not None
+
+        def known() -> bool:
+            replicas = self.sentinel.client().execute_command("SENTINEL", "REPLICAS", self.master_name)
+            for fields in replicas:
+                entry = dict(zip(fields[::2], fields[1::2], strict=True)) if isinstance(fields, list) else fields
+                flags = entry.get(b"flags", b"")
+                healthy = b"s_down" not in flags and b"disconnected" not in flags
+                if healthy and entry.get(b"master-link-status") == b"ok":
+                    return True
+            return False
+
+        poll(known, timeout, "the Sentinel to know a healthy replica", interval=0.1)
+
+    def failover(self, timeout: float = 20.0) -> int:
+        """Promote the replica; return the new primary's port once the Sentinel and it agree and the old
+        primary has been made a replica (the Sentinel does that on its next INFO round: up to ~10 s)."""
+        assert self.sentinel is not None
+        old = self.primary_port()
+        sentinel = self.sentinel.client()
+        # NOGOODSLAVE while the Sentinel's view of the replica is not fresh yet: ask again.
+        poll(lambda: sentinel.execute_command("SENTINEL", "FAILOVER", self.master_name), timeout, "SENTINEL FAILOVER",
+             interval=0.2)
+
+        def promoted() -> int | None:
+            port = self.primary_port()
+            if port == old:
+                return None
+            role = redis.Redis(LOOPBACK, port, socket_timeout=2).execute_command("ROLE")[0]
+            return port if role == b"master" else None
+
+        new = poll(promoted, timeout, "the new primary", interval=0.1)
+        # Until then the old primary still takes writes that its demotion will throw away.
+        poll(lambda: redis.Redis(LOOPBACK, old, socket_timeout=2).execute_command("ROLE")[0] == b"slave", timeout,
+             "the old primary to become a replica", interval=0.1)
+        return new
+
+    def kill_primary(self, timeout: float = 20.0) -> int:
+        """The primary crashes (SIGKILL): the Sentinel notices within a second and promotes the replica;
+        return the new primary's port once it answers as one."""
+        old = self.primary_port()
+        crashed = next(proc for proc in (self.primary, self.replica) if proc is not None and proc.port == old)
+        crashed.stop(kill=True)
+
+        def promoted() -> int | None:
+            port = self.primary_port()
+            if port == old:
+                return None
+            role = redis.Redis(LOOPBACK, port, socket_timeout=2).execute_command("ROLE")[0]
+            return port if role == b"master" else None
+
+        return poll(promoted, timeout, "the Sentinel to promote the replica", interval=0.1)
+
+    def stop(self) -> None:
+        for proc in (self.sentinel, self.replica, self.primary):
+            if proc is not None:
+                proc.stop()
+
+
+# ---- fixtures ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def password_redis() -> Iterator[PasswordRedis]:
+    server = PasswordRedis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
+    server = TlsRedis(tmp_path_factory.mktemp("tls"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcs]:
+    """One cluster for the run; tests that stop a shard must start it again (or use make_redis_cluster)."""
+    cluster = RedisClusterProcs(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def make_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], RedisClusterProcs]]:
+    """Private clusters a test may break; all stopped after it."""
+    started: list[RedisClusterProcs] = []
+
+    def start() -> RedisClusterProcs:
+        cluster = RedisClusterProcs(tmp_path_factory.mktemp("cluster"))
+        started.append(cluster)
+        return cluster
+
+    yield start
+    for cluster in started:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelProcs]:
+    """A fresh primary/replica/Sentinel per test: a failover changes who is primary."""
+    procs = SentinelProcs(tmp_path_factory.mktemp("sentinel"))
+    yield procs
+    procs.stop()
