@@ -19,7 +19,7 @@ class Settings:
 
     port: int = 8080
     host: str = "0.0.0.0"
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
     # What REDIS_URL names (redis_connect.py): one server, any node of a Redis Cluster, or Sentinels
     # watching the primary called redis_sentinel_master.
     redis_cluster: bool = False
