@@ -4,6 +4,7 @@ silently; a process receives only the traffic of rooms it has members in."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -120,7 +121,7 @@ class Listener(threading.Thread):
 
 def assert_in_order_once(seqs: list[int]) -> None:
     repeated = len(seqs) - len(set(seqs))
-    backwards = sum(1 for x, y in zip(seqs, seqs[1:], strict=False) if y <= x)
+    backwards = sum(1 for x, y in itertools.pairwise(seqs) if y <= x)
     assert (repeated, backwards) == (0, 0), f"{repeated} repeated, {backwards} out of order"
 
 
