@@ -9,10 +9,11 @@ the subscription, so all processes deliver a room in the same order. A process s
 channel when its first local member joins (before the join script runs, so nothing after the join is
 missed) and unsubscribes when the last one leaves; the relay `/` has a channel of its own.
 
-Publishes run on a small connection pool, several in flight at once; joins, leaves and the heartbeat
-share one lock so a re-registration after a reconnect lists exactly this process's members. While
-Redis is unreachable or stalled a publish is refused (`BrokerUnavailable`, never a locally invented
-number); joins list local members and report `history_gone` for any `since` they cannot serve; a
+Publishes are pipelined by one greenlet (all that queued during a round trip go in the next), so
+many are in flight at once without a lock; joins, leaves and the heartbeat share one lock so a
+re-registration after a reconnect lists exactly this process's members. While Redis is unreachable
+or stalled a publish is refused (`BrokerUnavailable`, never a locally invented number); joins list
+local members and report `history_gone` for any `since` they cannot serve; a
 supervisor greenlet reconnects with capped backoff, then catches each room up from its log.
 """
 
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 
 import gevent
 import redis
-from gevent.event import Event
+from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
@@ -45,7 +46,7 @@ HEARTBEAT_SECONDS = 2.0
 LISTEN_POLL = 0.25  # how long the subscriber waits for a message before looking at its own state
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
-POOL_SIZE = 8  # command connections: publishes of different rooms in flight at once (plus the subscriber)
+PUBLISH_BATCH = 512  # publishes per pipeline: everything queued meanwhile goes in one round trip
 RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
 RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this the sender waits (pacing) until half have gone
 RESTARTED_TEXT = "the room's numbering restarted (its counter was lost in the broker): new epoch"
@@ -58,13 +59,11 @@ class RedisBackend:
     name = "redis"
     inline = False
 
-    def __init__(self, url: str, history: int, timeout: float = 1.0, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, url: str, history: int, timeout: float = 1.0) -> None:
         self._history = history
         self._timeout = timeout
-        pool = redis.BlockingConnectionPool.from_url(
+        self._client = redis.Redis.from_url(
             url,
-            max_connections=pool_size + 1,  # + the subscriber's
-            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             # Fail fast and let the supervisor reconnect: redis-py's own retries would hold a reader,
@@ -72,8 +71,7 @@ class RedisBackend:
             retry=Retry(NoBackoff(), 0),
             protocol=2,
         )
-        self._client = redis.Redis(connection_pool=pool)
-        kwargs = pool.connection_kwargs
+        kwargs = self._client.connection_pool.connection_kwargs
         self._where = f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}".rstrip(":")
         self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
         self._join_script = self._client.register_script(wire.JOIN_SCRIPT)
@@ -94,6 +92,10 @@ class RedisBackend:
         self._subscribed: dict[str, Event] = {}
         self._confirming: dict[bytes, deque[Event]] = {}
         self._cursors = wire.Cursors()
+        # Publishes waiting for the publisher greenlet, which sends all that queued up as one pipeline.
+        self._publishes: deque[tuple[wire.ScriptCall, AsyncResult]] = deque()
+        self._publish_wake = Event()
+        self._publisher: gevent.Greenlet | None = None
         # Relay frames on their way to Redis, in the order this process's clients sent them.
         self._relay_deliver: RelayFrames | None = None
         self._relay_queue: deque[bytes] = deque()
@@ -128,6 +130,7 @@ class RedisBackend:
     def attach(self, deliver: Deliver) -> None:
         self._deliver = deliver
         self._supervisor = gevent.spawn(self._supervise)
+        self._publisher = gevent.spawn(self._publish_forever)
         # Start serving with the broker's real state when it answers promptly; never wait long for it.
         self._settled.wait(3 * self._timeout)
 
@@ -140,17 +143,15 @@ class RedisBackend:
         if not self._healthy:
             raise BrokerUnavailable("the broker is unreachable")
         call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history, origin)
+        result: AsyncResult = AsyncResult()
+        self._publishes.append((call, result))
+        if len(self._publishes) == 1:
+            self._publish_wake.set()
         try:
-            seq, _epoch = self._run(self._publish_script, call)
-        except redis.TimeoutError as exc:
-            self._lost(exc)
+            # The publisher always answers (its own calls time out); this bound only guards against a bug.
+            return int(result.get(timeout=4 * self._timeout))
+        except gevent.Timeout:
             raise BrokerUnavailable("the broker did not answer in time (the message may still be delivered)") from None
-        except redis.ResponseError as exc:  # Redis refused the script (out of memory, read-only replica)
-            raise BrokerUnavailable(f"the broker refused the message ({exc})") from None
-        except (redis.RedisError, OSError) as exc:
-            self._lost(exc)
-            raise BrokerUnavailable("the broker is unreachable") from None
-        return int(seq)
 
     def join(
         self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None, epoch: str | None
@@ -200,8 +201,9 @@ class RedisBackend:
         self._closing.set()
         if self._supervisor is not None:
             self._supervisor.kill(timeout=self._timeout)
-        if self._relay_publisher is not None:
-            self._relay_publisher.kill(timeout=self._timeout)
+        for greenlet in (self._relay_publisher, self._publisher):
+            if greenlet is not None:
+                greenlet.kill(timeout=self._timeout)
         # Members of this process stop being listed now rather than PROC_TTL from now.
         self._call(lambda: self._client.delete(wire.proc_key(self._bus.incarnation)))
         self._healthy = False
@@ -237,6 +239,54 @@ class RedisBackend:
             waiting.popleft().set()
             if not waiting:
                 del self._confirming[message["channel"]]
+
+    # ---- room publishes: pipelined from one greenlet --------------------------------------------
+
+    def _publish_forever(self) -> None:
+        """Send every queued publish as one pipeline of EVALSHAs: many in flight per round trip (no
+        lock held across one), executed by Redis in queue order; each caller gets its own reply."""
+        queue = self._publishes
+        while True:
+            if not queue:
+                self._publish_wake.clear()
+                self._publish_wake.wait()
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), PUBLISH_BATCH))]
+            if not self._healthy:
+                for _, result in batch:
+                    result.set_exception(BrokerUnavailable("the broker is unreachable"))
+                continue
+            try:
+                replies = self._evalsha_pipeline(batch)
+            except redis.TimeoutError as exc:
+                self._lost(exc)
+                failure = BrokerUnavailable("the broker did not answer in time (the message may still be delivered)")
+                for _, result in batch:
+                    result.set_exception(failure)
+                continue
+            except (redis.RedisError, OSError) as exc:
+                self._lost(exc)
+                for _, result in batch:
+                    result.set_exception(BrokerUnavailable("the broker is unreachable"))
+                continue
+            for (_, result), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):  # refused (out of memory, a read-only replica): it did not run
+                    result.set_exception(BrokerUnavailable(f"the broker refused the message ({reply})"))
+                else:
+                    result.set(reply[0])
+
+    def _evalsha_pipeline(self, batch: list[tuple[wire.ScriptCall, AsyncResult]]) -> list[Any]:
+        script = self._publish_script
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for call, _ in batch:
+                pipe.execute_command("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+            replies = pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                return replies  # type: ignore[no-any-return]
+            # Redis lost its script cache (a restart, SCRIPT FLUSH): nothing ran. Load it, send again.
+            self._client.script_load(wire.PUBLISH_SCRIPT)
+        raise AssertionError("unreachable")
 
     # ---- the relay: one PUBLISH per message, sent from one greenlet -----------------------------
 
