@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +20,7 @@ import websocket
 from tests.clients import connect, get_json, recv_json, recv_type, send_json, wait_for
 from tests.harness import ServerProcess
 from tests.redis_fixture import RedisServer
+from tests.test_publish_api import AUTH, KEY, post
 from wsapp import Emitter
 
 pytestmark = pytest.mark.redis
@@ -154,6 +156,8 @@ def test_a_process_receives_only_the_rooms_it_has_members_in(
     send_json(talker, type="publish", room=r, data="now")
     assert recv_type(remote, "message")["seq"] == 51
     assert broker_in(b) > before
+    with urllib.request.urlopen(b.http("/metrics"), timeout=5) as resp:
+        assert "wsapp_broker_messages_in_total" in resp.read().decode()
     # And after its last member leaves, b stops receiving the room again.
     send_json(remote, type="leave", room=r)
     recv_type(remote, "left")
@@ -320,3 +324,16 @@ def test_flushall_changes_the_epoch_and_an_old_since_gets_history_gone(
     for ws in (writer, reader, back, again):
         ws.close()
     admin.close()
+
+
+def test_publish_api_answers_503_unavailable_while_redis_is_away(
+    make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess]
+) -> None:
+    broker = make_redis()
+    srv = make_server(REDIS_URL=broker.url, WSAPP_API_KEY=KEY, **ENV)
+    r = room()
+    assert post(srv, {"room": r, "data": 1})[0] == 200
+    broker.stop()
+    wait_for(lambda: get_json(srv.http("/healthz"))[0] == 503, what="degraded")
+    status, headers, body = post(srv, {"room": r, "data": 2}, AUTH)
+    assert (status, body["error"], headers.get("Retry-After")) == (503, "unavailable", "1")
