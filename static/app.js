@@ -39,6 +39,7 @@
     room: "",
     limits: {},
     lastSeq: null, // highest seq seen in the room; `since` on re-join
+    epoch: null, // the room's numbering life (joined.epoch); sent with `since` so a restart is told apart
     roomRestarted: false,
     seen: new Set(), // seqs already shown, so a replay never shows a message twice
     members: new Map(), // name -> connection count: one name may be connected twice
@@ -253,7 +254,9 @@
         send(
           state.lastSeq === null
             ? { type: "join", room: state.room }
-            : { type: "join", room: state.room, since: state.lastSeq },
+            : state.epoch === null
+              ? { type: "join", room: state.room, since: state.lastSeq }
+              : { type: "join", room: state.room, since: state.lastSeq, epoch: state.epoch },
         );
         break;
       case "joined":
@@ -289,8 +292,12 @@
     state.joined = true;
     state.attempt = 0;
     const seq = typeof msg.seq === "number" ? msg.seq : 0;
-    // A seq below what we saw: the server forgot the room (a restart) and numbers it anew.
-    state.roomRestarted = state.lastSeq !== null && seq < state.lastSeq;
+    const epoch = typeof msg.epoch === "string" ? msg.epoch : null;
+    // Another epoch (or, from a server without epochs, a seq below what we saw): the room's history
+    // was lost (a restart, a flushed broker) and it numbers anew; our `since` meant nothing there.
+    const otherEpoch = state.epoch !== null && epoch !== null && epoch !== state.epoch;
+    state.roomRestarted = state.lastSeq !== null && (otherEpoch || seq < state.lastSeq);
+    state.epoch = epoch;
     if (state.roomRestarted) notice("The server restarted the room; older messages are gone.");
     if (state.lastSeq === null || state.roomRestarted) {
       state.lastSeq = seq;
@@ -341,6 +348,13 @@
   function onError(msg) {
     const code = String(msg.code || "error");
     if (code === "history_gone") {
+      if (state.joined && typeof msg.epoch === "string" && msg.epoch !== state.epoch) {
+        // Told while in the room: its numbering restarted under us; the next message is seq 1 again.
+        Object.assign(state, { epoch: msg.epoch, lastSeq: 0 });
+        state.seen.clear();
+        notice("The room's history was lost on the server; numbering starts again.");
+        return;
+      }
       // Not a failure: the re-join worked, only part of what was missed can be replayed.
       if (!state.roomRestarted) notice("Some messages sent while you were away are no longer kept.");
       return;
@@ -370,7 +384,7 @@
       }
     }
     clearError();
-    Object.assign(state, { wanted: true, name, room, myName: name, lastSeq: null, attempt: 0, unconfirmed: [] });
+    Object.assign(state, { wanted: true, name, room, myName: name, lastSeq: null, epoch: null, attempt: 0, unconfirmed: [] });
     state.seen.clear();
     ui.log.replaceChildren();
     ui.roomTitle.textContent = `in ${room}`;

@@ -161,7 +161,7 @@ def test_emitter_trims_history_and_survives_redis_closing_its_connection(redis_s
     emitter = Emitter(redis_server.url, history=2)
     try:
         assert [emitter.publish(r, n) for n in range(3)] == [1, 2, 3]
-        assert [entry_id for entry_id, _ in admin.xrange(f"wsapp:room:{r}:log")] == [b"2-0", b"3-0"]
+        assert [entry_id for entry_id, _ in admin.xrange(f"wsapp:room:{{{r}}}:log")] == [b"2-0", b"3-0"]
 
         # Redis drops idle clients (its `timeout` setting, a proxy, a failover): the next publish
         # reconnects instead of failing, and is published once.
@@ -169,7 +169,7 @@ def test_emitter_trims_history_and_survives_redis_closing_its_connection(redis_s
         assert len(ours) == 1
         admin.client_kill_filter(_id=ours[0]["id"])
         assert emitter.publish(r, 3) == 4
-        assert admin.get(f"wsapp:room:{r}:seq") == b"4"
+        assert admin.hget(f"wsapp:room:{{{r}}}:ctr", "seq") == b"4"
     finally:
         emitter.close()
     wait_for(lambda: not [c for c in admin.client_list() if c["name"] == "wsapp-emitter"], what="emitter closed")

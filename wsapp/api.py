@@ -52,7 +52,10 @@ def publish_api_view() -> Response:
     single, batch = items
     seqs = []
     for room, data, sender in batch:
-        seqs.append(services.hub.post(room, data, sender))
+        try:
+            seqs.append(services.hub.post(room, data, sender))
+        except MessageError as exc:  # `unavailable`: the broker cannot number it now; the earlier ones stand
+            return _json({"error": exc.code, "message": exc.message, "seqs": seqs}, 503, {"Retry-After": "1"})
         # Like rt.publish: a batch waits for recipients it put over their backlog cap.
         services.outbox.pace_if_needed()
     services.stats.api_publishes += len(seqs)

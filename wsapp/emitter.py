@@ -62,7 +62,8 @@ class Emitter:
         except TypeError as exc:  # orjson.JSONEncodeError
             raise TypeError(f"data is not JSON-serializable: {exc}") from None
         call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history)
-        return int(self._publish_script(keys=call.keys, args=call.args))
+        seq, _epoch = self._publish_script(keys=call.keys, args=call.args)
+        return int(seq)
 
     def close(self) -> None:
         """Close the Redis connections."""

@@ -17,6 +17,7 @@ from wsapp.exceptions import MessageError
 
 ROOM_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 MAX_ID_CHARS = 128
+MAX_EPOCH_CHARS = 64
 MAX_SENDER_CHARS = 32  # the `from` of messages published from outside a connection, like display names
 
 # Stable error codes (the `code` field of `error` messages).
@@ -29,6 +30,7 @@ RATE_LIMITED = "rate_limited"
 FORBIDDEN = "forbidden"
 HISTORY_GONE = "history_gone"
 TOO_MANY_ROOMS = "too_many_rooms"
+UNAVAILABLE = "unavailable"  # the broker cannot number a publish now (or its outcome is unknown): retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,7 @@ class Join:
     room: str
     since: int | None = None
     echo: bool = False
+    epoch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +89,10 @@ def parse(raw: bytes | str, max_depth: int = 32) -> Command:
         echo = obj.get("echo", False)
         if type(echo) is not bool:
             raise MessageError(BAD_MESSAGE, "'echo' must be true or false", msg_id)
-        return Join(_room(obj, msg_id), since, echo)
+        epoch = obj.get("epoch")
+        if epoch is not None and (not isinstance(epoch, str) or len(epoch) > MAX_EPOCH_CHARS):
+            raise MessageError(BAD_MESSAGE, f"'epoch' must be a string of at most {MAX_EPOCH_CHARS} characters", msg_id)
+        return Join(_room(obj, msg_id), since, echo, epoch)
     if kind == "leave":
         return Leave(_room(obj, msg_id))
     if kind == "ping":
@@ -155,8 +161,8 @@ def welcome(session_id: str, name: str, limits: dict[str, Any]) -> bytes:
     return orjson.dumps({"type": "welcome", "id": session_id, "name": name, "limits": limits})
 
 
-def joined(room: str, seq: int, members: list[str]) -> bytes:
-    return orjson.dumps({"type": "joined", "room": room, "seq": seq, "members": members})
+def joined(room: str, seq: int, members: list[str], epoch: str) -> bytes:
+    return orjson.dumps({"type": "joined", "room": room, "seq": seq, "epoch": epoch, "members": members})
 
 
 def left(room: str) -> bytes:

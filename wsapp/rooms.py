@@ -11,7 +11,13 @@ from wsapp.frames import OP_TEXT, CloseCode
 from wsapp.policy import JOIN, PUBLISH, Policy
 from wsapp.ratelimit import TokenBucket
 
+HISTORY_GONE_TEXT = (
+    "not every message after 'since' can be replayed (not kept any more, or the room restarted: "
+    "see its epoch); replaying what is kept of this epoch"
+)
+
 if TYPE_CHECKING:
+    from wsapp.hub import JoinResult
     from wsapp.services import Services
     from wsapp.websocket import WebSocket
 
@@ -93,19 +99,17 @@ class RoomsSession:
                 self._reply(protocol.ack(cmd.id, cmd.room, seq))
         elif isinstance(cmd, protocol.Join):
             policy.check(self._identity, JOIN, cmd.room)
-            result = hub.join(conn, cmd.room, cmd.since, cmd.echo)
-            self._reply(protocol.joined(cmd.room, result.seq, result.members))
-            if result.history_gone:
-                self._reply(
-                    protocol.error(
-                        protocol.HISTORY_GONE,
-                        "not every message after 'since' is still kept (or the room restarted); "
-                        "replaying what is",
-                        room=cmd.room,
-                    )
-                )
-            for payload in result.replay:
-                conn.send_text(payload)
+            room = cmd.room
+
+            def announce(result: JoinResult) -> None:
+                # Before any live message of the room: the hub holds those until this has run.
+                self._reply(protocol.joined(room, result.seq, result.members, result.epoch))
+                if result.history_gone:
+                    self._reply(protocol.error(protocol.HISTORY_GONE, HISTORY_GONE_TEXT, room=room, epoch=result.epoch))
+                for payload in result.replay:
+                    conn.send_text(payload)
+
+            hub.join(conn, room, cmd.since, cmd.echo, cmd.epoch, announce)
         elif isinstance(cmd, protocol.Leave):
             if not hub.leave(conn, cmd.room):
                 raise MessageError(protocol.NOT_IN_ROOM, f"not in room {cmd.room!r}")

@@ -27,6 +27,7 @@ from wsapp.policy import JOIN, PUBLISH, Policy
 from wsapp.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
+    from wsapp.hub import JoinResult
     from wsapp.services import Services
 
 log = logging.getLogger(__name__)
@@ -208,13 +209,14 @@ class WebSocket:
         With `since`, first the messages after it from history. Goes through `authorize`
         (Reject `forbidden`); a bad name is Reject `bad_room`."""
         self._policy.check(self.identity, JOIN, _valid_room(room), None)
-        result = self._services.hub.join(self._conn, room, since, echo)
-        if result.history_gone:
-            self._conn.send_text(protocol.error(protocol.HISTORY_GONE, "not every message after 'since' is kept",
-                                                room=room))
-        for payload in result.replay:
-            self._conn.send_text(payload)
-        return result.seq
+        def announce(result: JoinResult) -> None:  # before the room's live messages (the hub holds them)
+            if result.history_gone:
+                self._conn.send_text(protocol.error(protocol.HISTORY_GONE, "not every message after 'since' is kept",
+                                                    room=room))
+            for payload in result.replay:
+                self._conn.send_text(payload)
+
+        return self._services.hub.join(self._conn, room, since, echo, None, announce).seq
 
     def leave(self, room: str) -> bool:
         """Stop getting `room`'s messages; False if this connection was not in it."""

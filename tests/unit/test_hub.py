@@ -129,3 +129,77 @@ def test_sans_io_modules_import_neither_gevent_nor_flask() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+class LateBroker(MemoryBackend):
+    """A broker whose stream lags behind its replies (as Redis's subscription can): the test hands
+    the hub each room event itself, in the room's order, whenever it likes."""
+
+    inline = False
+
+    def __init__(self) -> None:
+        super().__init__(history=10)
+        self.stream: list[tuple[str, int, str | None, bytes]] = []
+
+    def attach(self, deliver: object) -> None:
+        self._deliver = lambda *event: self.stream.append(event)
+
+
+def test_a_join_under_traffic_gets_joined_first_then_each_later_seq_once() -> None:
+    broker = LateBroker()
+    hub = Hub(broker, lambda payload: payload, Stats(), 4)
+    old, talker = FakeMember("old"), FakeMember("talker")
+    hub.join(old, "r")
+    hub.join(talker, "r")
+    for event in broker.stream:
+        hub.deliver(*event)
+    broker.stream.clear()
+    hub.publish(talker, "r", "before")  # numbered 1, not yet delivered when the joiner arrives
+    joiner = FakeMember("new")
+    frames: list[bytes] = []
+
+    def announce(result: object) -> None:
+        # The stream catches up while the joiner's `joined` is being sent: nothing may overtake it.
+        hub.deliver(*broker.stream[0])  # seq 1: before the join, covered by its replay
+        hub.deliver(*broker.stream[1])  # the joiner's own presence: the join's place in the order
+        hub.publish(talker, "r", "after")
+        hub.deliver(*broker.stream[2])  # seq 2: after the join, held
+        frames.append(b"joined")
+        frames.extend(joiner.frames)
+
+    result = hub.join(joiner, "r", since=0, announce=announce)
+    assert (result.seq, [json.loads(p)["seq"] for p in result.replay]) == (1, [1])
+    assert frames == [b"joined"]  # nothing reached the joiner before its `joined`
+    assert [(m["type"], m.get("seq")) for m in joiner.messages()] == [("message", 2)]
+    # The old member got everything once, in order; the talker none of its own (no echo).
+    assert [(m["type"], m.get("seq")) for m in old.messages()] == [
+        ("presence", None), ("message", 1), ("presence", None), ("message", 2)
+    ]
+    assert talker.messages() == [{"type": "presence", "room": "r", "event": "join", "who": "new"}]
+    hub.publish(talker, "r", "live")
+    hub.deliver(*broker.stream[3])
+    assert [m["seq"] for m in joiner.messages()] == [2, 3]
+
+
+def test_a_joiner_whose_presence_is_lost_goes_live_on_the_first_later_message() -> None:
+    broker = LateBroker()
+    hub = Hub(broker, lambda payload: payload, Stats(), 4)
+    talker, joiner = FakeMember("talker"), FakeMember("new")
+    hub.join(talker, "r")
+    hub.deliver(*broker.stream[0])
+    result = hub.join(joiner, "r")
+    assert result.epoch == broker.join("r", "x", "x", None, None, None).epoch
+    hub.publish(talker, "r", 1)
+    hub.deliver(*broker.stream[-1])  # the joiner's presence never came (a reconnect lost it)
+    assert [m["seq"] for m in joiner.messages()] == [1]
+
+
+def test_epochs_gate_replay_in_memory() -> None:
+    hub, _ = make_hub()
+    a = FakeMember("a")
+    epoch = hub.join(a, "r").epoch
+    hub.publish(a, "r", 1)
+    assert len(hub.join(FakeMember("b"), "r", since=0, epoch=epoch).replay) == 1
+    other = hub.join(FakeMember("c"), "r", since=0, epoch="another-life")
+    assert other.history_gone and other.replay == []
+    assert MemoryBackend(10).join("r", "x", "x", None, None, None).epoch != epoch  # a restart is a new epoch

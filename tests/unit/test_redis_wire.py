@@ -1,4 +1,4 @@
-"""The Redis broker's wire format without Redis: keys, script calls, envelopes, echo suppression."""
+"""The Redis broker's wire format without Redis: keys, script calls, envelopes, echo suppression, cursors."""
 
 from __future__ import annotations
 
@@ -13,26 +13,39 @@ from wsapp.protocol import message_parts
 
 def test_publish_call_names_the_rooms_keys_and_the_envelope_prefix() -> None:
     head, tail = message_parts("lobby", "server", 7, {"a": 1})
-    call = wire.publish_call("p1.3", "lobby", head, tail, 50)
-    assert call.keys == ["wsapp:room:lobby:seq", "wsapp:room:lobby:log"]
-    assert call.args == [head, tail, 50, "p1.3 lobby ", "wsapp:bus", wire.ROOM_TTL]
-    # What the script publishes (prefix + seq + " " + payload) is an envelope the subscriber reads back.
+    call = wire.publish_call("p1.3", "lobby", head, tail, 50, "m7")
+    assert call.keys == ["wsapp:room:{lobby}:ctr", "wsapp:room:{lobby}:log"]
+    new_epoch = call.args[7]
+    assert isinstance(new_epoch, str) and len(new_epoch) == 12
+    assert call.args == [head, tail, 50, "p1.3 lobby ", "wsapp:room:{lobby}", wire.ROOM_TTL, "m7", new_epoch]
+    # What the script publishes (prefix + seq + " " + epoch + " " + origin + " " + payload) is an
+    # envelope the subscriber reads back.
     payload = head + b"12" + tail
-    published = call.args[3].encode() + b"12 " + payload  # type: ignore[union-attr]
-    assert published == wire.envelope("p1.3", "lobby", 12, payload)
-    assert wire.parse_envelope(published) == wire.Envelope(b"p1.3", "lobby", 12, payload)
+    published = call.args[3].encode() + b"12 e1 m7 " + payload  # type: ignore[union-attr]
+    assert published == wire.envelope("p1.3", "lobby", 12, payload, epoch="e1", origin="m7")
+    assert wire.parse_envelope(published) == wire.Envelope(b"p1.3", "lobby", 12, "e1", "m7", payload)
+    assert wire.message_seq(payload) == 12
+    # Server-side publishes have no origin; every call proposes a fresh epoch for a missing counter.
+    other = wire.publish_call("p1.3", "lobby", head, tail, 50)
+    assert other.args[6] == "-" and other.args[7] != new_epoch
 
 
-def test_join_call_with_and_without_presence_and_since() -> None:
-    call = wire.join_call("p1.0", "r", "m9", "alice", b'{"type":"presence"}', 4)
-    assert call.keys == ["wsapp:room:r:seq", "wsapp:room:r:log", "wsapp:room:r:members"]
-    assert call.args == ["p1.0:m9", "alice", 4, b'p1.0 r 0 {"type":"presence"}', "wsapp:bus", "wsapp:proc:", 60]
+def test_join_call_with_and_without_presence_since_and_epoch() -> None:
+    call = wire.join_call("p1.0", "r", "m9", "alice", b'{"type":"presence"}', 4, "e1")
+    assert call.keys == ["wsapp:room:{r}:ctr", "wsapp:room:{r}:log", "wsapp:room:{r}:members"]
+    assert call.args[:7] == [
+        "p1.0:m9", "alice", 4, b'p1.0 r 0 - m9 {"type":"presence"}', "wsapp:room:{r}", "wsapp:proc:", 60
+    ]
+    assert call.args[8] == "e1"
     again = wire.join_call("p1.0", "r", "m9", "alice", None, None)
     assert again.args[2:4] == [-1, b""]  # no since, no presence on a repeated join
+    assert again.args[8] == ""  # no epoch from the client
 
 
-def test_raise_seq_and_process_keys() -> None:
-    assert wire.raise_seq_call("r", 41) == wire.ScriptCall(["wsapp:room:r:seq"], [41, wire.ROOM_TTL])
+def test_channels_and_process_keys() -> None:
+    assert wire.channel_room(wire.room_channel("a:b.c-d_e").encode()) == "a:b.c-d_e"
+    assert wire.channel_room(wire.RELAY_CHANNEL.encode()) is None
+    assert wire.catch_up_call("r", 41) == wire.ScriptCall(["wsapp:room:{r}:ctr", "wsapp:room:{r}:log"], [41])
     assert wire.proc_key("abc.2") == "wsapp:proc:abc.2"
     assert wire.member_field("abc.2", "m1") == "abc.2:m1"
 
@@ -40,7 +53,9 @@ def test_raise_seq_and_process_keys() -> None:
 def test_envelope_payload_keeps_spaces_and_any_bytes() -> None:
     payload = b'{"data":"a b  c"} \x00\xff'
     message = wire.parse_envelope(wire.envelope("x.1", "r:1", 0, payload))
-    assert (message.room, message.seq, message.payload, message.is_relay) == ("r:1", 0, payload, False)
+    assert (message.room, message.seq, message.origin, message.payload, message.is_relay) == (
+        "r:1", 0, None, payload, False
+    )
 
 
 def test_relay_envelope_carries_the_frame_unchanged() -> None:
@@ -50,7 +65,9 @@ def test_relay_envelope_carries_the_frame_unchanged() -> None:
     assert message.payload == frame
 
 
-@pytest.mark.parametrize("data", [b"", b"x.1 r", b"x.1 r 5", b"x.1 r five payload", b"x.1 \xff 1 p"])
+@pytest.mark.parametrize(
+    "data", [b"", b"x.1 r", b"x.1 r 5", b"x.1 r 5 e", b"x.1 r 5 e o", b"x.1 r five e o payload", b"x.1 \xff 1 e o p"]
+)
 def test_malformed_envelopes_raise_value_error(data: bytes) -> None:
     with pytest.raises(ValueError):
         wire.parse_envelope(data)
@@ -69,6 +86,23 @@ def test_echo_suppression_covers_every_incarnation_and_no_other_process() -> Non
 
 def test_fresh_identities_differ() -> None:
     assert len({wire.BusIdentity().process_id for _ in range(50)}) == 50
+
+
+def test_cursors_drop_repeats_and_notice_a_new_life() -> None:
+    cursors = wire.Cursors()
+    cursors.start("r", "e1", 5)
+    assert cursors.offer("r", 0, "-") is wire.Verdict.DELIVER  # presence is never held back
+    assert cursors.offer("r", 5, "e1") is wire.Verdict.REPEAT  # covered by the join
+    assert cursors.offer("r", 6, "e1") is wire.Verdict.DELIVER
+    assert cursors.offer("r", 6, "e1") is wire.Verdict.REPEAT  # a catch-up met the live stream
+    assert cursors.position("r") == ("e1", 6)
+    cursors.start("r", "e1", 3)  # a later join does not move a running cursor back
+    assert cursors.position("r") == ("e1", 6)
+    assert cursors.offer("r", 1, "e2") is wire.Verdict.RESTARTED  # the counter was lost in Redis
+    assert cursors.offer("r", 2, "e2") is wire.Verdict.DELIVER
+    cursors.forget("r")
+    assert cursors.position("r") is None
+    assert cursors.offer("r", 9, "e2") is wire.Verdict.DELIVER  # nothing known: take the stream as it is
 
 
 def test_imports_neither_gevent_nor_redis() -> None:

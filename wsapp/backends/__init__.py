@@ -1,4 +1,5 @@
-"""Where room sequence numbers, history and remote members live: in this process (memory) or shared (Redis)."""
+"""The broker: where room sequence numbers, history and other processes' members live, and how room
+traffic reaches this process's members (in-process for memory, through Redis when shared)."""
 
 from __future__ import annotations
 
@@ -6,51 +7,70 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-# Called with (room, payload) for each message or presence event another process published.
-Deliver = Callable[[str, bytes], None]
+# Called with (room, seq, origin, payload) for every message (seq > 0) and presence event (seq 0) of
+# a room with local members, in the room's seq order; `origin` is the id of the local member it came
+# from (skipped unless it asked for echoes), None when it came from elsewhere.
+Deliver = Callable[[str, int, str | None, bytes], None]
 # Called with a ready-made frame one of another process's relay (`/`) clients sent; also the type of
 # the function that shares one of this process's relay frames with the others.
 RelayFrames = Callable[[bytes], None]
 
 
+class BrokerUnavailable(Exception):
+    """A publish could not be numbered (the broker is unreachable, stalled or refused it); when the
+    call timed out its outcome is unknown: it may still have been delivered."""
+
+
 @dataclass
 class RoomView:
-    """What a joiner learns from the backend: the room's seq, its members, and what it missed."""
+    """What a joiner learns from the broker: the room's seq and epoch, its members, what it missed."""
 
     seq: int
-    # Every process's members; None = the backend knows only this process's (the hub lists them).
+    # Every process's members; None = the broker knows only this process's (the hub lists them).
     members: list[str] | None = None
     replay: list[bytes] = field(default_factory=list)
     history_gone: bool = False
+    epoch: str = ""
+    # True: the joiner's presence and everything after it come through `deliver` (the joiner's own
+    # presence marking where the join happened in the room's order). False: the broker could not be
+    # asked; the hub tells local members itself.
+    delivered: bool = True
 
 
-class HistoryBackend(Protocol):
-    """Per-room sequence numbers, the last N messages and (when shared) the other processes.
+class Broker(Protocol):
+    """Per-room sequence numbers and epochs, the last N messages, and delivery of every room event.
 
-    The hub does all local delivery itself; a backend only assigns numbers, keeps history, and, when
-    several processes share rooms, carries publishes and presence to the others.
+    All of a room's messages and presence reach local members through the `deliver` given to
+    `attach`, in seq order; the hub only keeps membership and fans out what it is handed.
     """
 
     name: str
+    # True: `deliver` runs inside publish/join/leave (in-process); False: from a subscriber of its own.
+    inline: bool
 
     def attach(self, deliver: Deliver) -> None:
-        """Start carrying other processes' messages and presence to `deliver`."""
+        """Start delivering room events to `deliver` (background work starts here, not before)."""
 
     def attach_relay(self, deliver: RelayFrames) -> RelayFrames | None:
         """Carry other processes' relay frames to `deliver`; return the function that shares this
         process's, or None when there are no other processes (the relay then stays local)."""
 
-    def publish(self, room: str, head: bytes, tail: bytes) -> tuple[int, bytes]:
-        """Assign the next seq of `room`; keep and share `head + seq + tail`. Returns (seq, payload)."""
+    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
+        """Number `head + seq + tail`, keep it and deliver it; returns its seq. BrokerUnavailable
+        when it cannot be numbered now."""
 
-    def join(self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None) -> RoomView:
-        """Register a member; share `presence` (None on a repeated join); collect history after `since`."""
+    def join(
+        self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None, epoch: str | None
+    ) -> RoomView:
+        """Register a member; deliver `presence` (None on a repeated join); collect history after
+        `since` when `epoch` (if given) is the room's."""
 
-    def leave(self, room: str, member_id: str, presence: bytes) -> None:
-        """Forget a member and share its `presence` leave event."""
+    def leave(self, room: str, member_id: str, presence: bytes) -> bool:
+        """Forget a member and deliver its `presence` leave event; False when the hub must tell local
+        members itself (the broker could not be asked)."""
 
     def room_emptied(self, room: str) -> None:
-        """The last local member left `room`; the backend may forget it later to bound memory."""
+        """The last local member left `room`; the broker may forget it later to bound memory."""
 
     def close(self) -> None:
         """Stop background work and withdraw this process's members from shared state."""
@@ -62,3 +82,7 @@ class HistoryBackend(Protocol):
     @property
     def counters(self) -> dict[str, int]:
         """Monotonic counts of broker events for /stats and /metrics (name -> count)."""
+
+
+# The name this interface had while it was only about history; kept for existing imports.
+HistoryBackend = Broker

@@ -1,34 +1,40 @@
-"""In-process history backend: the default, for a single process (no Redis)."""
+"""In-process broker: the default, for a single process (no Redis)."""
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict, deque
 
 from wsapp.backends import Deliver, RelayFrames, RoomView
 
 
 class _RoomLog:
-    __slots__ = ("messages", "seq")
+    __slots__ = ("epoch", "messages", "seq")
 
     def __init__(self, keep: int) -> None:
         self.seq = 0
+        # A room forgotten and made again (idle eviction, a restart) numbers from 1 in a new epoch.
+        self.epoch = secrets.token_hex(6)
         self.messages: deque[tuple[int, bytes]] = deque(maxlen=keep)
 
 
 class MemoryBackend:
-    """Sequence numbers and a capped history per room, in this process's memory.
+    """Sequence numbers, epochs and a capped history per room, in this process's memory.
 
     Rooms nobody is in keep their history so a reconnecting client can catch up, but only the
     `max_idle_rooms` most recently emptied ones: room names come from clients, memory must not.
+    Delivery is synchronous: `publish` hands the message to the hub before it returns.
     """
 
     name = "memory"
+    inline = True
 
     def __init__(self, history: int, max_idle_rooms: int = 10000) -> None:
         self._keep = history
         self._max_idle = max_idle_rooms
         self._rooms: dict[str, _RoomLog] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
+        self._deliver: Deliver | None = None
 
     @property
     def healthy(self) -> bool:
@@ -39,7 +45,7 @@ class MemoryBackend:
         return {}
 
     def attach(self, deliver: Deliver) -> None:
-        """A single process has nobody else to hear from."""
+        self._deliver = deliver
 
     def attach_relay(self, deliver: RelayFrames) -> RelayFrames | None:
         return None
@@ -47,20 +53,32 @@ class MemoryBackend:
     def close(self) -> None:
         """Nothing runs in the background."""
 
-    def publish(self, room: str, head: bytes, tail: bytes) -> tuple[int, bytes]:
+    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
         seq = self.next_seq(room)
         payload = b"%s%d%s" % (head, seq, tail)
         self.append(room, seq, payload)
-        return seq, payload
+        if self._deliver is not None:
+            self._deliver(room, seq, origin, payload)
+        return seq
 
-    def join(self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None) -> RoomView:
-        view = RoomView(self.current_seq(room))
+    def join(
+        self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None, epoch: str | None
+    ) -> RoomView:
+        log = self._log(room)
+        view = RoomView(log.seq, epoch=log.epoch)
         if since is not None:
-            view.replay, view.history_gone = self.since(room, since)
+            if epoch is not None and epoch != log.epoch:
+                view.history_gone = True  # numbers from another life of the room: nothing to replay
+            else:
+                view.replay, view.history_gone = self.since(room, since)
+        if presence is not None and self._deliver is not None:
+            self._deliver(room, 0, member_id, presence)
         return view
 
-    def leave(self, room: str, member_id: str, presence: bytes) -> None:
-        """The hub already told the local members; there are no others."""
+    def leave(self, room: str, member_id: str, presence: bytes) -> bool:
+        if self._deliver is not None:
+            self._deliver(room, 0, member_id, presence)
+        return True
 
     def _log(self, room: str) -> _RoomLog:
         log = self._rooms.get(room)

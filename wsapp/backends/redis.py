@@ -1,15 +1,20 @@
-"""Redis backend: several wsapp processes share rooms (DESIGN.md section 5).
+"""Redis broker: several wsapp processes share rooms (DESIGN.md section 5).
 
-Key names, scripts and the bus envelope are in `redis_wire.py` (no I/O there; the Emitter uses it too).
+Key names, scripts, envelopes and the delivery cursor are in `redis_wire.py` (no I/O there; the
+Emitter uses it too); this module is the transport: connections, subscriptions, supervision.
 
-An incarnation is `<process id>.<n>`: each (re)connection starts a new one and registers every local
-member again under it, so entries of members that left while Redis was unreachable die with the old one.
+Every room event reaches local members from the room's channel, in the order Redis numbered it,
+own publishes included: the publisher's ack comes from the script's reply, its members' copies from
+the subscription, so all processes deliver a room in the same order. A process subscribes to a room's
+channel when its first local member joins (before the join script runs, so nothing after the join is
+missed) and unsubscribes when the last one leaves; the relay `/` has a channel of its own.
 
-One publish, join or leave is one round trip (a script or a pipeline), on one command connection
-behind a lock so local delivery happens in the order Redis numbered the messages. While Redis is
-unreachable the backend answers from this process alone: publishes get the next local number after
-the last one seen, joins list local members and report `history_gone` for any `since` they cannot
-serve; a supervisor greenlet reconnects with capped backoff.
+Publishes are pipelined by one greenlet (all that queued during a round trip go in the next), so
+many are in flight at once without a lock; joins, leaves and the heartbeat share one lock so a
+re-registration after a reconnect lists exactly this process's members. While Redis is unreachable
+or stalled a publish is refused (`BrokerUnavailable`, never a locally invented number); joins list
+local members and report `history_gone` for any `since` they cannot serve; a
+supervisor greenlet reconnects with capped backoff, then catches each room up from its log.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ from typing import Any, TypeVar
 
 import gevent
 import redis
-from gevent.event import Event
+from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from wsapp.backends import Deliver, RelayFrames, RoomView
+from wsapp import protocol
+from wsapp.backends import BrokerUnavailable, Deliver, RelayFrames, RoomView
 from wsapp.backends import redis_wire as wire
 
 log = logging.getLogger(__name__)
@@ -40,14 +46,18 @@ HEARTBEAT_SECONDS = 2.0
 LISTEN_POLL = 0.25  # how long the subscriber waits for a message before looking at its own state
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
+PUBLISH_BATCH = 512  # publishes per pipeline: everything queued meanwhile goes in one round trip
 RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
 RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this the sender waits (pacing) until half have gone
+RESTARTED_TEXT = "the room's numbering restarted (its counter was lost in the broker): new epoch"
+GAP_TEXT = "some messages were missed while the broker was away and are no longer kept"
 
 
 class RedisBackend:
-    """Rooms shared through one Redis: numbers, history, members and delivery to the other processes."""
+    """Rooms shared through one Redis: numbers, epochs, history, members and every room's delivery."""
 
     name = "redis"
+    inline = False
 
     def __init__(self, url: str, history: int, timeout: float = 1.0) -> None:
         self._history = history
@@ -56,7 +66,8 @@ class RedisBackend:
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            # Fail fast and let the supervisor reconnect: redis-py's own retries would hold a reader.
+            # Fail fast and let the supervisor reconnect: redis-py's own retries would hold a reader,
+            # and a retried script could number a message twice.
             retry=Retry(NoBackoff(), 0),
             protocol=2,
         )
@@ -64,10 +75,10 @@ class RedisBackend:
         self._where = f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}".rstrip(":")
         self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
         self._join_script = self._client.register_script(wire.JOIN_SCRIPT)
-        self._raise_seq_script = self._client.register_script(wire.RAISE_SEQ_SCRIPT)
+        self._catch_up_script = self._client.register_script(wire.CATCH_UP_SCRIPT)
         self._bus = wire.BusIdentity()
-        # One command at a time: replies come back in the order Redis numbered them.
-        self._lock = Semaphore()
+        # Joins, leaves, heartbeats and re-registration: members in Redis are exactly the local ones.
+        self._members_lock = Semaphore()
         self._healthy = False
         self._up = False  # what the log last said
         self._down_since = time.monotonic()
@@ -76,6 +87,15 @@ class RedisBackend:
         self._settled = Event()
         self._deliver: Deliver | None = None
         self._supervisor: gevent.Greenlet | None = None
+        # The live subscription: rooms subscribed (set once Redis confirmed) and confirmations awaited.
+        self._pubsub: Any = None
+        self._subscribed: dict[str, Event] = {}
+        self._confirming: dict[bytes, deque[Event]] = {}
+        self._cursors = wire.Cursors()
+        # Publishes waiting for the publisher greenlet, which sends all that queued up as one pipeline.
+        self._publishes: deque[tuple[wire.ScriptCall, AsyncResult]] = deque()
+        self._publish_wake = Event()
+        self._publisher: gevent.Greenlet | None = None
         # Relay frames on their way to Redis, in the order this process's clients sent them.
         self._relay_deliver: RelayFrames | None = None
         self._relay_queue: deque[bytes] = deque()
@@ -85,9 +105,9 @@ class RedisBackend:
         # What /stats and /metrics show of the broker (see `counters`).
         self._reconnects = 0
         self._relay_waits = 0
-        # Local rooms: their members (for re-registering after a reconnect) and the last seq seen.
+        self._messages_in = 0
+        # Local rooms and their members (for re-registering after a reconnect).
         self._members: dict[str, dict[str, str]] = {}
-        self._seqs: dict[str, int] = {}
 
     @property
     def healthy(self) -> bool:
@@ -97,14 +117,20 @@ class RedisBackend:
     def counters(self) -> dict[str, int]:
         """`broker_reconnects`: times the subscription was lost and made again (Redis restarted, or cut
         off a subscriber that fell behind past its client-output-buffer-limit); `broker_relay_waits`:
-        times a relay sender waited for Redis to take its backlog."""
-        return {"broker_reconnects": self._reconnects, "broker_relay_waits": self._relay_waits}
+        times a relay sender waited for Redis to take its backlog; `broker_messages_in`: messages this
+        process received from the broker (its rooms' and the relay's)."""
+        return {
+            "broker_reconnects": self._reconnects,
+            "broker_relay_waits": self._relay_waits,
+            "broker_messages_in": self._messages_in,
+        }
 
     # ---- the hub's interface --------------------------------------------------------------------
 
     def attach(self, deliver: Deliver) -> None:
         self._deliver = deliver
         self._supervisor = gevent.spawn(self._supervise)
+        self._publisher = gevent.spawn(self._publish_forever)
         # Start serving with the broker's real state when it answers promptly; never wait long for it.
         self._settled.wait(3 * self._timeout)
 
@@ -113,63 +139,154 @@ class RedisBackend:
         self._relay_publisher = gevent.spawn(self._publish_relay_forever)
         return self._share_relay
 
-    def publish(self, room: str, head: bytes, tail: bytes) -> tuple[int, bytes]:
-        # The incarnation is read under the lock: a reconnection may have started a new one meanwhile.
-        seq = self._call(
-            lambda: self._run(
-                self._publish_script, wire.publish_call(self._bus.incarnation, room, head, tail, self._history)
-            )
-        )
-        if seq is None:
-            seq = self._seqs.get(room, 0) + 1
-        self._seen(room, int(seq))
-        return int(seq), b"%s%d%s" % (head, int(seq), tail)
+    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
+        if not self._healthy:
+            raise BrokerUnavailable("the broker is unreachable")
+        call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history, origin)
+        result: AsyncResult = AsyncResult()
+        self._publishes.append((call, result))
+        if len(self._publishes) == 1:
+            self._publish_wake.set()
+        try:
+            # The publisher always answers (its own calls time out); this bound only guards against a bug.
+            return int(result.get(timeout=4 * self._timeout))
+        except gevent.Timeout:
+            raise BrokerUnavailable("the broker did not answer in time (the message may still be delivered)") from None
 
-    def join(self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None) -> RoomView:
+    def join(
+        self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None, epoch: str | None
+    ) -> RoomView:
         self._members.setdefault(room, {})[member_id] = name
-        result = self._call(
-            lambda: self._run(
-                self._join_script, wire.join_call(self._bus.incarnation, room, member_id, name, presence, since)
-            )
-        )
-        if result is None:
-            seq = self._seqs.get(room, 0)
-            # Without the shared log nothing can be replayed: say so whenever something was missed.
-            return RoomView(seq, None, [], since is not None and since != seq)
-        seq, names, replay, gone = result
-        self._seen(room, int(seq))
-        return RoomView(int(seq), [n.decode() for n in names], list(replay), bool(gone))
+        if self._healthy:
+            try:
+                self._subscribe(room)
+                with self._members_locked():
+                    call = wire.join_call(self._bus.incarnation, room, member_id, name, presence, since, epoch)
+                    seq, names, replay, gone, room_epoch = self._run(self._join_script, call)
+                room_epoch = room_epoch.decode()
+                self._cursors.start(room, room_epoch, int(seq))
+                return RoomView(int(seq), [n.decode() for n in names], list(replay), bool(gone), room_epoch)
+            except (redis.RedisError, OSError) as exc:
+                self._lost(exc)
+        # Without the broker: what this process last saw, nothing replayed, and said so if anything is missed.
+        known_epoch, seq = self._cursors.position(room) or ("", 0)
+        gone = since is not None and (since != seq or (epoch is not None and epoch != known_epoch))
+        return RoomView(seq, None, [], gone, known_epoch, delivered=False)
 
-    def leave(self, room: str, member_id: str, presence: bytes) -> None:
+    def leave(self, room: str, member_id: str, presence: bytes) -> bool:
         local = self._members.get(room)
         if local is not None:
             local.pop(member_id, None)
             if not local:
                 del self._members[room]
-
-        def withdraw() -> None:
-            incarnation = self._bus.incarnation
-            pipe = self._client.pipeline(transaction=False)
-            pipe.hdel(wire.room_key(room, "members"), wire.member_field(incarnation, member_id))
-            pipe.publish(wire.CHANNEL, wire.envelope(incarnation, room, 0, presence))
-            pipe.execute()
-
-        self._call(withdraw)
+                self._unsubscribe(room)
+        if not self._healthy:
+            return False
+        try:
+            with self._members_locked():
+                incarnation = self._bus.incarnation
+                pipe = self._client.pipeline(transaction=False)
+                pipe.hdel(wire.room_key(room, "members"), wire.member_field(incarnation, member_id))
+                pipe.publish(wire.room_channel(room), wire.envelope(incarnation, room, 0, presence, origin=member_id))
+                pipe.execute()
+            return True
+        except (redis.RedisError, OSError) as exc:
+            self._lost(exc)
+            return False
 
     def room_emptied(self, room: str) -> None:
-        if room not in self._members:
-            self._seqs.pop(room, None)
+        """Nothing kept per room once it has no local members (the cursor went with the subscription)."""
 
     def close(self) -> None:
         self._closing.set()
         if self._supervisor is not None:
             self._supervisor.kill(timeout=self._timeout)
-        if self._relay_publisher is not None:
-            self._relay_publisher.kill(timeout=self._timeout)
+        for greenlet in (self._relay_publisher, self._publisher):
+            if greenlet is not None:
+                greenlet.kill(timeout=self._timeout)
         # Members of this process stop being listed now rather than PROC_TTL from now.
         self._call(lambda: self._client.delete(wire.proc_key(self._bus.incarnation)))
         self._healthy = False
         self._client.close()
+
+    # ---- per-room subscriptions -----------------------------------------------------------------
+
+    def _subscribe(self, room: str) -> None:
+        """Make sure the room's channel is subscribed, waiting for Redis to confirm it (so the join
+        script, which runs after, can miss nothing)."""
+        confirmed = self._subscribed.get(room)
+        if confirmed is None:
+            if self._pubsub is None:
+                raise redis.ConnectionError("not subscribed to the broker")
+            confirmed = self._subscribed[room] = Event()
+            channel = wire.room_channel(room)
+            self._confirming.setdefault(channel.encode(), deque()).append(confirmed)
+            self._pubsub.subscribe(channel)
+        if not confirmed.wait(self._timeout):
+            raise redis.TimeoutError("no subscribe confirmation")
+
+    def _unsubscribe(self, room: str) -> None:
+        self._cursors.forget(room)
+        if self._subscribed.pop(room, None) is not None and self._pubsub is not None and self._healthy:
+            try:
+                self._pubsub.unsubscribe(wire.room_channel(room))
+            except (redis.RedisError, OSError) as exc:
+                self._lost(exc)
+
+    def _on_confirmation(self, message: dict[str, Any]) -> None:
+        waiting = self._confirming.get(message["channel"])
+        if waiting:
+            waiting.popleft().set()
+            if not waiting:
+                del self._confirming[message["channel"]]
+
+    # ---- room publishes: pipelined from one greenlet --------------------------------------------
+
+    def _publish_forever(self) -> None:
+        """Send every queued publish as one pipeline of EVALSHAs: many in flight per round trip (no
+        lock held across one), executed by Redis in queue order; each caller gets its own reply."""
+        queue = self._publishes
+        while True:
+            if not queue:
+                self._publish_wake.clear()
+                self._publish_wake.wait()
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), PUBLISH_BATCH))]
+            if not self._healthy:
+                for _, result in batch:
+                    result.set_exception(BrokerUnavailable("the broker is unreachable"))
+                continue
+            try:
+                replies = self._evalsha_pipeline(batch)
+            except redis.TimeoutError as exc:
+                self._lost(exc)
+                failure = BrokerUnavailable("the broker did not answer in time (the message may still be delivered)")
+                for _, result in batch:
+                    result.set_exception(failure)
+                continue
+            except (redis.RedisError, OSError) as exc:
+                self._lost(exc)
+                for _, result in batch:
+                    result.set_exception(BrokerUnavailable("the broker is unreachable"))
+                continue
+            for (_, result), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):  # refused (out of memory, a read-only replica): it did not run
+                    result.set_exception(BrokerUnavailable(f"the broker refused the message ({reply})"))
+                else:
+                    result.set(reply[0])
+
+    def _evalsha_pipeline(self, batch: list[tuple[wire.ScriptCall, AsyncResult]]) -> list[Any]:
+        script = self._publish_script
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for call, _ in batch:
+                pipe.execute_command("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+            replies = pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                return replies  # type: ignore[no-any-return]
+            # Redis lost its script cache (a restart, SCRIPT FLUSH): nothing ran. Load it, send again.
+            self._client.script_load(wire.PUBLISH_SCRIPT)
+        raise AssertionError("unreachable")
 
     # ---- the relay: one PUBLISH per message, sent from one greenlet -----------------------------
 
@@ -206,7 +323,7 @@ class RedisBackend:
             def send(batch: list[bytes] = batch, prefix: bytes = prefix) -> None:
                 pipe = self._client.pipeline(transaction=False)
                 for frame in batch:
-                    pipe.publish(wire.CHANNEL, prefix + frame)
+                    pipe.publish(wire.RELAY_CHANNEL, prefix + frame)
                 pipe.execute()
 
             # Broker down: the batch is dropped (the relay keeps nothing) and _share_relay stops queueing.
@@ -220,33 +337,25 @@ class RedisBackend:
     def _run(script: Script, call: wire.ScriptCall, client: Any = None) -> Any:
         return script(keys=call.keys, args=call.args, client=client)
 
-    def _seen(self, room: str, seq: int) -> None:
-        if room in self._members and seq > self._seqs.get(room, 0):
-            self._seqs[room] = seq
-
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        if self._lock.linkcount():
-            # Others are waiting: let them go first. gevent's Semaphore is not fair, and a client
-            # publishing back to back would otherwise take it again at once, starve the heartbeat past
-            # its timeout and have the broker declared lost in the middle of a healthy burst.
+    def _members_locked(self) -> Iterator[None]:
+        if self._members_lock.linkcount():
+            # Others are waiting: let them go first (gevent's Semaphore is not fair, and a burst of
+            # joins could otherwise starve the heartbeat past its timeout).
             gevent.sleep(0)
-        if not self._lock.acquire(timeout=self._timeout):
+        if not self._members_lock.acquire(timeout=self._timeout):
             raise redis.TimeoutError("another Redis call is stuck")
         try:
             yield
         finally:
-            self._lock.release()
+            self._members_lock.release()
 
     def _call(self, fn: Callable[[], T]) -> T | None:
         """`fn()` against Redis, or None at once while the broker is down (or when this call finds it down)."""
         if not self._healthy:
             return None
         try:
-            with self._locked():
-                if not self._healthy:
-                    return None
-                return fn()
+            return fn()
         except (redis.RedisError, OSError) as exc:
             self._lost(exc)
             return None
@@ -266,12 +375,15 @@ class RedisBackend:
         while not self._closing.is_set():
             pubsub = self._client.pubsub()
             try:
-                self._subscribe(pubsub)
-                with self._locked():
+                early = self._subscribe_all(pubsub)
+                with self._members_locked():
                     # From here joins and leaves wait for this lock instead of skipping Redis, so the
                     # members registered below are exactly this process's members.
                     self._healthy = True
                     self._register_again()
+                self._catch_up()
+                for data in early:
+                    self._on_message(data)
                 self._announce_up()
                 self._listen(pubsub)
             except Exception as exc:  # whatever breaks, the supervisor must carry on
@@ -284,21 +396,40 @@ class RedisBackend:
                 self._lost(exc)
             finally:
                 self._settled.set()
+                self._pubsub = None
                 with contextlib.suppress(redis.RedisError, OSError):
                     pubsub.close()
             if self._closing.wait(self._backoff):
                 break
             self._backoff = min(self._backoff * 2, MAX_BACKOFF)
 
-    def _subscribe(self, pubsub: Any) -> None:
-        """Subscribe and wait for Redis to confirm it, so nothing published after this is missed."""
-        pubsub.subscribe(wire.CHANNEL)
-        deadline = time.monotonic() + self._timeout
-        while time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-            if message is not None and message["type"] == "subscribe":
-                return
-        raise redis.TimeoutError("no subscribe confirmation")
+    def _subscribe_all(self, pubsub: Any) -> list[bytes]:
+        """Subscribe to the relay and every local room, and wait for Redis to confirm all of them.
+        Returns the room messages that came meanwhile (delivered after the catch-up)."""
+        rooms = list(self._members)
+        self._subscribed = {room: Event() for room in rooms}
+        self._confirming = {}
+        channels = [wire.RELAY_CHANNEL, *(wire.room_channel(room) for room in rooms)]
+        pubsub.subscribe(*channels)
+        self._pubsub = pubsub
+        early: list[bytes] = []
+        pending = len(channels)
+        deadline = time.monotonic() + self._timeout * (1 + len(channels) // 1000)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise redis.TimeoutError("no subscribe confirmation")
+            message = pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            if message["type"] == "subscribe":
+                room = wire.channel_room(message["channel"])
+                if room is not None and room in self._subscribed:
+                    self._subscribed[room].set()
+                pending -= 1
+            elif message["type"] == "message":
+                early.append(message["data"])
+        return early
 
     def _register_again(self) -> None:
         """Start a new incarnation holding every local member; retire the previous one."""
@@ -311,9 +442,18 @@ class RedisBackend:
             key = wire.room_key(room, "members")
             pipe.hset(key, mapping={wire.member_field(incarnation, m): n for m, n in members.items()})
             pipe.expire(key, wire.MEMBERS_TTL)
-            if self._seqs.get(room):
-                self._run(self._raise_seq_script, wire.raise_seq_call(room, self._seqs[room]), pipe)
         pipe.execute()
+
+    def _catch_up(self) -> None:
+        """After a reconnection: deliver what each room's members missed meanwhile, from its log."""
+        for room, epoch, last in self._cursors.rooms():
+            current_epoch, current, missed = self._run(self._catch_up_script, wire.catch_up_call(room, last))
+            if current_epoch is None or current_epoch.decode() != epoch:
+                continue  # a new life: the room's next message tells its members (RESTARTED)
+            if current > last and (not missed or int(wire.message_seq(missed[0])) > last + 1):
+                self._notify(room, protocol.error(protocol.HISTORY_GONE, GAP_TEXT, room=room, epoch=epoch))
+            for payload in missed:
+                self._on_room_event(room, wire.message_seq(payload), epoch, None, payload)
 
     def _announce_up(self) -> None:
         if not self._up:
@@ -329,44 +469,60 @@ class RedisBackend:
         next_beat = time.monotonic() + HEARTBEAT_SECONDS
         while self._healthy and not self._closing.is_set():
             message = pubsub.get_message(timeout=LISTEN_POLL)
-            if message is not None and message["type"] == "message":
-                self._on_bus(message["data"])
+            if message is not None:
+                kind = message["type"]
+                if kind == "message":
+                    self._on_message(message["data"])
+                elif kind == "subscribe":
+                    self._on_confirmation(message)
             if time.monotonic() >= next_beat:
                 self._heartbeat()
                 next_beat = time.monotonic() + HEARTBEAT_SECONDS
 
     def _heartbeat(self) -> None:
-        with self._locked():
+        with self._members_locked():
             pipe = self._client.pipeline(transaction=False)
             pipe.set(wire.proc_key(self._bus.incarnation), 1, ex=wire.PROC_TTL, get=True)
             for room in self._members:
                 pipe.expire(wire.room_key(room, "members"), wire.MEMBERS_TTL)
             alive = pipe.execute()[0]
             if alive is None:
-                # Our key expired (this process stalled past PROC_TTL) and others may have dropped our
-                # members as dead: register them again.
+                # Our key expired (this process stalled past PROC_TTL, or Redis lost it) and others may
+                # have dropped our members as dead: register them again.
                 log.warning("broker: liveness key had expired; registering local members again")
                 self._register_again()
         self._backoff = MIN_BACKOFF
 
-    def _on_bus(self, data: bytes) -> None:
-        if self._bus.is_echo(data):
-            return
+    def _on_message(self, data: bytes) -> None:
+        self._messages_in += 1
         try:
             message = wire.parse_envelope(data)
         except ValueError:
-            log.warning("broker: malformed message on %s ignored", wire.CHANNEL)
+            log.warning("broker: malformed message ignored")
             return
+        own = self._bus.is_echo(data)
         if message.is_relay:
-            self._on_relay(message.payload)
+            if not own:
+                self._on_relay(message.payload)
             return
-        room = message.room
-        self._seen(room, message.seq)
-        if room in self._members and self._deliver is not None:
+        self._on_room_event(message.room, message.seq, message.epoch, message.origin if own else None, message.payload)
+
+    def _on_room_event(self, room: str, seq: int, epoch: str, origin: str | None, payload: bytes) -> None:
+        if room not in self._members:
+            return  # in flight when the last local member left
+        verdict = self._cursors.offer(room, seq, epoch)
+        if verdict is wire.Verdict.REPEAT:
+            return
+        if verdict is wire.Verdict.RESTARTED:
+            self._notify(room, protocol.error(protocol.HISTORY_GONE, RESTARTED_TEXT, room=room, epoch=epoch))
+        self._notify(room, payload, seq, origin)
+
+    def _notify(self, room: str, payload: bytes, seq: int = 0, origin: str | None = None) -> None:
+        if self._deliver is not None:
             try:
-                self._deliver(room, message.payload)
+                self._deliver(room, seq, origin, payload)
             except Exception:
-                log.exception("broker: delivering a message from another process failed")
+                log.exception("broker: delivering a room event failed")
 
     def _on_relay(self, frame: bytes) -> None:
         if self._relay_deliver is not None:

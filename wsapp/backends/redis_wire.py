@@ -1,67 +1,88 @@
-"""What the Redis broker writes and reads, without I/O: key names, Lua scripts, the bus channel, envelopes.
+"""What the Redis broker writes and reads, without I/O: key names, Lua scripts, channels, envelopes,
+and the per-room cursor that keeps delivery in seq order with no repeats.
 
 The transport (`backends/redis.py`, inside a server) and the Emitter (any Python process) both build
 their Redis calls here, so a message is numbered, stored and announced the same way whoever sends it.
 
-Keys (one Redis, not Cluster: the join script reads process keys it is not handed):
+Keys (a room's keys share a hash slot through the `{<room>}` hash tag):
 
-- `wsapp:room:<room>:seq`      INCR counter; with `:log` it expires ROOM_TTL after the room's last publish.
-- `wsapp:room:<room>:log`      stream of the last WSAPP_HISTORY messages, entry id `<seq>-0`, field `m`.
-- `wsapp:room:<room>:members`  hash `<incarnation>:<member id>` -> display name; expires MEMBERS_TTL
-                               after the last heartbeat of any process with members in the room.
-- `wsapp:proc:<incarnation>`   liveness of one process incarnation, expires PROC_TTL after its last
-                               heartbeat. A member entry counts only while its incarnation's key lives;
-                               the join script drops dead entries as it lists them.
-- channel `wsapp:bus`          every publish and presence event, as `<incarnation> <room> <seq> <payload>`
-                               (seq 0 for presence), and every relay (`/`) message as
-                               `<incarnation> / 0 <frame>` (`/` is no valid room name; the frame is the
-                               one the sender's process built, type and bytes included, never stored).
-                               Each process drops envelopes from its own process id.
+- `wsapp:room:{<room>}:ctr`     hash `seq` (HINCRBY) and `epoch`; NO expiry, so no volatile-* eviction
+                                policy can take it. When it is missing (a new room, FLUSHALL, allkeys
+                                eviction, failover to an empty replica) the scripts make it again with
+                                a new random epoch and drop the log, which belonged to the old life.
+- `wsapp:room:{<room>}:log`     stream of the last WSAPP_HISTORY messages, entry id `<seq>-0`, field
+                                `m`; expires ROOM_TTL after the room's last publish. A lost log with a
+                                kept counter reads as `history_gone`, never as a restart.
+- `wsapp:room:{<room>}:members` hash `<incarnation>:<member id>` -> display name; expires MEMBERS_TTL
+                                after the last heartbeat of any process with members in the room.
+- `wsapp:proc:<incarnation>`    liveness of one process incarnation, expires PROC_TTL after its last
+                                heartbeat. A member entry counts only while its incarnation's key lives;
+                                the join script drops dead entries as it lists them.
+- channel `wsapp:room:{<room>}` every publish and presence event of the room, as
+                                `<incarnation> <room> <seq> <epoch> <origin> <payload>` (seq 0 and epoch
+                                `-` for presence; origin = the member id it came from, `-` if none).
+                                Processes subscribe only to rooms they have members in.
+- channel `wsapp:relay`         every relay (`/`) message as `<incarnation> / 0 - - <frame>` (the frame
+                                the sender's process built, type and bytes included, never stored);
+                                each process drops its own.
 
 An incarnation is `<process id>.<n>`: each (re)connection of a server starts a new one. An Emitter is
-a process id of its own that never has members, so every server delivers what it publishes.
+a process id of its own that never has members.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from enum import Enum
 from typing import NamedTuple
 
-CHANNEL = "wsapp:bus"
+RELAY_CHANNEL = "wsapp:relay"
 PROC_PREFIX = "wsapp:proc:"
 PROC_TTL = 10  # seconds a crashed process's members keep being listed
 MEMBERS_TTL = 60  # a room hash nobody refreshes any more (all its processes gone) is dropped after this
-ROOM_TTL = 24 * 3600  # seq and history of a room nobody publishes to
+ROOM_TTL = 24 * 3600  # history of a room nobody publishes to (its counter and epoch stay)
 RELAY_ROOM = "/"  # the room field of a relay envelope: no room can be called that
+NO_ORIGIN = "-"
 
-# KEYS: seq, log. ARGV: head, tail, history length, envelope prefix "<incarnation> <room> ", channel, ttl.
-PUBLISH_SCRIPT = """
-local seq = redis.call('INCR', KEYS[1])
+# Make the counter (with a new epoch, dropping the old life's log) when it is missing; leaves `epoch` set.
+_COUNTER = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[NEW_EPOCH]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+end
+"""
+
+# KEYS: ctr, log. ARGV: head, tail, history length, envelope prefix "<incarnation> <room> ", channel,
+# ttl, origin, new epoch. Returns {seq, epoch}.
+PUBLISH_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8") + """
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local s = string.format('%d', seq)
 local payload = ARGV[1] .. s .. ARGV[2]
 local keep = tonumber(ARGV[3])
 if keep > 0 then
   local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', keep, s .. '-0', 'm', payload)
   if type(added) == 'table' and added.err then
-    -- the log is ahead of the counter (the counter was lost): the old log describes another life
+    -- the log is ahead of the counter (written by hand, or an old version): it describes another life
     redis.call('DEL', KEYS[2])
     redis.call('XADD', KEYS[2], 'MAXLEN', keep, s .. '-0', 'm', payload)
   end
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('PUBLISH', ARGV[5], ARGV[4] .. s .. ' ' .. payload)
-return seq
+redis.call('PUBLISH', ARGV[5], ARGV[4] .. s .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. payload)
+return {seq, epoch}
 """
 
-# KEYS: seq, log, members. ARGV: field, name, since (-1 = none), presence envelope ('' = none),
-# channel, process key prefix, members ttl. Returns {seq, live member names, replay, history gone}.
-JOIN_SCRIPT = """
+# KEYS: ctr, log, members. ARGV: field, name, since (-1 = none), presence envelope ('' = none),
+# channel, process key prefix, members ttl, new epoch, the client's epoch ('' = none).
+# Returns {seq, live member names, replay, history gone, epoch}.
+JOIN_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8") + """
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[7])
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[4]) end
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local names, alive = {}, {[string.match(ARGV[1], '^([^:]*):')] = true}  -- the caller is alive
 local all = redis.call('HGETALL', KEYS[3])
 for i = 1, #all, 2 do
@@ -76,35 +97,56 @@ end
 local replay, gone = {}, 0
 local since = tonumber(ARGV[3])
 if since >= 0 then
-  local from = '-'
-  if since <= current then from = string.format('%d', since + 1) end
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], from, '+')) do replay[#replay + 1] = entry[2][2] end
-  if since > current then
-    gone = 1
-  elseif since < current then
-    local oldest = current + 1
-    local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-    if #first > 0 then oldest = tonumber(string.match(first[1][1], '^%d+')) end
-    if since + 1 < oldest then gone = 1 end
+  if ARGV[9] ~= '' and ARGV[9] ~= epoch then
+    gone = 1  -- numbers from another life of the room: replaying by them would skip or repeat
+  else
+    local from = '-'
+    if since <= current then from = string.format('%d', since + 1) end
+    for _, entry in ipairs(redis.call('XRANGE', KEYS[2], from, '+')) do replay[#replay + 1] = entry[2][2] end
+    if since > current then
+      gone = 1
+    elseif since < current then
+      local oldest = current + 1
+      local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+      if #first > 0 then oldest = tonumber(string.match(first[1][1], '^%d+')) end
+      if since + 1 < oldest then gone = 1 end
+    end
   end
 end
-return {current, names, replay, gone}
+return {current, names, replay, gone, epoch}
 """
 
-# KEYS: seq. ARGV: floor, ttl. Numbers handed out locally while Redis was away are never handed out again.
-RAISE_SEQ_SCRIPT = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+# KEYS: ctr, log. ARGV: after (the last seq delivered). Returns {epoch or false, seq, entries after}.
+CATCH_UP_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local out = {}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[2], string.format('%d', tonumber(ARGV[1]) + 1), '+')) do
+  out[#out + 1] = entry[2][2]
 end
+return {epoch, current, out}
 """
 
 
-# ---- keys ---------------------------------------------------------------------------------------
+# ---- keys and channels --------------------------------------------------------------------------
 
 
 def room_key(room: str, part: str) -> str:
-    """`wsapp:room:<room>:<part>`, part being `seq`, `log` or `members`."""
-    return f"wsapp:room:{room}:{part}"
+    """`wsapp:room:{<room>}:<part>`, part being `ctr`, `log` or `members` (one hash slot per room)."""
+    return f"wsapp:room:{{{room}}}:{part}"
+
+
+def room_channel(room: str) -> str:
+    """The channel of one room's messages and presence."""
+    return f"wsapp:room:{{{room}}}"
+
+
+def channel_room(channel: bytes) -> str | None:
+    """The room a channel belongs to; None for the relay channel or anything else."""
+    name = channel.decode(errors="replace")
+    if name.startswith("wsapp:room:{") and name.endswith("}"):
+        return name[len("wsapp:room:{"):-1]
+    return None
 
 
 def proc_key(incarnation: str) -> str:
@@ -115,6 +157,11 @@ def proc_key(incarnation: str) -> str:
 def member_field(incarnation: str, member_id: str) -> str:
     """A member's field in its room's members hash; the join script reads the owner before the `:`."""
     return f"{incarnation}:{member_id}"
+
+
+def new_epoch() -> str:
+    """A fresh epoch: random, so a room made again never reuses one."""
+    return secrets.token_hex(6)
 
 
 # ---- script calls -------------------------------------------------------------------------------
@@ -128,43 +175,58 @@ class ScriptCall:
     args: list[bytes | str | int]
 
 
-def publish_call(incarnation: str, room: str, head: bytes, tail: bytes, history: int) -> ScriptCall:
+def publish_call(
+    incarnation: str, room: str, head: bytes, tail: bytes, history: int, origin: str | None = None
+) -> ScriptCall:
     """PUBLISH_SCRIPT for one message `head + seq + tail` of `room`, keeping the last `history`."""
     return ScriptCall(
-        keys=[room_key(room, "seq"), room_key(room, "log")],
-        args=[head, tail, history, f"{incarnation} {room} ", CHANNEL, ROOM_TTL],
+        keys=[room_key(room, "ctr"), room_key(room, "log")],
+        args=[head, tail, history, f"{incarnation} {room} ", room_channel(room), ROOM_TTL, origin or NO_ORIGIN,
+              new_epoch()],
     )
 
 
 def join_call(
-    incarnation: str, room: str, member_id: str, name: str, presence: bytes | None, since: int | None
+    incarnation: str,
+    room: str,
+    member_id: str,
+    name: str,
+    presence: bytes | None,
+    since: int | None,
+    epoch: str | None = None,
 ) -> ScriptCall:
     """JOIN_SCRIPT for one member; `presence` (None on a repeated join) goes out in its envelope."""
     return ScriptCall(
-        keys=[room_key(room, "seq"), room_key(room, "log"), room_key(room, "members")],
+        keys=[room_key(room, "ctr"), room_key(room, "log"), room_key(room, "members")],
         args=[
             member_field(incarnation, member_id),
             name,
             -1 if since is None else since,
-            envelope(incarnation, room, 0, presence) if presence is not None else b"",
-            CHANNEL,
+            envelope(incarnation, room, 0, presence, origin=member_id) if presence is not None else b"",
+            room_channel(room),
             PROC_PREFIX,
             MEMBERS_TTL,
+            new_epoch(),
+            epoch or "",
         ],
     )
 
 
-def raise_seq_call(room: str, floor: int) -> ScriptCall:
-    """RAISE_SEQ_SCRIPT: lift `room`'s counter to at least `floor`."""
-    return ScriptCall(keys=[room_key(room, "seq")], args=[floor, ROOM_TTL])
+def catch_up_call(room: str, after: int) -> ScriptCall:
+    """CATCH_UP_SCRIPT: the room's epoch, seq and kept messages after `after`."""
+    return ScriptCall(keys=[room_key(room, "ctr"), room_key(room, "log")], args=[after])
 
 
-# ---- envelopes on the bus -----------------------------------------------------------------------
+# ---- envelopes ----------------------------------------------------------------------------------
 
 
-def envelope(incarnation: str, room: str, seq: int, payload: bytes) -> bytes:
-    """`<incarnation> <room> <seq> <payload>`; seq 0 for presence and relay frames."""
-    return b"%s %s %d %s" % (incarnation.encode(), room.encode(), seq, payload)
+def envelope(
+    incarnation: str, room: str, seq: int, payload: bytes, epoch: str = "-", origin: str | None = None
+) -> bytes:
+    """`<incarnation> <room> <seq> <epoch> <origin> <payload>`; seq 0 for presence and relay frames."""
+    return b"%s %s %d %s %s %s" % (
+        incarnation.encode(), room.encode(), seq, epoch.encode(), (origin or NO_ORIGIN).encode(), payload
+    )
 
 
 def relay_prefix(incarnation: str) -> bytes:
@@ -173,11 +235,13 @@ def relay_prefix(incarnation: str) -> bytes:
 
 
 class Envelope(NamedTuple):
-    """One message off the bus. A NamedTuple: the subscriber decodes one per relay frame."""
+    """One message off the broker. A NamedTuple: the subscriber decodes one per relay frame."""
 
     incarnation: bytes
     room: str
     seq: int
+    epoch: str
+    origin: str | None
     payload: bytes
 
     @property
@@ -187,12 +251,14 @@ class Envelope(NamedTuple):
 
 def parse_envelope(data: bytes) -> Envelope:
     """Split an envelope; ValueError when it is not one (too few fields, a seq that is no number)."""
-    incarnation, room, seq, payload = data.split(b" ", 3)
-    return Envelope(incarnation, room.decode(), int(seq), payload)
+    incarnation, room, seq, epoch, origin, payload = data.split(b" ", 5)
+    member = origin.decode()
+    return Envelope(incarnation, room.decode(), int(seq), epoch.decode(), None if member == NO_ORIGIN else member,
+                    payload)
 
 
 class BusIdentity:
-    """One process on the bus: its process id, its current incarnation, and how to spot its own echoes."""
+    """One process on the broker: its process id, its current incarnation, and how to spot its own."""
 
     __slots__ = ("_own_prefix", "generation", "incarnation", "process_id")
 
@@ -212,3 +278,60 @@ class BusIdentity:
     def is_echo(self, data: bytes) -> bool:
         """True for an envelope this process published itself (in any incarnation)."""
         return data.startswith(self._own_prefix)
+
+
+# ---- delivery order -----------------------------------------------------------------------------
+
+
+class Verdict(Enum):
+    DELIVER = "deliver"
+    REPEAT = "repeat"  # a seq already delivered (a catch-up met the live stream): drop it
+    RESTARTED = "restarted"  # another epoch: the room's counter was lost; tell members, then deliver
+
+
+class Cursors:
+    """Per room with local members: the epoch and the last seq delivered. Redis hands one room's
+    events over in numbering order; this drops what a catch-up after a reconnection already delivered
+    and notices a room that started a new life."""
+
+    __slots__ = ("_rooms",)
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, tuple[str, int]] = {}
+
+    def offer(self, room: str, seq: int, epoch: str) -> Verdict:
+        """Whether to deliver message `seq` of `epoch` (presence, seq 0, always is)."""
+        if not seq:
+            return Verdict.DELIVER
+        known = self._rooms.get(room)
+        self._rooms[room] = (epoch, seq)
+        if known is None:
+            return Verdict.DELIVER
+        if known[0] != epoch:
+            return Verdict.RESTARTED
+        if seq <= known[1]:
+            self._rooms[room] = known
+            return Verdict.REPEAT
+        return Verdict.DELIVER
+
+    def start(self, room: str, epoch: str, seq: int) -> None:
+        """Where a room's delivery starts (its first local join), unless events already set it."""
+        self._rooms.setdefault(room, (epoch, seq))
+
+    def position(self, room: str) -> tuple[str, int] | None:
+        return self._rooms.get(room)
+
+    def rooms(self) -> list[tuple[str, str, int]]:
+        return [(room, epoch, seq) for room, (epoch, seq) in self._rooms.items()]
+
+    def forget(self, room: str) -> None:
+        self._rooms.pop(room, None)
+
+
+def message_seq(payload: bytes) -> int:
+    """The seq of a stored `message` payload (built by `protocol.message_parts`: `"seq":` then digits)."""
+    start = payload.index(b'"seq":') + 6
+    end = start
+    while payload[end:end + 1].isdigit():
+        end += 1
+    return int(payload[start:end])

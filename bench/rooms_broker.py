@@ -1,0 +1,99 @@
+"""The rooms broker path alone (hub + broker, no sockets): publishes/s and deliveries/s, in-process
+against Redis, for one process.
+
+    .venv/bin/python bench/rooms_broker.py --rooms 1 --members 100 --senders 10          # memory
+    .venv/bin/python bench/rooms_broker.py --rooms 1 --members 100 --senders 10 --redis redis://127.0.0.1:6379/0
+    .venv/bin/python bench/rooms_broker.py --rooms 2000 --members 1 --senders 64 --redis ...   # many small rooms
+
+Members are recorders (the hub's only contract with a connection is `send`), so the figures are the
+broker's and the hub's cost, not the network's; `bench/run.py` measures whole servers.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+
+from wsapp.backends.memory import MemoryBackend  # noqa: E402
+from wsapp.hub import Hub  # noqa: E402
+from wsapp.metrics import Stats  # noqa: E402
+
+
+class Recorder:
+    """A member that counts what it is sent."""
+
+    __slots__ = ("id", "name", "received")
+
+    def __init__(self, n: int) -> None:
+        self.id = f"m{n}"
+        self.name = self.id
+        self.received = 0
+
+    def send(self, frame: bytes) -> bool:
+        self.received += 1
+        return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--redis", help="REDIS_URL; in-process broker without it")
+    p.add_argument("--rooms", type=int, default=1)
+    p.add_argument("--members", type=int, default=100, help="per room")
+    p.add_argument("--senders", type=int, default=10, help="greenlets publishing at once")
+    p.add_argument("--seconds", type=float, default=3.0)
+    args = p.parse_args()
+    if args.redis:
+        from wsapp.backends.redis import RedisBackend
+
+        backend = RedisBackend(args.redis, 100)
+    else:
+        backend = MemoryBackend(100)  # type: ignore[assignment]
+    hub = Hub(backend, lambda payload: payload, Stats(), max_rooms=10**6)  # type: ignore[arg-type]
+    prefix = f"b{time.time_ns() % 10**9}-"
+    rooms = [f"{prefix}{i}" for i in range(args.rooms)]
+    members = [Recorder(n) for n in range(args.rooms * args.members)]
+    for i, member in enumerate(members):
+        hub.join(member, rooms[i // args.members])
+    settle = time.monotonic() + 10
+    while getattr(hub, "_joining", None) and time.monotonic() < settle:
+        gevent.sleep(0.01)  # joiners go live when their presence comes back from the broker
+    gevent.sleep(0.2)  # let the presence flood of the joins pass, then count from zero
+    for member in members:
+        member.received = 0
+    published = 0
+    deadline = time.monotonic() + args.seconds
+    order = itertools.cycle(rooms)
+
+    def sender() -> None:
+        nonlocal published
+        while time.monotonic() < deadline:
+            hub.post(next(order), {"text": "x" * 40}, "bench")
+            published += 1
+
+    started = time.monotonic()
+    gevent.joinall([gevent.spawn(sender) for _ in range(args.senders)])
+    elapsed = time.monotonic() - started
+    expected = published * args.members
+    wait_until = time.monotonic() + 10
+    while sum(m.received for m in members) < expected and time.monotonic() < wait_until:
+        gevent.sleep(0.01)  # deliveries from the broker's subscription still arriving
+    delivered_at = time.monotonic() - started
+    delivered = sum(m.received for m in members)
+    print(json.dumps({
+        "broker": backend.name, "rooms": args.rooms, "members": args.members, "senders": args.senders,
+        "publishes_per_s": round(published / elapsed), "deliveries_per_s": round(delivered / delivered_at),
+        "delivered_all": delivered >= expected,
+    }))
+    backend.close()
+
+
+if __name__ == "__main__":
+    main()

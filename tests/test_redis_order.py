@@ -1,0 +1,339 @@
+"""Issue 11's faults, reproduced against a real redis-server with two wsapp processes: a room's
+messages reach every subscriber in seq order, once; no seq is given twice; counters never restart
+silently; a process receives only the traffic of rooms it has members in."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import websocket
+
+from tests.clients import connect, get_json, recv_json, recv_type, send_json, wait_for
+from tests.harness import ServerProcess
+from tests.redis_fixture import RedisServer
+from tests.test_publish_api import AUTH, KEY, post
+from wsapp import Emitter
+
+pytestmark = pytest.mark.redis
+
+HISTORY = 2000
+PAUSE_SECONDS = 3.0
+ENV = {"WSAPP_HISTORY": str(HISTORY), "WSAPP_RATE_LIMIT": "0"}
+
+
+def room() -> str:
+    return "o-" + uuid.uuid4().hex[:12]
+
+
+def member(srv: ServerProcess, name: str) -> websocket.WebSocket:
+    ws = connect(srv.ws(f"/ws?name={name}"))
+    assert recv_json(ws)["type"] == "welcome"
+    return ws
+
+
+def broker_in(srv: ServerProcess) -> int:
+    return int(get_json(srv.http("/stats"))[1]["broker_messages_in"])
+
+
+class Publisher(threading.Thread):
+    """A closed-loop publisher: one message at a time, waiting for its ack; `unavailable` is retried
+    (with a short back-off so a down broker is not hammered). Records every seq it was acked."""
+
+    def __init__(self, srv: ServerProcess, r: str, name: str) -> None:
+        super().__init__(daemon=True)
+        self.ws = member(srv, name)
+        send_json(self.ws, type="join", room=r)
+        recv_type(self.ws, "joined")
+        self.room = r
+        self.name = name
+        self.acked: list[int] = []
+        self.refused = 0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        n = 0
+        try:
+            while not self.stop.is_set():
+                send_json(self.ws, type="publish", room=self.room, data=[self.name, n], id=n)
+                while True:
+                    reply = recv_json(self.ws)
+                    if reply.get("id") == n:
+                        break
+                if reply["type"] == "ack":
+                    self.acked.append(reply["seq"])
+                else:
+                    assert reply["code"] == "unavailable", reply
+                    self.refused += 1
+                    self.stop.wait(0.05)  # back-off before retrying, not synchronisation
+                n += 1
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def finish(self) -> list[int]:
+        self.stop.set()
+        self.join(15)
+        assert not self.is_alive() and self.error is None, self.error
+        self.ws.close()
+        return self.acked
+
+
+class Listener(threading.Thread):
+    """Reads every frame of one member and keeps the `message` seqs (and anything else) in order."""
+
+    def __init__(self, srv: ServerProcess, r: str, name: str, **join: Any) -> None:
+        super().__init__(daemon=True)
+        self.ws = member(srv, name)
+        self.ws.settimeout(30)
+        send_json(self.ws, type="join", room=r, **join)
+        self.first = recv_json(self.ws)  # nothing may come before `joined`
+        self.seqs: list[int] = []
+        self.other: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.closing = False
+
+    def run(self) -> None:
+        try:
+            while True:
+                msg = recv_json(self.ws)
+                if msg["type"] == "message":
+                    self.seqs.append(msg["seq"])
+                elif msg["type"] != "presence":
+                    self.other.append(msg)
+        except (websocket.WebSocketConnectionClosedException, OSError):
+            pass
+        except BaseException as exc:
+            if not self.closing:  # our own close ends the read with a close frame
+                self.error = exc
+
+    def close(self) -> None:
+        self.closing = True
+        self.ws.close()
+        self.join(5)
+
+
+def assert_in_order_once(seqs: list[int]) -> None:
+    repeated = len(seqs) - len(set(seqs))
+    backwards = sum(1 for x, y in itertools.pairwise(seqs) if y <= x)
+    assert (repeated, backwards) == (0, 0), f"{repeated} repeated, {backwards} out of order"
+
+
+@pytest.fixture
+def two(make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess]) -> Iterator[
+    tuple[RedisServer, ServerProcess, ServerProcess]
+]:
+    broker = make_redis()
+    yield broker, make_server(REDIS_URL=broker.url, **ENV), make_server(REDIS_URL=broker.url, **ENV)
+
+
+def test_a_process_receives_only_the_rooms_it_has_members_in(
+    two: tuple[RedisServer, ServerProcess, ServerProcess],
+) -> None:
+    _, a, b = two
+    r = room()
+    talker, hearer = member(a, "talker"), member(a, "hearer")
+    for ws in (talker, hearer):
+        send_json(ws, type="join", room=r)
+        recv_type(ws, "joined")
+    before = broker_in(b)
+    for i in range(50):
+        send_json(talker, type="publish", room=r, data=i)
+    assert [recv_type(hearer, "message")["seq"] for _ in range(50)] == list(range(1, 51))
+    assert broker_in(b) == before  # b has nobody in the room: none of its traffic reached b
+    # Once b has a member, the room's traffic reaches it (the counter can move).
+    remote = member(b, "remote")
+    send_json(remote, type="join", room=r)
+    recv_type(remote, "joined")
+    send_json(talker, type="publish", room=r, data="now")
+    assert recv_type(remote, "message")["seq"] == 51
+    assert broker_in(b) > before
+    with urllib.request.urlopen(b.http("/metrics"), timeout=5) as resp:
+        assert "wsapp_broker_messages_in_total" in resp.read().decode()
+    # And after its last member leaves, b stops receiving the room again.
+    send_json(remote, type="leave", room=r)
+    recv_type(remote, "left")
+    wait_for(lambda: (n := broker_in(b)) == broker_in(b) and n, what="b's count to settle")
+    settled = broker_in(b)
+    for i in range(20):
+        send_json(talker, type="publish", room=r, data=i)
+    assert [recv_type(hearer, "message")["seq"] for _ in range(21)][-1] == 71
+    assert broker_in(b) == settled
+    for ws in (talker, hearer, remote):
+        ws.close()
+
+
+def test_publishers_on_two_processes_and_joins_under_traffic_keep_order_without_duplicates(
+    two: tuple[RedisServer, ServerProcess, ServerProcess],
+) -> None:
+    _, a, b = two
+    r = room()
+    watchers = [Listener(a, r, "wa"), Listener(b, r, "wb")]
+    for w in watchers:
+        w.start()
+    publishers = [Publisher(a, r, "pa"), Publisher(b, r, "pb")]
+    for p in publishers:
+        p.start()
+    try:
+        for attempt in range(30):
+            srv = (a, b)[attempt % 2]
+            # With `since` (half the tries) the replay and the live stream meet; without, only live.
+            since = None
+            if attempt % 4 < 2:
+                wait_for(lambda: publishers[0].acked, what="traffic")
+                since = max(publishers[0].acked[-1] - 3, 0)
+            joiner = member(srv, f"j{attempt}")
+            send_json(joiner, type="join", room=r, **({} if since is None else {"since": since}))
+            first = recv_json(joiner)
+            assert first["type"] == "joined", first
+            seqs: list[int] = []
+            start = first["seq"] if since is None else since
+            while len(seqs) < 8:
+                msg = recv_json(joiner)
+                if msg["type"] == "message":
+                    seqs.append(msg["seq"])
+                else:
+                    assert msg["type"] == "presence", msg
+            # Every seq after the start, once, in order: nothing skipped, nothing twice.
+            assert seqs == list(range(start + 1, start + 9)), (attempt, since, first["seq"], seqs)
+            joiner.close()
+    finally:
+        acked = [p.finish() for p in publishers]
+    everything = sorted(acked[0] + acked[1])
+    assert len(set(everything)) == len(everything)  # no seq acked twice
+    last = everything[-1]
+    for w in watchers:
+        wait_for(lambda w=w: w.seqs and w.seqs[-1] >= last, what="watchers to see the last message")
+        w.close()
+        assert w.first["type"] == "joined" and w.error is None
+        assert_in_order_once(w.seqs)
+        assert w.seqs == list(range(1, last + 1))  # both publishers' messages, in seq order, never backwards
+
+
+def test_redis_paused_under_traffic_gives_no_seq_twice_and_loses_no_acked_message(
+    two: tuple[RedisServer, ServerProcess, ServerProcess],
+) -> None:
+    broker, a, b = two
+    assert broker.proc is not None
+    r = room()
+    listeners = [Listener(a, r, "la"), Listener(b, r, "lb")]
+    for w in listeners:
+        w.start()
+    publishers = [Publisher(a, r, "pa"), Publisher(b, r, "pb")]
+    for p in publishers:
+        p.start()
+    wait_for(lambda: all(len(p.acked) >= 20 for p in publishers), what="traffic before the pause")
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    paused = time.monotonic()
+    try:
+        # Both processes notice (a publish or a heartbeat times out) and refuse instead of numbering.
+        wait_for(lambda: all(p.refused for p in publishers), timeout=6, what="publishes refused while paused")
+        paused_at = [len(p.acked) for p in publishers]
+        wait_for(lambda: get_json(a.http("/healthz"))[0] == 503, timeout=6, what="a degraded")
+        # The fault lasts ~3 s, as an operator's pause would (a duration, not a synchronisation).
+        time.sleep(max(0.0, PAUSE_SECONDS - (time.monotonic() - paused)))
+        assert [len(p.acked) for p in publishers] == paused_at  # nothing numbered without Redis
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    wait_for(lambda: all(len(p.acked) >= n + 20 for p, n in zip(publishers, paused_at, strict=True)),
+             timeout=15, what="traffic after the pause")
+    acked = [p.finish() for p in publishers]
+    everything = acked[0] + acked[1]
+    assert len(set(everything)) == len(everything)  # no seq given to two messages
+    for mine in acked:
+        assert mine == sorted(mine)
+    for w in listeners:
+        wait_for(lambda w=w: set(everything) <= set(w.seqs), timeout=10, what="every acked message delivered")
+        w.close()
+        assert w.error is None
+        assert_in_order_once(w.seqs)  # once each, in seq order (a timed-out publish may appear: it ran)
+
+
+def test_small_maxmemory_with_volatile_lru_never_restarts_a_counter(
+    make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess]
+) -> None:
+    broker = make_redis()
+    admin = broker.client()
+    used = int(admin.info("memory")["used_memory"])
+    admin.config_set("maxmemory", used + 3 * 1024 * 1024)
+    admin.config_set("maxmemory-policy", "volatile-lru")
+    srv = make_server(REDIS_URL=broker.url, **ENV)
+    rooms = [room() for _ in range(8)]
+    watcher = Listener(srv, rooms[0], "w")
+    watcher.start()
+    blob = "x" * 8000
+    per_room: dict[str, list[int]] = {r: [] for r in rooms}
+    with Emitter(broker.url, history=HISTORY) as emitter:
+        for i in range(150):  # 8 rooms x 150 x 8 KB: far more than maxmemory, so logs are evicted
+            for r in rooms:
+                per_room[r].append(emitter.publish(r, {"i": i, "blob": blob}))
+    assert int(admin.info("stats")["evicted_keys"]) > 0  # the pressure was real
+    for seqs in per_room.values():
+        assert seqs == list(range(1, 151))  # never restarted at 1: counters carry no TTL
+    wait_for(lambda: len(watcher.seqs) >= 150, what="the watcher's messages")
+    watcher.close()
+    assert watcher.seqs == list(range(1, 151))
+    admin.close()
+
+
+def test_flushall_changes_the_epoch_and_an_old_since_gets_history_gone(
+    two: tuple[RedisServer, ServerProcess, ServerProcess],
+) -> None:
+    broker, a, b = two
+    r = room()
+    writer, reader = member(a, "writer"), member(b, "reader")
+    send_json(writer, type="join", room=r)
+    old_epoch = recv_type(writer, "joined")["epoch"]
+    send_json(reader, type="join", room=r)
+    assert recv_type(reader, "joined")["epoch"] == old_epoch
+    for i in range(3):
+        send_json(writer, type="publish", room=r, data=i, id=i)
+        assert recv_type(writer, "ack")["seq"] == i + 1
+    admin = broker.client()
+    admin.flushall()
+    send_json(writer, type="publish", room=r, data="after", id="f")
+    assert recv_type(writer, "ack")["seq"] == 1  # a new life of the room
+    # The live member on the other process is told the numbering restarted, with the new epoch.
+    notice = recv_type(reader, "error")
+    assert (notice["code"], notice["room"]) == ("history_gone", r)
+    new_epoch = notice["epoch"]
+    assert new_epoch != old_epoch
+    assert (m := recv_type(reader, "message"))["seq"] == 1 and m["data"] == "after"
+    # A client that remembers the old epoch and seq 3 rejoins: history_gone, no replay of the new life.
+    back = member(b, "back")
+    send_json(back, type="join", room=r, since=3, epoch=old_epoch)
+    joined = recv_json(back)
+    assert (joined["type"], joined["seq"], joined["epoch"]) == ("joined", 1, new_epoch)
+    gone = recv_json(back)
+    assert (gone["type"], gone["code"], gone["epoch"]) == ("error", "history_gone", new_epoch)
+    send_json(back, type="ping", id="end")
+    assert recv_json(back) == {"type": "pong", "id": "end"}  # nothing replayed
+    # With the current epoch the same kind of rejoin replays normally.
+    again = member(a, "again")
+    send_json(again, type="join", room=r, since=0, epoch=new_epoch)
+    assert recv_json(again)["type"] == "joined"
+    assert recv_json(again)["data"] == "after"
+    for ws in (writer, reader, back, again):
+        ws.close()
+    admin.close()
+
+
+def test_publish_api_answers_503_unavailable_while_redis_is_away(
+    make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess]
+) -> None:
+    broker = make_redis()
+    srv = make_server(REDIS_URL=broker.url, WSAPP_API_KEY=KEY, **ENV)
+    r = room()
+    assert post(srv, {"room": r, "data": 1})[0] == 200
+    broker.stop()
+    wait_for(lambda: get_json(srv.http("/healthz"))[0] == 503, what="degraded")
+    status, headers, body = post(srv, {"room": r, "data": 2}, AUTH)
+    assert (status, body["error"], headers.get("Retry-After")) == (503, "unavailable", "1")
