@@ -8,16 +8,15 @@ message it publishes is numbered, kept and delivered exactly like `rt.publish` i
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from wsapp import protocol
 from wsapp.backends import redis_wire as wire
-from wsapp.exceptions import MessageError
+from wsapp.backends.redis_connect import make_client
+from wsapp.config import Settings
+from wsapp.exceptions import ConfigError, MessageError
 
 
 class Emitter:
@@ -25,23 +24,21 @@ class Emitter:
 
     `history` must be the servers' WSAPP_HISTORY (default 100 on both sides): every publish trims the
     room's log to that length, so a different value changes how much a `join` with `since` can replay.
-    Thread-safe (redis-py's connection pool); create it after forking, as any Redis client.
+    Thread-safe (redis-py's connection pool); create it after forking, as any Redis client. It reads
+    the servers' WSAPP_REDIS_* settings (Sentinel, TLS) from the environment too.
     """
 
     def __init__(self, redis_url: str, history: int = 100, timeout: float = 5.0) -> None:
         if type(history) is not int or history < 0:
             raise ValueError("history must be a whole number >= 0 (the servers' WSAPP_HISTORY)")
         self._history = history
-        self._client = redis.Redis.from_url(
-            redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # No automatic retry: a reply lost after the script ran would publish the message twice.
-            # A connection Redis closed while idle is replaced by the pool before use, not retried.
-            retry=Retry(NoBackoff(), 0),
-            protocol=2,
-            client_name="wsapp-emitter",
-        )
+        # The servers' connection rules (redis_connect): Sentinel and TLS as WSAPP_REDIS_* say, no
+        # automatic retry (a reply lost after the script ran would publish the message twice; a
+        # connection Redis closed while idle is replaced by the pool before use, not retried).
+        settings = replace(Settings.from_env(), redis_url=redis_url)
+        if settings.redis_cluster:
+            raise ConfigError("WSAPP_REDIS_CLUSTER=1: rooms on a Redis Cluster are not supported yet")
+        self._client = make_client(settings, timeout, name="wsapp-emitter")
         self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
         # A process id of its own: every server delivers what it publishes (none takes it for its echo).
         self._bus = wire.BusIdentity()

@@ -30,13 +30,13 @@ import gevent
 import redis
 from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
-from redis.backoff import NoBackoff
 from redis.commands.core import Script
-from redis.retry import Retry
 
 from wsapp import protocol
 from wsapp.backends import BrokerUnavailable, Deliver, RelayFrames, RoomView
 from wsapp.backends import redis_wire as wire
+from wsapp.backends.redis_connect import make_client, where
+from wsapp.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +59,14 @@ class RedisBackend:
     name = "redis"
     inline = False
 
-    def __init__(self, url: str, history: int, timeout: float = 1.0) -> None:
-        self._history = history
+    def __init__(self, settings: Settings, timeout: float = 1.0) -> None:
+        self._history = settings.history
         self._timeout = timeout
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # Fail fast and let the supervisor reconnect: redis-py's own retries would hold a reader,
-            # and a retried script could number a message twice.
-            retry=Retry(NoBackoff(), 0),
-            protocol=2,
-        )
-        kwargs = self._client.connection_pool.connection_kwargs
-        self._where = f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}".rstrip(":")
+        # One server or the Sentinel-watched primary, TLS as configured (redis_connect): fail-fast
+        # timeouts and no redis-py retries, which would hold a reader, and a retried script could
+        # number a message twice.
+        self._client = make_client(settings, timeout)
+        self._where = where(settings)
         self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
         self._join_script = self._client.register_script(wire.JOIN_SCRIPT)
         self._catch_up_script = self._client.register_script(wire.CATCH_UP_SCRIPT)
