@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,3 +94,19 @@ class ServerProcess:
 
     def log_text(self) -> str:
         return "".join(self.log)
+
+
+@contextlib.contextmanager
+def server_pair(env: dict[str, str]) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Two servers with the same environment (say, one REDIS_URL), both stopped afterwards."""
+    a = ServerProcess(env)
+    try:
+        b = ServerProcess(env)
+    except Exception:
+        a.stop()
+        raise
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()

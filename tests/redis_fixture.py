@@ -14,6 +14,17 @@ import redis
 REDIS_SERVER = "redis-server"
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, kill: bool = False) -> None:
+    """SIGTERM (or SIGKILL: a crash) a server process and wait for it, SIGKILL if it lingers."""
+    if proc is not None and proc.poll() is None:
+        proc.kill() if kill else proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -54,13 +65,7 @@ class RedisServer:
             client.close()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.proc = None
 
     def client(self) -> redis.Redis:

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.redis_fixture import stop_process
+
 T = TypeVar("T")
 LOOPBACK = "127.0.0.1"
 
@@ -94,13 +96,7 @@ class RedisProc:
 
     def stop(self, kill: bool = False) -> None:
         """SIGTERM (or SIGKILL: a crash) and wait."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill() if kill else self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, kill)
         self.proc = None
 
     def client(self, **kw: Any) -> redis.Redis:
@@ -308,14 +304,7 @@ class SentinelProcs:
         poll(lambda: sentinel.execute_command("SENTINEL", "FAILOVER", self.master_name), timeout, "SENTINEL FAILOVER",
              interval=0.2)
 
-        def promoted() -> int | None:
-            port = self.primary_port()
-            if port == old:
-                return None
-            role = redis.Redis(LOOPBACK, port, socket_timeout=2).execute_command("ROLE")[0]
-            return port if role == b"master" else None
-
-        new = poll(promoted, timeout, "the new primary", interval=0.1)
+        new = poll(lambda: self._promoted_instead_of(old), timeout, "the new primary", interval=0.1)
         # Until then the old primary still takes writes that its demotion will throw away.
         poll(lambda: redis.Redis(LOOPBACK, old, socket_timeout=2).execute_command("ROLE")[0] == b"slave", timeout,
              "the old primary to become a replica", interval=0.1)
@@ -328,14 +317,16 @@ class SentinelProcs:
         crashed = next(proc for proc in (self.primary, self.replica) if proc is not None and proc.port == old)
         crashed.stop(kill=True)
 
-        def promoted() -> int | None:
-            port = self.primary_port()
-            if port == old:
-                return None
-            role = redis.Redis(LOOPBACK, port, socket_timeout=2).execute_command("ROLE")[0]
-            return port if role == b"master" else None
+        return poll(lambda: self._promoted_instead_of(old), timeout, "the Sentinel to promote the replica",
+                    interval=0.1)
 
-        return poll(promoted, timeout, "the Sentinel to promote the replica", interval=0.1)
+    def _promoted_instead_of(self, old: int) -> int | None:
+        """The new primary's port once the Sentinel names another one and it answers as a primary."""
+        port = self.primary_port()
+        if port == old:
+            return None
+        role = redis.Redis(LOOPBACK, port, socket_timeout=2).execute_command("ROLE")[0]
+        return port if role == b"master" else None
 
     def stop(self) -> None:
         for proc in (self.sentinel, self.replica, self.primary):

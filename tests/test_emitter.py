@@ -15,7 +15,7 @@ import redis
 import websocket
 
 from tests.clients import connect, recv_json, recv_type, send_json, wait_for
-from tests.harness import ROOT, ServerProcess
+from tests.harness import ROOT, ServerProcess, server_pair
 from tests.redis_fixture import RedisServer
 from wsapp import Emitter
 
@@ -39,16 +39,8 @@ def room() -> str:
 
 @pytest.fixture(scope="module")
 def pair(redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    env = {"REDIS_URL": redis_server.url, "WSAPP_HISTORY": str(HISTORY), "WSAPP_RATE_LIMIT": "0"}
-    a = ServerProcess(env)
-    try:
-        b = ServerProcess(env)
-    except Exception:
-        a.stop()
-        raise
-    yield a, b
-    a.stop()
-    b.stop()
+    with server_pair({"REDIS_URL": redis_server.url, "WSAPP_HISTORY": str(HISTORY), "WSAPP_RATE_LIMIT": "0"}) as both:
+        yield both
 
 
 def member(srv: ServerProcess, name: str, r: str, **join: object) -> websocket.WebSocket:

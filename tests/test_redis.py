@@ -13,7 +13,7 @@ import pytest
 import websocket
 
 from tests.clients import BINARY, TEXT, connect, get_json, recv_json, recv_type, send_json, wait_for
-from tests.harness import ServerProcess
+from tests.harness import ServerProcess, server_pair
 from tests.redis_fixture import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -30,15 +30,8 @@ def room() -> str:
 def pair(redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Servers A and B on one Redis, shared by the tests that leave Redis alone."""
     env = {"REDIS_URL": redis_server.url, "WSAPP_HISTORY": str(HISTORY), "WSAPP_RATE_LIMIT": "0"}
-    a = ServerProcess(env)
-    try:
-        b = ServerProcess(env)
-    except Exception:
-        a.stop()
-        raise
-    yield a, b
-    a.stop()
-    b.stop()
+    with server_pair(env) as both:
+        yield both
 
 
 @pytest.fixture
