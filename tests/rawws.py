@@ -16,6 +16,7 @@ class Frame:
     fin: bool
     opcode: int
     payload: bytes
+    rsv: int = 0  # the RSV1-3 bits (4 = RSV1: a permessage-deflate compressed message)
 
     @property
     def close_code(self) -> int | None:
@@ -113,7 +114,7 @@ class RawClient:
             n = struct.unpack("!H", self._read_exactly(2))[0]
         elif n == 127:
             n = struct.unpack("!Q", self._read_exactly(8))[0]
-        return Frame(bool(b0 & 0x80), b0 & 0x0F, self._read_exactly(n))
+        return Frame(bool(b0 & 0x80), b0 & 0x0F, self._read_exactly(n), (b0 >> 4) & 0x07)
 
     def recv_until_close(self) -> Frame:
         """Skip data frames until the close frame; fails if the server just drops the TCP connection."""

@@ -70,6 +70,10 @@ class Settings:
     api_key: str | None = field(default=None, repr=False)
     # The app `python server.py` / `python -m wsapp` serves: `module:attribute` (a Flask app or a factory).
     app: str | None = None
+    # permessage-deflate (RFC 7692) when the client offers it; smaller messages go uncompressed.
+    deflate: bool = True
+    deflate_min_bytes: int = 256
+    deflate_level: int = 6
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -112,6 +116,9 @@ class Settings:
             auth_all_routes=reader.get("WSAPP_AUTH_ALL_ROUTES", False, _bool),
             api_key=reader.get("WSAPP_API_KEY", None, _api_key),
             app=reader.get("WSAPP_APP", None, _app_ref),
+            deflate=reader.get("WSAPP_DEFLATE", True, _bool),
+            deflate_min_bytes=reader.get("WSAPP_DEFLATE_MIN_BYTES", 256, _int_range(0, 2**40)),
+            deflate_level=reader.get("WSAPP_DEFLATE_LEVEL", 6, _int_range(0, 9)),
         )
         if settings.ping_timeout <= settings.ping_interval:
             raise ConfigError("WSAPP_PING_TIMEOUT must be longer than WSAPP_PING_INTERVAL")

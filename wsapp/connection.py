@@ -33,6 +33,7 @@ import gevent
 from gevent.event import Event
 
 from wsapp.config import Settings
+from wsapp.deflate import DeflateParams, deflate_frame
 from wsapp.exceptions import FrameError
 from wsapp.frames import (
     OP_CLOSE,
@@ -98,6 +99,22 @@ class Outbox:
         self.max_queued = max_queued
         self.over_budget_since: float | None = None
         self._budget_freed = Event()
+        # Compressed variants of the frames queued this loop turn, keyed by (id(frame), window bits):
+        # a broadcast is compressed once, whoever it goes to. Each entry holds its frame, so the id
+        # stays that frame's until the cache is cleared at the end of the turn.
+        self._deflated: dict[tuple[int, int], tuple[bytes, bytes]] = {}
+
+    def deflated(self, frame: bytes, params: DeflateParams) -> bytes:
+        """`frame` as sent to a connection with `params`: compressed once per loop turn."""
+        key = (id(frame), params.server_max_window_bits)
+        hit = self._deflated.get(key)
+        if hit is not None:
+            return hit[1]
+        out = deflate_frame(frame, params)
+        if not self._deflated:
+            gevent.get_hub().loop.run_callback(self._deflated.clear)
+        self._deflated[key] = (frame, out)
+        return out
 
     def mark(self, conn: Connection) -> None:
         self._dirty.append(conn)
@@ -169,6 +186,7 @@ class Connection:
         settings: Settings,
         stats: Stats,
         outbox: Outbox,
+        deflate: DeflateParams | None = None,
     ) -> None:
         self.id = secrets.token_hex(6)
         self.name = ""
@@ -181,7 +199,9 @@ class Connection:
         self._settings = settings
         self._stats = stats
         self._outbox = outbox
-        self._parser = FrameParser(settings.max_message_bytes, settings.max_fragments)
+        # permessage-deflate as negotiated in the handshake (None: frames go out as given).
+        self.deflate = deflate
+        self._parser = FrameParser(settings.max_message_bytes, settings.max_fragments, deflate is not None)
         # A list, not a deque: an empty deque costs ~600 bytes per idle connection, a list 56.
         self._backlog: list[bytes | memoryview] = []
         # Unsent bytes: queued in _backlog, plus what the writer greenlet has taken but not yet sent.
@@ -229,6 +249,8 @@ class Connection:
         if self.state is not State.OPEN:
             self._stats.drops += 1
             return False
+        if self.deflate is not None:
+            frame = self._outbox.deflated(frame, self.deflate)
         rest: bytes | memoryview = frame
         if self._outbox.write_through and not self._backlog and self._writer is None:
             sent = self._send_nowait(frame)

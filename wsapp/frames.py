@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import struct
+import zlib
 from enum import IntEnum
 from typing import Any
 
@@ -44,6 +45,8 @@ _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 _pack_16 = struct.Struct("!BBH").pack
 _pack_64 = struct.Struct("!BBQ").pack
+# Appended to a compressed message before the last inflate (RFC 7692 7.2.2).
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 
 def close_code_is_valid(code: int) -> bool:
@@ -119,9 +122,11 @@ class FrameParser:
     validated by `parse_close`. Errors are raised as FrameError subclasses carrying the close code.
     """
 
-    def __init__(self, max_message_bytes: int, max_fragments: int = 0) -> None:
+    def __init__(self, max_message_bytes: int, max_fragments: int = 0, deflate: bool = False) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_fragments = max_fragments
+        # permessage-deflate negotiated: RSV1 marks a compressed message (RFC 7692 6).
+        self.deflate = deflate
         self._buf = b""
         # Frame in progress (after its header): None when the next bytes are a header.
         self._remaining: int | None = None
@@ -135,6 +140,11 @@ class FrameParser:
         self._msg_len = 0
         self._fragments = 0
         self._utf8: codecs.IncrementalDecoder | None = None
+        # The inflater of the compressed message in progress (one per message: the client was told
+        # client_no_context_takeover, so nothing is kept between messages), and its output so far.
+        self._inflater: zlib._Decompress | None = None
+        self._compressed = False
+        self._inflated = 0
         self.failed: FrameError | None = None
 
     def feed(self, data: bytes) -> list[FrameEvent]:
@@ -185,6 +195,9 @@ class FrameParser:
                 pos += take
                 self._remaining = None
                 self._msg_opcode = self._msg_len = self._fragments = 0
+                if self._compressed:
+                    self._compressed = False
+                    payload = self._inflate_whole(payload)
                 if opcode == OP_TEXT:
                     try:
                         payload.decode("utf-8")
@@ -207,7 +220,7 @@ class FrameParser:
         length = b1 & 0x7F
         header_len = 6 if length < 126 else (8 if length == 126 else 14)
         if b0 & 0x70:
-            raise ProtocolViolation("reserved bits set without a negotiated extension")
+            self._check_reserved_bits(b0)
         if not b1 & 0x80:
             raise ProtocolViolation("client frames must be masked")
         opcode = b0 & 0x0F
@@ -246,6 +259,7 @@ class FrameParser:
                 raise PolicyViolation(f"message exceeds {self.max_fragments} fragments")
             if opcode:
                 self._msg_opcode = opcode
+                self._compressed = bool(b0 & 0x40)
                 # A text message that is not wholly in this buffer is validated piece by piece.
                 if opcode == OP_TEXT and not (fin and length <= end - pos - header_len):
                     self._utf8 = _Utf8Decoder()
@@ -263,6 +277,8 @@ class FrameParser:
         assert self._remaining is not None
         self._remaining -= len(piece)
         self._msg_len += len(piece)
+        if self._compressed:
+            piece = self._inflate(piece)
         if self._utf8 is not None:
             try:
                 self._utf8.decode(piece, False)
@@ -270,7 +286,50 @@ class FrameParser:
                 raise InvalidPayload("text message is not valid UTF-8") from None
         self._msg_parts.append(piece)
 
+    def _check_reserved_bits(self, b0: int) -> None:
+        """RSV1 is allowed on the first frame of a data message once deflate was negotiated; nothing
+        else may set a reserved bit."""
+        opcode = b0 & 0x0F
+        if b0 & 0x30 or not self.deflate:
+            raise ProtocolViolation("reserved bits set without a negotiated extension")
+        if opcode not in _DATA_OPCODES:
+            raise ProtocolViolation("RSV1 set on a control or continuation frame")
+
+    def _inflate(self, data: bytes) -> bytes:
+        """Inflate one piece of a compressed message, never producing more than the size limit allows
+        (a deflate bomb is refused after at most max_message_bytes + 1 bytes of output)."""
+        if self._inflater is None:
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        room = self.max_message_bytes - self._inflated
+        try:
+            out = self._inflater.decompress(data, room + 1)
+        except zlib.error:
+            raise InvalidPayload("compressed message does not inflate") from None
+        if len(out) > room:
+            raise MessageTooBig(f"message inflates past {self.max_message_bytes} bytes")
+        self._inflated += len(out)
+        return out
+
+    def _inflate_whole(self, data: bytes) -> bytes:
+        try:
+            return self._inflate(data) + self._inflate(_DEFLATE_TAIL)
+        finally:
+            self._inflater = None
+            self._inflated = 0
+
     def _finish_message(self) -> tuple[int, bytes]:
+        if self._compressed:
+            tail = self._inflate(_DEFLATE_TAIL)
+            if tail:
+                self._msg_parts.append(tail)
+                if self._utf8 is not None:
+                    try:
+                        self._utf8.decode(tail, False)
+                    except UnicodeDecodeError:
+                        raise InvalidPayload("text message is not valid UTF-8") from None
+            self._compressed = False
+            self._inflater = None
+            self._inflated = 0
         if self._utf8 is not None:
             try:
                 self._utf8.decode(b"", True)

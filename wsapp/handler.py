@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from wsapp.auth import client_ip
 from wsapp.connection import Connection
+from wsapp.deflate import negotiate
 from wsapp.exceptions import Refuse
 from wsapp.extension import ENV_CONNECTION, ENV_IDENTITY, ENV_SUBPROTOCOL, WebSocketRoute
 from wsapp.frames import CloseCode
@@ -130,9 +131,12 @@ class WsappHandler(WebSocketHandler):
 
     def _upgrade_and_serve(self, services: Services, route: WebSocketRoute) -> None:
         env = self.environ
+        settings = services.settings
+        deflate = (negotiate(env.get("HTTP_SEC_WEBSOCKET_EXTENSIONS"), settings.deflate_min_bytes,
+                             settings.deflate_level) if settings.deflate else None)
         conn = Connection(
             self.socket, self._take_buffered_input(), self._client_ip(services), env.get("PATH_INFO", "/"),
-            services.settings, services.stats, services.outbox,
+            settings, services.stats, services.outbox, deflate.params if deflate else None,
         )
         env["wsgi.websocket"] = conn  # tells gevent-websocket's start_response to send a bare 101
         env[ENV_CONNECTION] = conn
@@ -143,6 +147,8 @@ class WsappHandler(WebSocketHandler):
         ]
         if env.get(ENV_SUBPROTOCOL):
             headers.append(("Sec-WebSocket-Protocol", env[ENV_SUBPROTOCOL]))
+        if deflate is not None:
+            headers.append(("Sec-WebSocket-Extensions", deflate.header))
         self.start_response("101 Switching Protocols", headers)
         self.write(b"")
         services.registry.add(conn)
