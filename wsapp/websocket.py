@@ -20,7 +20,7 @@ import gevent
 from gevent.event import Event
 
 from wsapp import protocol
-from wsapp.connection import CLOSE_TIMEOUT, Connection, MessageHandler
+from wsapp.connection import CLOSE_TIMEOUT, Connection
 from wsapp.exceptions import ConnectionClosed, MessageError, Reject
 from wsapp.frames import OP_BINARY, OP_TEXT, CloseCode, encode_frame
 from wsapp.policy import JOIN, PUBLISH, Policy
@@ -151,8 +151,6 @@ class WebSocket:
 
     def _read(self, pull: _Pull) -> None:
         def on_message(opcode: int, payload: bytes) -> None:
-            if self._flooding():
-                return
             pull.inbox.append((opcode, payload))
             pull.bytes += len(payload)
             pull.ready.set()
@@ -161,7 +159,7 @@ class WebSocket:
                 self._conn.pause_reading()
 
         try:
-            self._conn.serve(on_message)
+            self._conn.serve(on_message, self._limiter)
         finally:
             pull.ended = True
             pull.ready.set()
@@ -170,15 +168,6 @@ class WebSocket:
         settings = self._services.settings
         if settings.rate_limit > 0:
             self._limiter = TokenBucket(settings.rate_limit, settings.rate_burst)
-
-    def _flooding(self) -> bool:
-        """Over its rate on a route with no error channel: the client is flooding, close it 1008."""
-        limiter = self._limiter
-        if limiter is None or limiter.allow():
-            return False
-        self._services.stats.rate_limited += 1
-        self._conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-        return True
 
     # ---- receiving (push) -----------------------------------------------------------------------
 
@@ -189,17 +178,9 @@ class WebSocket:
         if self._pull is not None:
             raise RuntimeError("this connection is read with receive(); serve() cannot be mixed with it")
         self._served = True
-        handler: MessageHandler = on_message
         if rate_limited:
             self._start_limiter()
-        if self._limiter is not None:
-            flooding = self._flooding
-
-            def handler(opcode: int, payload: bytes) -> None:
-                if not flooding():
-                    on_message(opcode, payload)
-
-        self._conn.serve(handler)
+        self._conn.serve(on_message, self._limiter)
 
     # ---- rooms ----------------------------------------------------------------------------------
 
