@@ -3,9 +3,10 @@
     .venv/bin/python bench/run.py                  # everything, about 3 minutes
     .venv/bin/python bench/run.py --servers node   # the reference alone
     .venv/bin/python bench/run.py --cases c100-s1,idle-10k --duration 3
+    .venv/bin/python bench/run.py --cases burst             # the flow-control burst alone
 
 Each (case, server) pair gets a fresh server pinned to core 0 and the same Node load generator
-(bench/loadgen.js) pinned to core 1. Needs `npm ci --prefix bench/node` and
+(bench/loadgen.js; bench/burst.js for the burst case) pinned to core 1. Needs `npm ci --prefix bench/node` and
 `.venv/bin/pip install -r requirements-dev.txt -r bench/requirements.txt`.
 Writes bench/results/latest.json, bench/results/latest.md, docs/perf-chart.png and, per run, the
 server and load generator logs under bench/results/raw/<timestamp>/.
@@ -19,6 +20,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
 import selectors
 import shutil
@@ -27,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,10 @@ class Case:
         return self.pattern == "idle"
 
     @property
+    def burst(self) -> bool:
+        return self.pattern == "burst"
+
+    @property
     def title(self) -> str:
         if self.pattern != "closed":
             return self.description
@@ -85,6 +92,8 @@ CASES = [
     Case("c100-s10", "100 clients, 10 senders, closed loop", clients=100, senders=10, window=1),
     Case("c100-open200", "100 clients, 1 sender, open loop 200 msg/s", clients=100, pattern="open", rate=200),
     Case("idle-10k", "10,000 idle connections", clients=10000, pattern="idle"),
+    # Issue 10: one client floods, one reads as fast as it can, one has stopped reading (bench/burst.js).
+    Case("burst", "burst: 20,000 x 1 KiB from one client, one fast reader, one stalled", clients=3, pattern="burst"),
 ]
 VARIANTS = [
     Variant("node", "node", "relay", "/"),
@@ -325,11 +334,175 @@ def derive(row: dict[str, Any]) -> None:
         row["problems"] = problems
 
 
+# ---- the burst case (issue 10) -------------------------------------------------------------------
+
+# A slow consumer's close as wsapp logs it (wsapp/connection.py, kick_slow_consumer).
+KICK_LOG = re.compile(r"slow consumer: (\d+) bytes queued, over its cap for ([\d.]+)s, closing (\d+)")
+RSS_SAMPLE_S = 0.01
+
+
+def peak_rss(pid: int) -> int | None:
+    """The kernel's high-water mark of the process's RSS (VmHWM), in bytes."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Start VmHWM afresh from the current RSS (Linux 4.0+), so that it measures the burst alone."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_burst(case: Case, variant: Variant, args: argparse.Namespace, raw: Path, rep: int) -> dict[str, Any]:
+    """Fresh server, bench/burst.js against it; RSS sampled every 10 ms from the burst's start to its end."""
+    tag = f"{case.name}-{variant.name}" + (f"-{rep + 1}" if args.repeat > 1 else "")
+    row: dict[str, Any] = {"case": case.name, "variant": variant.name, "server": variant.server,
+                           "mode": variant.mode}
+    server = Server(variant, raw / f"{tag}.server.log", args.wsapp_env)
+    client = None
+    spec = {"url": f"ws://127.0.0.1:{server.port}{variant.path}", "mode": variant.mode,
+            "count": args.burst_count, "payloadBytes": args.burst_bytes, "timeoutSeconds": args.burst_timeout}
+    try:
+        server.wait_listening()
+        with open(raw / f"{tag}.burst.log", "wb") as log:
+            client = subprocess.Popen(pinned(LOADGEN_CORE, ["node", str(BENCH / "burst.js"), json.dumps(spec)]),
+                                      cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+            assert client.stdout is not None and client.stdin is not None
+            sel = selectors.DefaultSelector()
+            sel.register(client.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 60 + args.burst_timeout
+            samples: list[tuple[float, int]] = []
+            t0 = cpu0 = None
+            while True:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("burst client timed out")
+                if not sel.select(timeout=RSS_SAMPLE_S):
+                    if t0 is not None:
+                        samples.append((time.monotonic() - t0, server.rss()))
+                    continue
+                line = client.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"burst client exited with {client.wait()} before a result")
+                event = json.loads(line)
+                if event.get("event") == "ready":
+                    row["rss_ready"] = server.rss()
+                    row["hwm_reset"] = reset_peak_rss(server.proc.pid)
+                    cpu0, t0 = server.cpu_seconds(), time.monotonic()
+                    client.stdin.write(b"go\n")
+                    client.stdin.flush()
+                elif event.get("event") == "result":
+                    assert cpu0 is not None and t0 is not None
+                    row["server_cpu_s"] = server.cpu_seconds() - cpu0
+                    row["wall_s"] = time.monotonic() - t0
+                    row["rss_end"] = server.rss()
+                    client.wait(timeout=10)
+                    row["burst"] = event
+                    if not event.get("ok"):
+                        raise RuntimeError(event.get("error", "burst client failed"))
+                    break
+        row["rss_samples"] = len(samples)
+        sampled = max((rss for _, rss in samples), default=row["rss_end"])
+        hwm = peak_rss(server.proc.pid) if row["hwm_reset"] else None
+        row["rss_peak"] = max(sampled, hwm or 0, row["rss_end"])
+        row["rss_peak_sampled"], row["rss_hwm"] = sampled, hwm
+        if variant.server == "wsapp":
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/stats", timeout=5) as resp:
+                stats = json.load(resp)
+            row["wsapp_stats"] = {k: stats.get(k) for k in ("paced", "slow_consumer_kicks", "drops")}
+            row["kicks"] = [{"queued": int(q), "over_cap_s": float(t), "code": int(c)}
+                            for q, t, c in KICK_LOG.findall(server.log_tail(1000))]
+    except Exception as exc:  # a failed pair is a result too
+        row["error"] = str(exc)
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        row["server_exit_early"] = server.proc.poll()
+        server.stop()
+    derive_burst(row)
+    return row
+
+
+def derive_burst(row: dict[str, Any]) -> None:
+    """The burst table's figures from what the client and the samples saw."""
+    b = row.get("burst") or {}
+    if not b.get("ok"):
+        return
+    rd, st, fl = b["reader"], b["stalled"], b["flooder"]
+    row["reader_all_s"] = rd["allMs"] / 1000 if rd["allMs"] is not None else None
+    row["lost"] = rd["lost"]
+    row["rss_peak_mib"] = row["rss_peak"] / 2**20
+    row["rss_growth_mib"] = (row["rss_peak"] - row["rss_ready"]) / 2**20
+    if st["closeCode"] is not None:
+        stalled = f"closed {st['closeCode']} \"{st['closeReason']}\""
+    elif st["ended"]:
+        stalled = "connection ended, no close frame"
+    else:
+        stalled = "not closed"
+    stalled += f"; got {st['messages']:,} once it read"
+    if st["badFrames"]:
+        stalled += f", then {st['badFrames']} unparseable frame(s)"
+    for k in row.get("kicks") or []:
+        stalled += f" (server: over its cap {k['over_cap_s']:.2f} s, {k['queued'] / 2**20:.1f} MiB queued)"
+    row["stalled"] = stalled
+    if fl["closedDuringBurst"] or fl["closeCode"] is not None:
+        row["flooder"] = f"closed {fl['closeCode'] or 'without close frame'}"
+    else:
+        row["flooder"] = "open, answers a ping" if fl["answersPing"] else "no answer to a ping"
+    problems = []
+    if rd["outOfOrder"]:
+        problems.append(f"reader got {rd['outOfOrder']} messages out of order")
+    if b["outcome"] not in ("all",):
+        problems.append(f"reader stopped: {b['outcome']}"
+                        + (f" (closed {rd['closeCode']} {rd['closeReason']})" if rd["closeCode"] is not None else ""))
+    if problems:
+        row["problems"] = problems
+
+
+def burst_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    spec = next((r["burst"]["spec"] for r in rows if r.get("burst", {}).get("ok")), None)
+    size = f"{spec['count']:,} messages of {spec['payloadBytes']:,} bytes" if spec else "the burst"
+    lines = ["", f"Burst: {size} from one client; one `ws` reader, one stalled client (median of "
+             f"{meta['repeat']} by the reader's time).", "",
+             "| server | reader got | time to all, s | reader's longest wait, s (after how many) | lost "
+             "| peak RSS MiB | RSS growth MiB | stalled client | flooder | server CPU s | paced / kicks "
+             "| spread over runs |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
+    for r in rows:
+        name = LABELS[r["variant"]]
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error'][:120]} | | | | | | | | | | |")
+            continue
+        rd = r["burst"]["reader"]
+        ws = r.get("wsapp_stats")
+        times = sorted(x["reader_all_s"] for x in r.get("repeats", []) if x.get("reader_all_s") is not None)
+        pacing = f"{ws['paced']} / {ws['slow_consumer_kicks']}" if ws else "-"
+        spread_s = f"{times[0]:.2f}-{times[-1]:.2f} s" if len(times) > 1 else ""
+        lines.append(
+            f"| {name} | {rd['count']:,} | {fmt(r.get('reader_all_s'), 2)} "
+            f"| {rd['longestGapMs'] / 1000:.2f} ({rd['gapAfter']:,}) | {fmt(r.get('lost'))} "
+            f"| {fmt(r.get('rss_peak_mib'))} | {fmt(r.get('rss_growth_mib'))} | {r['stalled']} | {r['flooder']} "
+            f"| {fmt(r.get('server_cpu_s'), 2)} | {pacing} | {spread_s} |")
+    return lines
+
+
 def summary(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"error: {row['error']}"
     if "rss_per_conn_kib" in row:
         return f"{row['rss_per_conn_kib']:.1f} KiB/connection"
+    if "burst" in row:
+        rd = row["burst"]["reader"]
+        return (f"reader got {rd['count']:,} in {fmt(row.get('reader_all_s'), 2)} s, peak RSS "
+                f"{fmt(row.get('rss_peak_mib'))} MiB; stalled: {row.get('stalled')}; flooder: {row.get('flooder')}")
     return (f"{row.get('deliveries_per_s', 0):,.0f} deliveries/s, p99 {fmt(row.get('p99_ms'), 2)} ms, "
             f"lost {row.get('lost')}, server CPU {fmt(row.get('server_cpu_pct'), 0)}%, "
             f"load gen CPU {fmt(row.get('loadgen_cpu_pct'), 0)}%")
@@ -341,16 +514,19 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     A failed run wins over good ones: an error or a loss must not hide behind a median.
     """
-    bad = [r for r in runs if "error" in r or r.get("lost")]
+    bad = [r for r in runs if "error" in r or r.get("lost") or (r.get("problems") and "burst" in r)]
     if bad:
         chosen = dict(bad[0])
+    elif "burst" in runs[0]:
+        chosen = dict(sorted(runs, key=lambda r: r["reader_all_s"])[(len(runs) - 1) // 2])
     else:
         pattern = runs[0]["loadgen"]["spec"]["pattern"]
         key = {"idle": "rss_per_conn_kib", "open": "p99_ms"}.get(pattern, "deliveries_per_s")
         chosen = dict(sorted(runs, key=lambda r: r.get(key) or 0)[(len(runs) - 1) // 2])
     if len(runs) > 1:
         chosen["repeats"] = [{k: r.get(k) for k in ("deliveries_per_s", "p50_ms", "p99_ms", "lost",
-                                                    "rss_per_conn_kib", "cpu_us_per_delivery", "error")}
+                                                    "rss_per_conn_kib", "cpu_us_per_delivery", "error",
+                                                    "reader_all_s", "rss_peak_mib", "stalled")}
                              for r in runs]
     return chosen
 
@@ -364,7 +540,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r["case"], r["variant"]): r for r in rows}
     for (case, variant), r in by.items():
         base = by.get((case, "node"))
-        if variant == "node" or base is None:
+        if variant == "node" or base is None or case == "burst":
             continue
         ratio = {"case": case, "variant": variant}
         for k in RATIO_KEYS:
@@ -407,14 +583,17 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[s
         f"{meta['cpu']}, {meta['cores']} cores; server on core {SERVER_CORE}, load generator on core "
         f"{LOADGEN_CORE}; {meta['duration']} s window after {meta['warmup']} s warm-up; "
         f"{meta['payload']}-byte messages; median of {meta['repeat']} runs per pair (idle case: one run).",
-        "",
-        "| case | server | deliveries/s | p50 ms | p99 ms | lost | RSS MiB | server CPU µs/delivery "
-        "| server CPU % | load gen CPU % | others' CPU % core 0 / 1 | limit | spread over runs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
+    if any(not r["case"].startswith(("idle", "burst")) for r in rows):
+        lines += [
+            "",
+            "| case | server | deliveries/s | p50 ms | p99 ms | lost | RSS MiB | server CPU µs/delivery "
+            "| server CPU % | load gen CPU % | others' CPU % core 0 / 1 | limit | spread over runs |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
     rat = {(r["case"], r["variant"]): r for r in rats}
     for r in rows:
-        if r["case"].startswith("idle"):
+        if r["case"].startswith(("idle", "burst")):
             continue
         name = LABELS[r["variant"]]
         if "error" in r:
@@ -447,6 +626,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[s
                 f"| {titles[r['case']]} | {name} | {fmt(r['loadgen']['connected'])} | {fmt(r['rss_idle'] / 2**20)} "
                 f"| {fmt(r['rss_end'] / 2**20)} | {fmt(r.get('rss_per_conn_kib'))} "
                 f"| {fmt(q.get('rss_per_conn_kib'), ratio=True) if q else '-'} | {fmt(r.get('setup_s'), 2)} |")
+    burst = [r for r in rows if r["case"] == "burst"]
+    if burst:
+        lines += burst_markdown(meta, burst)
     notes = [f"- {LABELS[r['variant']]}, {r['case']}: {'; '.join(r['problems'])}" for r in rows if r.get("problems")]
     if notes:
         lines += ["", "Problems seen:", *notes]
@@ -461,7 +643,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    cases = [c for c in CASES if not c.idle and any(r["case"] == c.name for r in rows)]
+    cases = [c for c in CASES if not c.idle and not c.burst and any(r["case"] == c.name for r in rows)]
     variants = [v for v in VARIANTS if any(r["variant"] == v.name for r in rows)]
     by = {(r["case"], r["variant"]): r for r in rows}
     idle = [r for r in rows if r["case"].startswith("idle") and "rss_per_conn_kib" in r]
@@ -544,6 +726,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drain", type=float, default=3.0, help="wait for deliveries in flight after it, s")
     p.add_argument("--idle-hold", type=float, default=2.0, help="idle case: hold connections before RSS, s")
     p.add_argument("--idle-clients", type=int, default=10000)
+    p.add_argument("--burst-count", type=int, default=20000, help="burst case: messages the flooder sends")
+    p.add_argument("--burst-bytes", type=int, default=1024, help="burst case: bytes per message")
+    p.add_argument("--burst-timeout", type=float, default=30.0, help="burst case: the reader's deadline, s")
     p.add_argument("--payload", type=int, default=64, help="relay message size, bytes")
     p.add_argument("--client", choices=["raw", "ws"], default="raw",
                    help="load generator's WebSocket client: its own lean one, or the `ws` package's")
@@ -593,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(1 if case.idle else args.repeat):
             for variant in variants:
                 t = time.monotonic()
-                row = run_pair(case, variant, args, raw, rep)
+                row = (run_burst if case.burst else run_pair)(case, variant, args, raw, rep)
                 runs[variant.name].append(row)
                 print(f"bench: {case.name:14} {variant.name:12} {time.monotonic() - t:5.1f} s  {summary(row)}",
                       file=sys.stderr)
