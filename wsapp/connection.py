@@ -72,6 +72,11 @@ class State(Enum):
     CLOSED = "closed"  # the socket is shut
 
 
+# Module constants: the hot paths compare against these rather than look up State's attributes.
+_OPEN = State.OPEN
+_CLOSED = State.CLOSED
+
+
 class Outbox:
     """Coalesces writes, and is where producers learn they must wait for their recipients.
 
@@ -247,7 +252,7 @@ class Connection:
 
     def send(self, frame: bytes) -> bool:
         """Queue a ready-made server frame; False (and counted as a drop) if the connection is closing."""
-        if self.state is not State.OPEN:
+        if self.state is not _OPEN:
             self._stats.drops += 1
             return False
         if self.deflate is not None:
@@ -269,10 +274,11 @@ class Connection:
         self._backlog.append(frame)
         n = len(frame)
         self._backlog_bytes += n
-        self._outbox.queued += n
+        outbox = self._outbox
+        outbox.queued += n
         if not self._dirty:
             self._dirty = True
-            self._outbox.mark(self)
+            outbox.mark(self)
 
     def _send_nowait(self, data: bytes | memoryview) -> int:
         """One non-blocking send: bytes taken by the kernel, or -1 if the socket failed (now aborted)."""
@@ -334,11 +340,26 @@ class Connection:
     def flush_nowait(self) -> None:
         """Hand the backlog to the kernel without blocking; start the writer greenlet for any rest."""
         self._dirty = False
-        if self._writer is not None or self.state is State.CLOSED or not self._backlog:
+        backlog = self._backlog
+        if self._writer is not None or self.state is _CLOSED or not backlog:
             return
-        data = self._take_backlog()
-        sent = self._send_nowait(data)
-        if sent < 0:
+        # The hot path of every delivery, written out: take the backlog, one send, account for it.
+        data = backlog[0] if len(backlog) == 1 else b"".join(backlog)
+        backlog.clear()
+        queued = self._backlog_bytes
+        self._backlog_bytes = 0
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._outbox.released(queued)
+            self.abort()
+            return
+        self._inflight += queued
+        if sent == queued and self.over_capacity_since is None:
+            self._inflight -= sent
+            self._outbox.released(sent)
             return
         self._sent(sent)
         if sent < len(data):
