@@ -395,7 +395,8 @@ class Connection:
             self.over_capacity_since = now
         # Pacing keeps a backlog within one message per producer of the cap; twice the cap means
         # pacing is not holding (many producers at once) and the memory bound is at stake.
-        hard_limit = self._backlog_bytes > 2 * self._max_bytes or len(self._backlog) > 2 * self._max_frames
+        unsent = self._backlog_bytes + self._inflight
+        hard_limit = unsent > 2 * self._max_bytes or len(self._backlog) > 2 * self._max_frames
         if hard_limit or now - self.over_capacity_since >= self._settings.slow_consumer_grace:
             self.kick_slow_consumer()
         else:
