@@ -10,6 +10,7 @@ import ipaddress
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,7 +82,9 @@ class RedisProc:
         self.start()
 
     def start(self, timeout: float = 10.0) -> None:
-        self.proc = subprocess.Popen([self._binary, *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        # cwd: a replica's full sync writes dump.rdb into its working directory; keep it out of the checkout.
+        self.proc = subprocess.Popen([self._binary, *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     cwd=tempfile.gettempdir())
 
         def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
