@@ -18,7 +18,17 @@
 //     frames parsed in place, numbers read straight from the bytes, no UTF-8 validation).
 //   ws: the `ws` package's client. It costs about the same per delivery when every read brings one
 //     frame (Node's per-read socket work dominates), about 20% more when reads bring many, as they do
-//     from wsapp, whose writes are coalesced. Kept to cross-check the raw client's figures.
+//     from wsapp, whose writes are coalesced. Kept to cross-check the raw client's figures, and the
+//     client of the permessage-deflate cases (spec.deflate): it offers what `ws` offers by default
+//     ("permessage-deflate; client_max_window_bits") and inflates what arrives, as a browser would.
+//
+// Payloads (spec.payload): "pad" (default) is the three numbers padded with 'x' to payloadBytes;
+// "json" is JSON-like chat/feed text of payloadBytes, different in every message (seeded, so every
+// run sends the same bytes), compressible about as much as real chat or feed JSON. Relay frames are
+// then the JSON object itself, {"s":..,"n":..,"t":..,"items":[...]}.
+//
+// Bytes on the wire: the load generator sums its sockets' bytesRead/bytesWritten (bytes of TCP
+// payload: WebSocket frames with their headers, compressed or not) at the window's start and end.
 const crypto = require('node:crypto');
 const http = require('node:http');
 const path = require('node:path');
@@ -40,6 +50,8 @@ const DEFAULTS = {
   window: 4, // closed loop: messages per sender not yet delivered to every receiver
   rate: 200, // open loop: messages per second, all senders together
   payloadBytes: 64, // relay frame size; rooms frames carry the same fields inside JSON
+  payload: 'pad', // pad | json (see above)
+  deflate: false, // offer permessage-deflate (ws client only)
   warmupSeconds: 1,
   durationSeconds: 5,
   drainSeconds: 3, // after the window: how long to wait for deliveries still in flight
@@ -49,6 +61,11 @@ const DEFAULTS = {
 };
 
 const spec = { ...DEFAULTS, ...JSON.parse(process.argv[2] || '{}') };
+if (spec.deflate && spec.client !== 'ws') {
+  // The raw client does not inflate; only `ws`'s does.
+  process.stdout.write(`${JSON.stringify({ event: 'result', ok: false, error: 'deflate needs client "ws"' })}\n`);
+  process.exit(1);
+}
 const N = spec.clients;
 const receiversPerMessage = N - 1;
 
@@ -68,6 +85,9 @@ const stats = {
   closeCodes: {},
   socketErrors: [],
   presence: 0,
+  deflateNegotiated: 0, // clients whose handshake answer accepted permessage-deflate
+  extensions: {}, // Sec-WebSocket-Extensions answers seen, with how many clients got each
+  windowPayloadBytes: 0, // message bytes (uncompressed) of the deliveries in the window
 };
 
 // Latencies (microseconds) of deliveries inside the window; grown by doubling, sorted once at the end.
@@ -117,8 +137,77 @@ class Sender {
   }
 }
 
+// JSON-like text: chat/feed records drawn from a seeded generator (mulberry32), words Zipf-like from
+// a small vocabulary, so that a message compresses on its own about as real JSON traffic does.
+let seed = 0x9e3779b9;
+function random() {
+  seed = (seed + 0x6d2b79f5) | 0;
+  let x = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+  x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x;
+  return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
+}
+const WORDS = ('the a to and of is in it you that for on this be with are have not we can at was but just ' +
+  'so if my will what all get do about one like out up your from they there more now when how time ' +
+  'know think see good new want go back see work day make today meeting update deploy build release ' +
+  'server client message queue latency error fixed merged review ticket customer order price stock ' +
+  'market report dashboard alert metrics page team call lunch tomorrow weekend thanks great sure ok ' +
+  'sounds please check link shared doc draft final numbers chart graph london paris berlin tokyo').split(' ');
+const USERS = ['alice', 'bob', 'carol', 'dave', 'erin', 'frank', 'grace', 'heidi', 'ivan', 'judy', 'mallory',
+  'niaj', 'olivia', 'peggy', 'rupert', 'sybil', 'trent', 'victor', 'walter', 'yolanda'];
+const ROOMS = ['general', 'random', 'engineering', 'support', 'sales', 'ops'];
+const pick = (list) => list[Math.floor(list.length * random() ** 3)]; // skewed to the front, Zipf-like
+// Records as a feed has them: ids and times climbing, a user's id and name going together.
+let recordId = 1000000;
+let clock = 1764700000000;
+function record() {
+  const words = Array.from({ length: 4 + Math.floor(random() * 14) }, () => pick(WORDS)).join(' ');
+  const who = Math.floor(USERS.length * random() * random());
+  clock += Math.floor(random() * 5000);
+  const rec = {
+    id: recordId++,
+    ts: clock,
+    user: { id: 10000 + who * 37, name: USERS[who], online: random() < 0.8 },
+    room: pick(ROOMS),
+    text: words,
+    reactions: random() < 0.3 ? { '+1': Math.floor(random() * 9) + 1 } : {},
+    edited: random() < 0.1,
+  };
+  if (random() < 0.2) rec.price = Math.round(random() * 1e6) / 100;
+  return JSON.stringify(rec);
+}
+// `{"s":..,"n":..,"t":..,"items":[records]}` (or, in rooms mode, the `data` object) of length `bytes`,
+// the last record's text trimmed or padded with words so the total comes out exact.
+function jsonPayload(head, bytes) {
+  let out = `${head},"items":[`;
+  for (;;) {
+    const rec = record();
+    if (out.length + 1 + rec.length + 2 > bytes) {
+      if (out.endsWith('[')) return `${out}]}`; // head alone is already too long
+      break;
+    }
+    out += `${out.endsWith('[') ? '' : ','}${rec}`;
+  }
+  // Fill what is left with one more record whose text is cut to fit exactly.
+  const left = bytes - out.length - 2 - (out.endsWith('[') ? 0 : 1);
+  const shell = JSON.stringify({ id: recordId++, user: pick(USERS), text: '' });
+  let text = '';
+  while (text.length < left - shell.length) text += `${pick(WORDS)} `;
+  text = text.slice(0, Math.max(0, left - shell.length));
+  if (left >= shell.length) {
+    out += `${out.endsWith('[') ? '' : ','}${shell.slice(0, -2)}${text}"}`;
+  }
+  return `${out}${' '.repeat(Math.max(0, bytes - out.length - 2))}]}`; // JSON whitespace, when short
+}
+
 let padding = '';
 function encode(sender, seq, t) {
+  if (spec.payload === 'json') {
+    if (spec.mode === 'rooms') {
+      const data = jsonPayload(`{"s":${sender},"n":${seq},"t":${t}`, spec.payloadBytes);
+      return `{"type":"publish","room":${JSON.stringify(spec.room)},"data":${data}}`;
+    }
+    return jsonPayload(`{"s":${sender},"n":${seq},"t":${t}`, spec.payloadBytes);
+  }
   if (spec.mode === 'rooms') {
     return JSON.stringify({ type: 'publish', room: spec.room, data: { s: sender, n: seq, t, p: padding } });
   }
@@ -139,11 +228,12 @@ let stalledAt = null;
 const counted = () => stats.deliveries - stats.duplicates - stats.unknown;
 let drainWaiter = null; // {target, resolve}: set once sending has stopped
 
-function onDelivery(s, seq, t) {
+function onDelivery(s, seq, t, bytes) {
   const now = nowUs();
   stats.deliveries++;
   if (measuring) {
     stats.windowDeliveries++;
+    stats.windowPayloadBytes += bytes;
     recordLatency(now - t);
   }
   const sender = senders[s];
@@ -170,16 +260,37 @@ function readInt(buf, i, end) {
   return v;
 }
 
-// Relay frame payload: "<sender> <seq> <time µs> xxxx...".
+// The three numbers at the start of a JSON payload, {"s":<sender>,"n":<seq>,"t":<time µs>,...}, read
+// from `at` (just after `"s":`); false when the bytes are laid out otherwise.
+function onJsonNumbers(buf, at, end, bytes) {
+  const s = readInt(buf, at, end);
+  if (intEnd > 0 && buf[intEnd + 1] === 0x22 && buf[intEnd + 2] === 0x6e) { // ,"n":
+    const n = readInt(buf, intEnd + 5, end);
+    if (intEnd > 0 && buf[intEnd + 2] === 0x74) { // ,"t":
+      const t = readInt(buf, intEnd + 5, end);
+      if (intEnd > 0) {
+        onDelivery(s, n, t, bytes);
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+// Relay frame payload: "<sender> <seq> <time µs> xxxx..." or {"s":<sender>,"n":<seq>,"t":<time µs>,...}.
 function onRelayMessage(buf, start, end, isBinary) {
   if (isBinary) stats.typeMismatches++;
+  if (buf[start] === 0x7b) { // '{'
+    if (!onJsonNumbers(buf, start + 5, end, end - start)) stats.unknown++;
+    return;
+  }
   const s = readInt(buf, start, end);
   if (intEnd < 0) return void stats.unknown++;
   const n = readInt(buf, intEnd + 1, end);
   if (intEnd < 0) return void stats.unknown++;
   const t = readInt(buf, intEnd + 1, end);
   if (intEnd < 0) return void stats.unknown++;
-  onDelivery(s, n, t);
+  onDelivery(s, n, t, end - start);
 }
 
 // Rooms mode. Each client goes welcome -> join -> joined; presence frames from later joiners follow.
@@ -194,16 +305,7 @@ function onRoomsMessage(client, buf, start, end) {
   if (end - start > MESSAGE_PREFIX.length && buf.compare(MESSAGE_PREFIX, 0, MESSAGE_PREFIX.length, start,
     start + MESSAGE_PREFIX.length) === 0) {
     const at = buf.indexOf(DATA_MARK, start);
-    if (at >= 0 && at < end) {
-      const s = readInt(buf, at + DATA_MARK.length, end);
-      if (intEnd > 0 && buf[intEnd + 1] === 0x22 && buf[intEnd + 2] === 0x6e) { // ,"n":
-        const n = readInt(buf, intEnd + 5, end);
-        if (intEnd > 0 && buf[intEnd + 2] === 0x74) { // ,"t":
-          const t = readInt(buf, intEnd + 5, end);
-          if (intEnd > 0) return onDelivery(s, n, t);
-        }
-      }
-    }
+    if (at >= 0 && at < end && onJsonNumbers(buf, at + DATA_MARK.length, end, end - start)) return;
   }
   let msg;
   try {
@@ -214,7 +316,7 @@ function onRoomsMessage(client, buf, start, end) {
   }
   switch (msg.type) {
     case 'message':
-      if (msg.data && typeof msg.data === 'object') onDelivery(msg.data.s, msg.data.n, msg.data.t);
+      if (msg.data && typeof msg.data === 'object') onDelivery(msg.data.s, msg.data.n, msg.data.t, end - start);
       else stats.unknown++;
       break;
     case 'presence':
@@ -310,6 +412,7 @@ class RawClient {
         return onFail(new Error('bad Sec-WebSocket-Accept'));
       }
       this.socket = socket;
+      this.extensions = res.headers['sec-websocket-extensions'] || '';
       socket.setNoDelay(true);
       socket.on('data', (chunk) => this.onData(chunk));
       socket.on('error', (err) => onSocketError(this.index, err));
@@ -325,6 +428,10 @@ class RawClient {
 
   send(text) {
     this.socket.write(clientFrame(1, Buffer.from(text)));
+  }
+
+  bytes() {
+    return this.socket ? [this.socket.bytesRead, this.socket.bytesWritten] : [0, 0];
   }
 
   onData(chunk) {
@@ -389,12 +496,13 @@ class WsClient {
   }
 
   connect(url, onOpen, onFail) {
-    // No permessage-deflate: the reference server does not negotiate it, so neither may the bench.
-    const ws = new WebSocket(url, { perMessageDeflate: false, handshakeTimeout: spec.connectTimeoutSeconds * 1000 });
+    // permessage-deflate only when the case asks for it (then with ws's default offer and settings).
+    const ws = new WebSocket(url, { perMessageDeflate: !!spec.deflate, handshakeTimeout: spec.connectTimeoutSeconds * 1000 });
     this.ws = ws;
     let opened = false;
     ws.on('open', () => {
       opened = true;
+      this.extensions = ws.extensions;
       onOpen();
     });
     ws.on('error', (err) => {
@@ -410,6 +518,11 @@ class WsClient {
 
   send(text) {
     this.ws.send(text);
+  }
+
+  bytes() {
+    const socket = this.ws && this.ws._socket; // ws keeps its net.Socket there
+    return socket ? [socket.bytesRead, socket.bytesWritten] : [0, 0];
   }
 }
 
@@ -428,6 +541,9 @@ function openClient(index) {
       if (settled) return;
       settled = true;
       client.onDrop = null;
+      const ext = client.extensions || '';
+      stats.extensions[ext] = (stats.extensions[ext] || 0) + 1;
+      if (/(^|,)\s*permessage-deflate\b/.test(ext)) stats.deflateNegotiated++;
       resolve(client);
     };
     const url = spec.mode === 'rooms' ? `${spec.url}?name=b${index}` : spec.url;
@@ -538,6 +654,11 @@ async function main() {
     }, 1000);
   }
   await sleep(spec.warmupSeconds * 1000);
+  const wire = () => clients.reduce((acc, c) => {
+    const [r, w] = c.bytes();
+    return [acc[0] + r, acc[1] + w];
+  }, [0, 0]);
+  const wireStart = wire();
   const cpuStart = process.cpuUsage();
   const windowStart = performance.now();
   measuring = true;
@@ -547,6 +668,7 @@ async function main() {
   sending = false;
   const windowSeconds = (performance.now() - windowStart) / 1000;
   const cpu = process.cpuUsage(cpuStart);
+  const wireEnd = wire();
   emit({ event: 'window_end' });
   if (progressCheck) clearInterval(progressCheck);
 
@@ -584,6 +706,11 @@ async function main() {
       max: percentile(sorted, latencyCount, 100),
       samples: latencyCount,
     },
+    // Bytes the clients' sockets read (server to clients) and wrote in the window; per delivery.
+    wireBytesIn: wireEnd[0] - wireStart[0],
+    wireBytesOut: wireEnd[1] - wireStart[1],
+    wireBytesPerDelivery: stats.windowDeliveries ? (wireEnd[0] - wireStart[0]) / stats.windowDeliveries : null,
+    payloadBytesPerDelivery: stats.windowDeliveries ? stats.windowPayloadBytes / stats.windowDeliveries : null,
     stalled: stalledAt !== null,
     maxSendLagMs,
     loadgenCpuPct: ((cpu.user + cpu.system) / 1e6 / windowSeconds) * 100,

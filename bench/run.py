@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py --servers node   # the reference alone
     .venv/bin/python bench/run.py --cases c100-s1,idle-10k --duration 3
     .venv/bin/python bench/run.py --cases burst             # the flow-control burst alone
+    .venv/bin/python bench/run.py --cases deflate           # the permessage-deflate cases alone
 
 Each (case, server) pair gets a fresh server pinned to core 0 and the same Node load generator
 (bench/loadgen.js; bench/burst.js for the burst case) pinned to core 1. Needs `npm ci --prefix bench/node` and
@@ -57,6 +58,15 @@ class Case:
     pattern: str = "closed"
     window: int = 4
     rate: int = 0
+    # permessage-deflate cases: clients offer it (the `ws` client, which inflates), the reference
+    # server runs with it on, messages are `payload_bytes` of JSON-like text (0: --payload, padded).
+    deflate: bool = False
+    payload_bytes: int = 0
+    client: str = ""  # "" : --client
+
+    @property
+    def json_payload(self) -> bool:
+        return self.payload_bytes > 0
 
     @property
     def idle(self) -> bool:
@@ -68,7 +78,7 @@ class Case:
 
     @property
     def title(self) -> str:
-        if self.pattern != "closed":
+        if self.pattern != "closed" or self.deflate:
             return self.description
         return f"{self.description}, window {self.window}{' per sender' if self.senders > 1 else ''}"
 
@@ -94,7 +104,24 @@ CASES = [
     Case("idle-10k", "10,000 idle connections", clients=10000, pattern="idle"),
     # Issue 10: one client floods, one reads as fast as it can, one has stopped reading (bench/burst.js).
     Case("burst", "burst: 20,000 x 1 KiB from one client, one fast reader, one stalled", clients=3, pattern="burst"),
+    # Issue 12: permessage-deflate negotiated by every client, JSON-like text of 1 and 4 KiB. Node ws
+    # compresses a broadcast once per recipient, wsapp once per message.
+    Case("z-c100-s1-1k", "deflate: 100 clients, 1 sender (window 4), 1 KiB JSON", clients=100, window=4,
+         deflate=True, payload_bytes=1024, client="ws"),
+    Case("z-c100-s1-4k", "deflate: 100 clients, 1 sender (window 4), 4 KiB JSON", clients=100, window=4,
+         deflate=True, payload_bytes=4096, client="ws"),
+    Case("z-c100-s10-1k", "deflate: 100 clients, 10 senders (window 1 each), 1 KiB JSON", clients=100,
+         senders=10, window=1, deflate=True, payload_bytes=1024, client="ws"),
+    Case("z-c100-s10-4k", "deflate: 100 clients, 10 senders (window 1 each), 4 KiB JSON", clients=100,
+         senders=10, window=1, deflate=True, payload_bytes=4096, client="ws"),
+    # What negotiating it costs an idle connection: the same 1,000 `ws` clients with and without the offer.
+    Case("idle-1k-plain", "1,000 idle connections, `ws` client, no deflate offered", clients=1000, pattern="idle",
+         client="ws"),
+    Case("idle-1k-deflate", "1,000 idle connections, `ws` client, permessage-deflate negotiated", clients=1000,
+         pattern="idle", deflate=True, client="ws"),
 ]
+# --cases deflate: all of issue 12's cases.
+CASE_GROUPS = {"deflate": [c.name for c in CASES if c.deflate or c.name == "idle-1k-plain"]}
 VARIANTS = [
     Variant("node", "node", "relay", "/"),
     Variant("wsapp", "wsapp", "relay", "/"),
@@ -136,11 +163,13 @@ def pinned(core: int, cmd: list[str]) -> list[str]:
 class Server:
     """One server process, pinned to SERVER_CORE, its output in a log file."""
 
-    def __init__(self, variant: Variant, log_path: Path, wsapp_env: dict[str, str]) -> None:
+    def __init__(self, variant: Variant, log_path: Path, wsapp_env: dict[str, str], deflate: bool = False) -> None:
         self.port = free_port()
         env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1"}
         if variant.server == "node":
             cmd = ["node", str(BENCH / "node" / "reference_server.js")]
+            if deflate:
+                env["REF_DEFLATE"] = "1"  # wsapp negotiates it by default (WSAPP_DEFLATE=1)
         else:
             python = ROOT / ".venv" / "bin" / "python"
             cmd = [str(python if python.exists() else sys.executable), str(ROOT / "server.py")]
@@ -207,7 +236,7 @@ def run_pair(case: Case, variant: Variant, args: argparse.Namespace, raw: Path, 
     tag = f"{case.name}-{variant.name}" + (f"-{rep + 1}" if args.repeat > 1 else "")
     row: dict[str, Any] = {"case": case.name, "variant": variant.name, "server": variant.server,
                            "mode": variant.mode}
-    server = Server(variant, raw / f"{tag}.server.log", args.wsapp_env)
+    server = Server(variant, raw / f"{tag}.server.log", args.wsapp_env, case.deflate)
     loadgen = None
     try:
         server.wait_listening()
@@ -220,11 +249,13 @@ def run_pair(case: Case, variant: Variant, args: argparse.Namespace, raw: Path, 
             "pattern": case.pattern,
             "window": case.window,
             "rate": case.rate or 1,
-            "payloadBytes": args.payload,
+            "payloadBytes": case.payload_bytes or args.payload,
+            "payload": "json" if case.json_payload else "pad",
+            "deflate": case.deflate,
             "warmupSeconds": 0 if case.idle else args.warmup,
             "durationSeconds": args.idle_hold if case.idle else args.duration,
             "drainSeconds": args.drain,
-            "client": args.client,
+            "client": case.client or args.client,
         }
         with open(raw / f"{tag}.loadgen.log", "wb") as lg_log:
             loadgen = subprocess.Popen(pinned(LOADGEN_CORE, ["node", str(BENCH / "loadgen.js"), json.dumps(spec)]),
@@ -298,6 +329,12 @@ def derive(row: dict[str, Any]) -> None:
     row["server_cpu_pct"] = 100 * row["server_cpu_s"] / wall
     deliveries = lg["deliveriesPerSec"] * lg["windowSeconds"]
     row["cpu_us_per_delivery"] = 1e6 * row["server_cpu_s"] / deliveries if deliveries else None
+    # Socket bytes the clients read in the window (WebSocket frames, headers included; TCP/IP
+    # headers not), per delivery, against the messages' own bytes.
+    row["wire_bytes_per_delivery"] = lg.get("wireBytesPerDelivery")
+    row["payload_bytes_per_delivery"] = lg.get("payloadBytesPerDelivery")
+    if row["wire_bytes_per_delivery"] and row["payload_bytes_per_delivery"]:
+        row["compression"] = row["payload_bytes_per_delivery"] / row["wire_bytes_per_delivery"]
     # Noise gauge: what else (other processes on this machine) kept our two cores busy. Approximate:
     # per-process and per-core accounting do not split interrupt time the same way.
     busy, irq = row.get("core_busy_pct", {}), row.get("core_irq_pct", {})
@@ -317,6 +354,10 @@ def derive(row: dict[str, Any]) -> None:
         row["setup_s"] = lg["setupSeconds"]
     problems = []
     st = lg["stats"]
+    want = lg["connected"] if lg["spec"].get("deflate") else 0
+    if st.get("deflateNegotiated", 0) != want:
+        problems.append(f"permessage-deflate negotiated by {st.get('deflateNegotiated', 0)} of {lg['connected']} "
+                        f"clients (expected {want}): {st.get('extensions')}")
     for key, label in (("duplicates", "duplicates"), ("unknown", "unrecognised frames"),
                        ("typeMismatches", "text arrived as binary"), ("serverErrorCount", "error frames"),
                        ("unexpectedCloses", "unexpected closes")):
@@ -531,7 +572,8 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
-RATIO_KEYS = ["deliveries_per_s", "p50_ms", "p99_ms", "rss_mib", "cpu_us_per_delivery", "rss_per_conn_kib"]
+RATIO_KEYS = ["deliveries_per_s", "p50_ms", "p99_ms", "rss_mib", "cpu_us_per_delivery", "rss_per_conn_kib",
+              "wire_bytes_per_delivery"]
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -575,6 +617,42 @@ def spread(row: dict[str, Any]) -> str:
     return f"{vals[0] / 1000:.0f}k-{vals[-1] / 1000:.0f}k/s"
 
 
+# Cases with a table of their own (idle, burst, permessage-deflate).
+SEPARATE_TABLES = ("idle", "burst", "z-")
+
+
+def deflate_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rat: dict[tuple[str, str], dict[str, Any]],
+                     titles: dict[str, str]) -> list[str]:
+    lines = ["", f"permessage-deflate: every client (`ws` {meta['node_ws']}) offers it, both servers accept; "
+             "JSON-like text; wire bytes = the clients' socket bytes read in the window per delivery "
+             f"(median of {meta['repeat']} runs by deliveries/s).", "",
+             "| case | server | deliveries/s | p50 ms | p99 ms | lost | server CPU µs/delivery | wire bytes/delivery "
+             "| message bytes | compression | RSS MiB | server CPU % | load gen CPU % | others' CPU % core 0 / 1 "
+             "| limit | spread over runs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        name = LABELS[r["variant"]]
+        if "error" in r:
+            lines.append(f"| {titles[r['case']]} | {name} | error: {r['error'][:120]} |" + " |" * 13)
+            continue
+        other = r.get("other_cpu_pct", {})
+        lines.append(
+            f"| {titles[r['case']]} | {name} | {fmt(r.get('deliveries_per_s'))} | {fmt(r.get('p50_ms'), 2)} "
+            f"| {fmt(r.get('p99_ms'), 2)} | {fmt(r.get('lost'))} | {fmt(r.get('cpu_us_per_delivery'), 2)} "
+            f"| {fmt(r.get('wire_bytes_per_delivery'), 0)} | {fmt(r.get('payload_bytes_per_delivery'), 0)} "
+            f"| {fmt(r.get('compression'), 2)}x | {fmt(r.get('rss_mib'))} | {fmt(r.get('server_cpu_pct'), 0)} "
+            f"| {fmt(r.get('loadgen_cpu_pct'), 0)} | {fmt(other.get('core0'), 0)} / {fmt(other.get('core1'), 0)} "
+            f"| {r.get('limit', '')} | {spread(r)} |")
+        q = rat.get((r["case"], r["variant"]))
+        if q:
+            lines.append(
+                f"| | *÷ Node* | *{fmt(q.get('deliveries_per_s'), ratio=True)}* | *{fmt(q.get('p50_ms'), ratio=True)}* "
+                f"| *{fmt(q.get('p99_ms'), ratio=True)}* | | *{fmt(q.get('cpu_us_per_delivery'), ratio=True)}* "
+                f"| *{fmt(q.get('wire_bytes_per_delivery'), ratio=True)}* | | | *{fmt(q.get('rss_mib'), ratio=True)}* "
+                "| | | | | |")
+    return lines
+
+
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[str, Any]]) -> str:
     titles = {c["name"]: c["title"] for c in meta["cases"]}
     lines = [
@@ -584,7 +662,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[s
         f"{LOADGEN_CORE}; {meta['duration']} s window after {meta['warmup']} s warm-up; "
         f"{meta['payload']}-byte messages; median of {meta['repeat']} runs per pair (idle case: one run).",
     ]
-    if any(not r["case"].startswith(("idle", "burst")) for r in rows):
+    if any(not r["case"].startswith(SEPARATE_TABLES) for r in rows):
         lines += [
             "",
             "| case | server | deliveries/s | p50 ms | p99 ms | lost | RSS MiB | server CPU µs/delivery "
@@ -593,7 +671,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[s
         ]
     rat = {(r["case"], r["variant"]): r for r in rats}
     for r in rows:
-        if r["case"].startswith(("idle", "burst")):
+        if r["case"].startswith(SEPARATE_TABLES):
             continue
         name = LABELS[r["variant"]]
         if "error" in r:
@@ -629,6 +707,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[s
     burst = [r for r in rows if r["case"] == "burst"]
     if burst:
         lines += burst_markdown(meta, burst)
+    deflate = [r for r in rows if r["case"].startswith("z-")]
+    if deflate:
+        lines += deflate_markdown(meta, deflate, rat, titles)
     notes = [f"- {LABELS[r['variant']]}, {r['case']}: {'; '.join(r['problems'])}" for r in rows if r.get("problems")]
     if notes:
         lines += ["", "Problems seen:", *notes]
@@ -643,10 +724,13 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    cases = [c for c in CASES if not c.idle and not c.burst and any(r["case"] == c.name for r in rows)]
+    cases = [c for c in CASES if not c.idle and not c.burst and not c.deflate
+             and any(r["case"] == c.name for r in rows)]
     variants = [v for v in VARIANTS if any(r["variant"] == v.name for r in rows)]
     by = {(r["case"], r["variant"]): r for r in rows}
-    idle = [r for r in rows if r["case"].startswith("idle") and "rss_per_conn_kib" in r]
+    idle = [r for r in rows if r["case"] == "idle-10k" and "rss_per_conn_kib" in r]
+    if not cases and not idle:
+        return
     fig, axes = plt.subplots(1, 3 if idle else 2, figsize=(15 if idle else 11, 5),
                              gridspec_kw={"width_ratios": [3, 3, 1.4] if idle else [1, 1]})
     colors = {"node": "#4c8c2b", "wsapp": "#3060b0", "wsapp-rooms": "#8fb0e0"}
@@ -704,6 +788,7 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "node": node,
+        "node_ws": json.loads((BENCH / "node" / "node_modules" / "ws" / "package.json").read_text())["version"],
         "duration": args.duration,
         "warmup": args.warmup,
         "payload": args.payload,
@@ -719,7 +804,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--servers", default="node,wsapp", help="node and/or wsapp (default both)")
     p.add_argument("--modes", default="relay,rooms", help="wsapp protocols: relay (/) and/or rooms (/ws)")
     p.add_argument("--cases", default=",".join(c.name for c in CASES),
-                   help="comma list of: " + ", ".join(c.name for c in CASES))
+                   help="comma list of: " + ", ".join(c.name for c in CASES) + "; `deflate`: all z-* and idle-1k-*")
     p.add_argument("--duration", type=float, default=2.5, help="measured window per case, s")
     p.add_argument("--warmup", type=float, default=0.5, help="load before the window, s")
     p.add_argument("--window", type=int, help="closed-loop messages in flight per sender, for all such cases")
@@ -754,12 +839,12 @@ def main(argv: list[str] | None = None) -> int:
     servers = set(args.servers.split(","))
     modes = set(args.modes.split(","))
     variants = [v for v in VARIANTS if v.server in servers and (v.server == "node" or v.mode in modes)]
-    wanted = args.cases.split(",")
+    wanted = [name for item in args.cases.split(",") for name in CASE_GROUPS.get(item, [item])]
     unknown = set(wanted) - {c.name for c in CASES}
     if unknown:
         print(f"bench: unknown case(s) {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    cases = [dataclasses.replace(c, clients=args.idle_clients) if c.idle
+    cases = [dataclasses.replace(c, clients=args.idle_clients) if c.name == "idle-10k"
              else dataclasses.replace(c, window=args.window) if args.window and c.pattern == "closed" else c
              for c in CASES if c.name in wanted]
     # The orchestrator mostly sleeps on a pipe; keep it off the server's core all the same.
