@@ -86,7 +86,7 @@ const stats = {
   socketErrors: [],
   presence: 0,
   deflateNegotiated: 0, // clients whose handshake answer accepted permessage-deflate
-  extensions: {}, // Sec-WebSocket-Extensions answers seen, with how many clients got each
+  extensions: {}, // what each client saw negotiated (raw: the 101's Sec-WebSocket-Extensions; ws: the names), how many
   windowPayloadBytes: 0, // message bytes (uncompressed) of the deliveries in the window
 };
 
