@@ -6,6 +6,7 @@ run in a real nginx, terminating TLS in front of two real servers that share roo
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import json
 import os
@@ -501,3 +502,29 @@ def test_server_pings_keep_an_idle_websocket_open_through_nginx(
                 assert ws.recv() == "still here"
         finally:
             ws.close(timeout=1)
+
+
+@pytest.mark.timeout(90)
+def test_locust_through_the_tls_proxy_to_two_instances(
+    run_proxy: Callable[..., Proxy], make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess],
+    tmp_path: Path,
+) -> None:
+    """docs/DEPLOY.md's load test of the compose stack: an https --host, the self-signed certificate
+    trusted through WEBSOCKET_CLIENT_CA_BUNDLE, rooms spread over two instances sharing Redis."""
+    redis = make_redis()
+    env = {"REDIS_URL": redis.url, "WSAPP_TRUSTED_PROXY_HOPS": "1", "WSAPP_RATE_LIMIT": "0"}
+    one, two = make_server(**env), make_server(**env)
+    proxy = run_proxy([one.port, two.port])
+    prefix = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--headless", "-u", "10", "-r", "10",
+        "-t", "3s", "--only-summary", "--room-size", "5", "--publisher-share", "0.2", "--publish-rate", "5",
+        "--host", proxy.https("/"), "--csv", str(prefix),
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=45, check=False,
+                            env={**os.environ, "WEBSOCKET_CLIENT_CA_BUNDLE": str(proxy.cert)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    with Path(f"{prefix}_stats.csv").open() as handle:
+        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    assert int(rows["connect"]["Request Count"]) == 10 and int(rows["Aggregated"]["Failure Count"]) == 0
+    assert int(rows["deliver rooms"]["Request Count"]) > 0
