@@ -275,9 +275,8 @@ def test_reconnecting_users_recover_after_a_restart(make_redis: Callable[[], Any
     assert locust.returncode == 0, log[-4000:]
     rows = read_rows(Path(f"{prefix}_stats.csv"))
     reconnect_rows(rows)
-    # Every user was told 1001 by the drain, and came back.
-    assert count(rows["server close"]) == USERS
-    assert count(rows["reconnect"]) == USERS
+    # Every user was told 1001 by the drain, and came back (the summary has the final figures).
+    assert f"reconnects {USERS} (0 gave up" in log and f"server closes {USERS}," in log, log[-3000:]
     # Redis kept the rooms' numbers and history: no new epoch, so nothing was lost to history_gone.
     assert "history gone" not in rows
     assert count(rows["deliver rooms"]) > 0
@@ -311,10 +310,9 @@ def test_token_options_against_a_server_with_authentication(
     assert count(rows["connect"]) == USERS and count(rows["deliver rooms"]) > 0
 
     # Without a token every handshake is refused before the 101.
+    # (The final figures are in the summary: the CSV files are rewritten once a second and can trail.)
     refused = run_locust(locust_command(server, tmp_path / "none", "rooms", run_time="2s"))
     assert refused.returncode == 1
-    rows = read_rows(tmp_path / "none_stats.csv")
-    assert count(rows["connect"], "Failure Count") == USERS
-    with Path(tmp_path / "none_failures.csv").open(newline="") as handle:
-        errors = [row["Error"] for row in csv.DictReader(handle)]
-    assert errors and all("401" in error for error in errors), errors
+    assert f"connects {USERS} ({USERS} failed)" in refused.stderr, refused.stderr[-4000:]
+    failures = re.findall(r"^\s*(\d+)\s+WS connect: (.*)$", refused.stderr, re.MULTILINE)
+    assert sum(int(n) for n, _ in failures) == USERS and all("401" in error for _, error in failures), failures
