@@ -1,7 +1,9 @@
 """Locust load test for wsapp: WebSocket fan-out latency and deliveries per second.
 
 Web UI:     locust -f locustfile.py --host http://127.0.0.1:8080
-Unattended: locust -f locustfile.py --headless -u 500 -r 100 -t 60s --host http://127.0.0.1:8080 --csv out
+Unattended: locust -f locustfile.py --headless -u 500 -r 100 -t 60s --host http://127.0.0.1:8080 --csv out --html o.html
+Distributed: locust -f locustfile.py --master --headless --expect-workers 2 -u 2000 -r 200 -t 60s --host URL
+             locust -f locustfile.py --worker --master-host MASTER  (one per core; --html works on the master)
 
 Each simulated user holds one WebSocket. In ``--mode rooms`` it connects to ``/ws?name=...`` and joins
 one room of ``--room-size`` users (``load-0``, ``load-1``, ...); in ``--mode relay`` it connects to
@@ -11,6 +13,16 @@ A receiver greenlet per user reports every delivery as request type ``WS``, name
 ``deliver relay``, with response time = receive time - send time, so Locust's tables and ``--csv``
 files show fan-out latency percentiles and deliveries/s. ``connect``, ``join`` and ``publish ...``
 get their own rows; ``error frame``, ``bad frame`` and ``unexpected close`` rows count failures.
+
+``--reconnect`` makes users connect again when the server closes or drops them (a restart, a deploy)
+and rejoin with ``since`` and ``epoch``; ``--reconnect-interval S`` makes them leave now and then on
+their own (``--offline-seconds``) and come back the same way. Either way rooms users join with
+``echo`` and check every seq of their room: ``reconnect`` rows time each return (loss to ``joined``),
+``recover rooms`` rows are the replayed messages (response time = how long each waited), ``gap`` and
+``repeat`` rows are failures. ``--token`` (or ``LOCUST_WSAPP_TOKEN``) presents one JWT for every
+user, ``--jwt-secret`` (or ``LOCUST_WSAPP_JWT_SECRET``) mints one per user (``sub`` = its name),
+placed by ``--token-in protocol|query|header``; ``--cookie`` sends a Cookie header. In distributed
+mode the master hands these options to its workers.
 
 Send and receive times come from ``time.time()`` in one process, so they share a clock. With
 ``--processes``/workers on several machines the clocks must be synchronised for latencies to mean
@@ -33,9 +45,10 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import gevent
+import jwt
 import orjson
 import websocket
 from locust import User, events, task
@@ -55,6 +68,16 @@ SEND_TIMEOUT_SECONDS = 10.0
 LISTENER_TICK_SECONDS = 1.0
 # What a socket operation raises when the connection fails (refused, reset, timed out, closed, bad status).
 CONNECTION_ERRORS = (websocket.WebSocketException, OSError)
+# Where --token-in puts a token.
+TOKEN_PLACES = ("protocol", "query", "header")
+# The subprotocol offered beside a bearer.<token> entry: wsapp answers it, never the token entry.
+SUBPROTOCOL = "wsapp"
+# Tokens minted with --jwt-secret live this long: longer than any load test, so none expires mid-run.
+MINTED_TOKEN_SECONDS = 24 * 3600
+# Reconnection after a server close: first wait, cap, and how long to keep trying before it is a failure.
+RECONNECT_FIRST_DELAY = 0.1
+RECONNECT_MAX_DELAY = 2.0
+RECONNECT_GIVE_UP_SECONDS = 60.0
 
 
 class WsLoadError(Exception):
@@ -84,6 +107,13 @@ def _share(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -135,6 +165,56 @@ def _add_arguments(parser: Any, **_kwargs: Any) -> None:
         default=10.0,
         help="seconds allowed for the WebSocket handshake and the room join (default 10)",
     )
+    parser.add_argument(
+        "--reconnect",
+        action="store_true",
+        default=False,
+        help="reconnect when the server closes or drops a connection, and in rooms mode rejoin with since and "
+        "epoch: the load of recoveries after a restart (default off: such a close is a failure)",
+    )
+    parser.add_argument(
+        "--reconnect-interval",
+        type=_non_negative_float,
+        default=0.0,
+        help="each user closes its connection after about this many seconds (0.5x to 1.5x), stays away "
+        "--offline-seconds, then reconnects and resumes; 0 = never (default 0)",
+    )
+    parser.add_argument(
+        "--offline-seconds",
+        type=_non_negative_float,
+        default=1.0,
+        help="how long a user stays away with --reconnect-interval (default 1)",
+    )
+    parser.add_argument(
+        "--token",
+        default="",
+        env_var="LOCUST_WSAPP_TOKEN",
+        is_secret=True,
+        help="a bearer token (JWT) every user presents (env LOCUST_WSAPP_TOKEN)",
+    )
+    parser.add_argument(
+        "--jwt-secret",
+        default="",
+        env_var="LOCUST_WSAPP_JWT_SECRET",
+        is_secret=True,
+        help="the server's WSAPP_JWT_SECRET: each user presents its own HS256 token, sub = its name "
+        "(env LOCUST_WSAPP_JWT_SECRET)",
+    )
+    parser.add_argument(
+        "--token-in",
+        choices=TOKEN_PLACES,
+        default="protocol",
+        help="where the token goes: a bearer.<token> Sec-WebSocket-Protocol entry (what browsers do), "
+        "?token= or an Authorization header (default protocol)",
+    )
+    parser.add_argument(
+        "--cookie",
+        default="",
+        env_var="LOCUST_WSAPP_COOKIE",
+        is_secret=True,
+        help="a Cookie header sent with every handshake, for apps whose authenticate hook reads a session "
+        "cookie (env LOCUST_WSAPP_COOKIE)",
+    )
 
 
 @dataclass(frozen=True)
@@ -148,6 +228,13 @@ class LoadSettings:
     publish_rate: float = 1.0
     payload_bytes: int = 64
     connect_timeout: float = 10.0
+    reconnect: bool = False
+    reconnect_interval: float = 0.0
+    offline_seconds: float = 1.0
+    token: str = ""
+    jwt_secret: str = ""
+    token_in: str = "protocol"
+    cookie: str = ""
 
     @classmethod
     def from_options(cls, options: argparse.Namespace | None) -> LoadSettings:
@@ -164,7 +251,18 @@ class LoadSettings:
             raise ValueError(f"--publish-rate must be > 0, got {settings.publish_rate}")
         if settings.payload_bytes < 0 or settings.connect_timeout <= 0:
             raise ValueError("--payload-bytes must be >= 0 and --connect-timeout > 0")
+        if settings.reconnect_interval < 0 or settings.offline_seconds < 0:
+            raise ValueError("--reconnect-interval and --offline-seconds must be >= 0")
+        if settings.token_in not in TOKEN_PLACES:
+            raise ValueError(f"--token-in must be one of {', '.join(TOKEN_PLACES)}, got {settings.token_in!r}")
+        if settings.token and settings.jwt_secret:
+            raise ValueError("give --token or --jwt-secret, not both")
         return settings
+
+    @property
+    def resumes(self) -> bool:
+        """Users come back after a close: rooms users then rejoin with since and check every seq."""
+        return self.reconnect or self.reconnect_interval > 0
 
 
 def ws_url(host: str, path: str) -> str:
@@ -208,8 +306,45 @@ def _close_text(frame_data: bytes) -> str:
     return f"close code {code}" + (f" {reason}" if reason else "")
 
 
+def mint_token(secret: str, sub: str, now: float | None = None) -> str:
+    """An HS256 JWT for `sub`, as the server's WSAPP_JWT_SECRET expects (sub, exp)."""
+    issued = int(time.time() if now is None else now)
+    return jwt.encode({"sub": sub, "iat": issued, "exp": issued + MINTED_TOKEN_SECONDS}, secret, algorithm="HS256")
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """What one user sends with its opening handshake: the URL, extra headers and subprotocols."""
+
+    url: str
+    header: tuple[str, ...] = ()
+    subprotocols: tuple[str, ...] = ()
+
+
+def handshake(host: str, path: str, settings: LoadSettings, user_name: str) -> Handshake:
+    """The handshake for `path`, carrying the token (given, or minted for `user_name`) and the cookie."""
+    token = settings.token or (mint_token(settings.jwt_secret, user_name) if settings.jwt_secret else "")
+    header: list[str] = []
+    subprotocols: tuple[str, ...] = ()
+    if token and settings.token_in == "query":
+        path += ("&" if "?" in path else "?") + urlencode({"token": token})
+    elif token and settings.token_in == "header":
+        header.append(f"Authorization: Bearer {token}")
+    elif token:
+        subprotocols = (SUBPROTOCOL, f"bearer.{token}")
+    if settings.cookie:
+        header.append(f"Cookie: {settings.cookie}")
+    return Handshake(ws_url(host, path), tuple(header), subprotocols)
+
+
 class WsappUser(User):
-    """One WebSocket per user: joins a room (or the relay), publishes if chosen, reports deliveries."""
+    """One WebSocket per user: joins a room (or the relay), publishes if chosen, reports deliveries.
+
+    A session greenlet per user reads every frame. With --reconnect it also connects again when the
+    server closes or drops the connection, and with --reconnect-interval the user closes now and then
+    and comes back; in rooms mode it rejoins with `since` and `epoch`, and, having joined with `echo`,
+    checks that it sees every seq of its room once and in order (a `gap` or `repeat` is a failure).
+    """
 
     host = DEFAULT_HOST
 
@@ -228,70 +363,119 @@ class WsappUser(User):
         self.padding = "x" * self.settings.payload_bytes
         self.deliver_name = f"deliver {self.settings.mode}"
         self.publish_name = f"publish {self.settings.mode}"
+        self.rooms_mode = self.settings.mode == "rooms"
+        # Checking every seq needs the user's own messages too (echo); they are not counted as deliveries.
+        self.tracks_seqs = self.rooms_mode and self.settings.resumes
         self.ws: websocket.WebSocket | None = None
-        self.receiver: gevent.Greenlet | None = None
+        self.session: gevent.Greenlet | None = None
         self.closing = False
+        self.cycling = False
+        # The room's epoch and the last seq seen in it, for `since`; the seq expected next (None: unknown).
+        self.epoch: str | None = None
+        self.last_seq: int | None = None
+        self.expected_seq: int | None = None
+        # Messages up to this seq are the replay of a resumed join, counted as recoveries.
+        self.replay_until = 0
         # Random phase so that publishers do not all send in the same instant.
         self.next_publish = time.monotonic() + random.uniform(0.0, self.interval)
+        self.next_cycle = self._cycle_deadline()
+
+    def _cycle_deadline(self) -> float:
+        interval = self.settings.reconnect_interval
+        return time.monotonic() + random.uniform(0.5 * interval, 1.5 * interval) if interval else math.inf
 
     def wait_time(self) -> float:
-        if not self.publisher:
-            return LISTENER_TICK_SECONDS
-        self.next_publish = max(self.next_publish + self.interval, time.monotonic())
-        return max(0.0, self.next_publish - time.monotonic())
+        wake = min(self.next_cycle, self.next_publish) if self.publisher else self.next_cycle
+        return max(0.0, min(wake - time.monotonic(), LISTENER_TICK_SECONDS))
 
     def on_start(self) -> None:
-        path = f"/ws?name={quote(self.user_name)}" if self.settings.mode == "rooms" else "/"
+        ws = self._connect_and_join(resume=False)
+        if ws is not None:
+            self.ws = ws
+            self.session = gevent.spawn(self._run_session, ws)
+
+    def _connect_and_join(self, resume: bool) -> websocket.WebSocket | None:
+        """Open the WebSocket (and join the room); None after a failure, reported unless resuming."""
+        path = f"/ws?name={quote(self.user_name)}" if self.rooms_mode else "/"
         start = time.perf_counter()
         try:
+            shake = handshake(self.host, path, self.settings, self.user_name)
             # websocket-client checks UTF-8 in pure Python (~170 us per KiB); orjson.loads checks it anyway.
             ws = websocket.create_connection(
-                ws_url(self.host, path),
+                shake.url,
                 timeout=self.settings.connect_timeout,
                 enable_multithread=True,
                 skip_utf8_validation=True,
+                header=list(shake.header),
+                subprotocols=list(shake.subprotocols) or None,
             )
         except (*CONNECTION_ERRORS, ValueError) as exc:  # refused, HTTP status instead of 101, timeout
-            _fire("connect", _elapsed_ms(start), exception=exc)
-            return
-        _fire("connect", _elapsed_ms(start))
-        self.ws = ws
-        if self.settings.mode == "rooms" and not self._join():
-            self._abandon()
-            return
+            if not resume:
+                _fire("connect", _elapsed_ms(start), exception=exc)
+            return None
+        if not resume:
+            _fire("connect", _elapsed_ms(start))
+        if self.rooms_mode and not self._join(ws, resume):
+            ws.shutdown()
+            return None
         # Reads block until the next frame: the server's pings keep an idle socket alive, and on_stop
-        # (bounded) ends the receiver; a send is bounded separately by SEND_TIMEOUT_SECONDS.
+        # (bounded) ends the session; a send is bounded separately by SEND_TIMEOUT_SECONDS.
         ws.settimeout(None)
-        self.receiver = gevent.spawn(self._receive, ws)
+        return ws
 
-    def _join(self) -> bool:
-        """Join the room and wait for `joined`, skipping welcome and presence frames."""
-        assert self.ws is not None
+    def _join(self, ws: websocket.WebSocket, resume: bool) -> bool:
+        """Join the room (with since and epoch when resuming) and wait for `joined`, skipping welcome and
+        presence frames; what follows `joined` (history_gone, the replay) is the session's to read."""
+        join: dict[str, Any] = {"type": "join", "room": self.room}
+        if self.tracks_seqs:
+            join["echo"] = True
+        if resume and self.last_seq is not None:
+            join["since"] = self.last_seq
+            if self.epoch is not None:
+                join["epoch"] = self.epoch
         start = time.perf_counter()
         try:
             with gevent.Timeout(self.settings.connect_timeout, WsLoadError("no joined frame in time")):
-                self.ws.send(orjson.dumps({"type": "join", "room": self.room}))
+                ws.send(orjson.dumps(join))
                 while True:
-                    reply = orjson.loads(self.ws.recv())
+                    reply = orjson.loads(ws.recv())
                     kind = reply.get("type") if isinstance(reply, dict) else None
                     if kind == "joined" and reply.get("room") == self.room:
                         break
                     if kind == "error":
                         raise WsLoadError(f"{reply.get('code')}: {reply.get('message')}")
         except (*CONNECTION_ERRORS, ValueError, WsLoadError) as exc:
-            _fire("join", _elapsed_ms(start), exception=exc)
+            if not resume:
+                _fire("join", _elapsed_ms(start), exception=exc)
             return False
-        _fire("join", _elapsed_ms(start))
+        if not resume:
+            _fire("join", _elapsed_ms(start))
+        seq, epoch = reply.get("seq"), reply.get("epoch")
+        if isinstance(seq, int) and isinstance(epoch, str):
+            if resume and epoch == self.epoch and self.last_seq is not None:
+                self.expected_seq = self.last_seq + 1  # the replay picks up right after `since`
+            else:
+                # A first join, or a new epoch (history_gone follows): live messages come after `seq`.
+                self.expected_seq, self.last_seq = seq + 1, seq
+            self.replay_until = seq if resume else 0
+            self.epoch = epoch
         return True
 
     @task
     def publish(self) -> None:
-        ws = self.ws
-        if not self.publisher or ws is None or self.closing:
+        if time.monotonic() >= self.next_cycle:
+            self._cycle()
             return
+        if not self.publisher or time.monotonic() < self.next_publish:
+            return
+        self.next_publish = max(self.next_publish + self.interval, time.monotonic())
+        ws = self.ws
+        if ws is None or self.closing:
+            return  # reconnecting (or given up): this turn's message is not sent
         sent_at = time.time()
-        if self.settings.mode == "rooms":
-            frame = orjson.dumps({"type": "publish", "room": self.room, "data": {"t": sent_at, "pad": self.padding}})
+        if self.rooms_mode:
+            data = {"t": sent_at, "u": self.number, "pad": self.padding}
+            frame = orjson.dumps({"type": "publish", "room": self.room, "data": data})
         else:
             frame = orjson.dumps({"t": sent_at, "pad": self.padding})
         start = time.perf_counter()
@@ -299,25 +483,74 @@ class WsappUser(User):
             with gevent.Timeout(SEND_TIMEOUT_SECONDS, WsLoadError("send blocked")):
                 ws.send(frame, websocket.ABNF.OPCODE_TEXT)
         except (*CONNECTION_ERRORS, WsLoadError) as exc:
-            if not (self.closing or _run.stopping):
+            # A connection that failed under a reconnecting user is the session's to notice and replace.
+            if not (self.closing or _run.stopping or self.settings.reconnect):
                 _fire(self.publish_name, _elapsed_ms(start), exception=exc)
                 self._abandon()
             return
         _fire(self.publish_name, _elapsed_ms(start), len(frame))
 
-    def _receive(self, ws: websocket.WebSocket) -> None:
-        """Read every frame until the socket closes; the only reader once the user has joined."""
+    def _cycle(self) -> None:
+        """Close on purpose (--reconnect-interval); the session stays away, then comes back."""
+        self.next_cycle = math.inf  # the session sets the next one once it is back
+        ws, self.ws = self.ws, None
+        if ws is None or self.session is None or self.closing:
+            return
+        self.cycling = True
+        # Only the close frame: the session is the socket's one reader and gets the server's answer.
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            ws.send_close()
+
+    def _run_session(self, ws: websocket.WebSocket) -> None:
+        """Read frames until the connection ends; then, for a reconnecting user, connect again and go on."""
+        while True:
+            error = self._receive(ws)
+            if self.closing or _run.stopping:
+                return
+            cycled, self.cycling = self.cycling, False
+            if cycled:
+                gevent.sleep(self.settings.offline_seconds)
+            elif self.settings.reconnect:
+                _fire("server close", 0.0)
+            else:
+                self._lost(error)
+                return
+            replacement = self._reconnect()
+            if replacement is None:
+                return
+            ws = replacement
+
+    def _reconnect(self) -> websocket.WebSocket | None:
+        """Connect and rejoin with backoff; `reconnect` reports the time it took (a failure past the limit)."""
+        self.ws = None
+        start = time.perf_counter()
+        delay = RECONNECT_FIRST_DELAY
+        while not (self.closing or _run.stopping):
+            ws = self._connect_and_join(resume=True)
+            if ws is not None:
+                _fire("reconnect", _elapsed_ms(start))
+                self.ws = ws
+                self.next_cycle = self._cycle_deadline()
+                return ws
+            if _elapsed_ms(start) > RECONNECT_GIVE_UP_SECONDS * 1000:
+                _fire("reconnect", _elapsed_ms(start), exception=WsLoadError("gave up reconnecting"))
+                return None
+            gevent.sleep(random.uniform(0.5 * delay, delay))
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        return None
+
+    def _receive(self, ws: websocket.WebSocket) -> WsLoadError:
+        """Handle every frame until the socket closes; returns how it ended."""
         while True:
             try:
                 opcode, frame = ws.recv_data_frame()
             except CONNECTION_ERRORS as exc:
-                self._lost(WsLoadError(f"close code 1006 (no close frame): {exc.__class__.__name__}"))
-                return
+                return WsLoadError(f"close code 1006 (no close frame): {exc.__class__.__name__}")
             received_at = time.time()
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 # websocket-client has already answered the close frame.
-                self._lost(WsLoadError(_close_text(frame.data)))
-                return
+                ws.shutdown()
+                return WsLoadError(_close_text(frame.data))
             self._handle(frame.data, received_at)
 
     def _handle(self, data: bytes, received_at: float) -> None:
@@ -329,20 +562,55 @@ class WsappUser(User):
         if not isinstance(message, dict):
             _fire("bad frame", 0.0, len(data), WsLoadError("not a JSON object"))
             return
-        if self.settings.mode == "rooms":
+        name = self.deliver_name
+        if self.rooms_mode:
             kind = message.get("type")
             if kind == "error":
-                _fire("error frame", 0.0, len(data), WsLoadError(str(message.get("code"))))
+                self._room_error(message, len(data))
                 return
             if kind != "message":
                 return  # welcome, joined, presence, ack, pong: not deliveries
+            seq = message.get("seq")
+            if isinstance(seq, int) and not self._check_seq(seq, len(data)):
+                return
             body = message.get("data")
             message = body if isinstance(body, dict) else {}
+            if self.tracks_seqs and message.get("u") == self.number:
+                return  # this user's own message, echoed for the seq check
+            if isinstance(seq, int) and seq <= self.replay_until:
+                name = "recover rooms"  # replayed after a `since`: its latency is how long it waited
         sent_at = message.get("t")
         if not isinstance(sent_at, (int, float)):
             _fire("bad frame", 0.0, len(data), WsLoadError("message without a send time"))
             return
-        _fire(self.deliver_name, max(0.0, (received_at - sent_at) * 1000.0), len(data))
+        _fire(name, max(0.0, (received_at - sent_at) * 1000.0), len(data))
+
+    def _room_error(self, message: dict[str, Any], length: int) -> None:
+        if message.get("code") == "history_gone":
+            # Not a failure: the server says which messages it can no longer give (trimmed, or a new
+            # epoch after the room's history was lost); numbering goes on from what comes next.
+            _fire("history gone", 0.0, length)
+            epoch = message.get("epoch")
+            if isinstance(epoch, str):
+                self.epoch = epoch
+            self.expected_seq = None
+            return
+        _fire("error frame", 0.0, length, WsLoadError(str(message.get("code"))))
+
+    def _check_seq(self, seq: int, length: int) -> bool:
+        """Record `seq`; with --reconnect/--reconnect-interval a missed or repeated seq is a failure.
+        Returns False for a repeat (not counted again as a delivery)."""
+        if not self.tracks_seqs:
+            return True
+        expected = self.expected_seq
+        if expected is not None and seq < expected:
+            _fire("repeat", 0.0, length, WsLoadError(f"seq {seq} again (expected {expected})"))
+            return False
+        if expected is not None and seq > expected:
+            _fire("gap", 0.0, length, WsLoadError(f"missed {seq - expected} message(s)"))
+        self.expected_seq = seq + 1
+        self.last_seq = seq
+        return True
 
     def _lost(self, error: WsLoadError) -> None:
         if not (self.closing or _run.stopping):
@@ -362,10 +630,10 @@ class WsappUser(User):
     def on_stop(self) -> None:
         self.closing = True
         ws, self.ws = self.ws, None
-        if self.receiver is not None:
+        if self.session is not None:
             # Kill the reader first: websocket-client's close() reads the server's close frame itself.
-            self.receiver.kill(block=True, timeout=CLOSE_TIMEOUT_SECONDS)
-            self.receiver = None
+            self.session.kill(block=True, timeout=CLOSE_TIMEOUT_SECONDS)
+            self.session = None
         if ws is not None:
             # The server may already have dropped the socket; shutdown() below is what matters.
             with contextlib.suppress(*CONNECTION_ERRORS):
@@ -428,6 +696,20 @@ def summary_lines(environment: Environment) -> list[str]:
         f"join failures {join_failures}, error/bad frames {errors}, send failures {send_failures}, "
         f"unexpected closes {closes}"
     )
+    if "reconnect" in entries or "recover rooms" in entries:
+        def requests(name: str) -> int:
+            return entries[name].num_requests if name in entries else 0
+
+        def failures(name: str) -> int:
+            return entries[name].num_failures if name in entries else 0
+
+        reconnect = entries.get("reconnect")
+        p95 = reconnect.get_response_time_percentile(0.95) if reconnect and reconnect.num_requests else 0
+        lines.append(
+            f"reconnects {requests('reconnect')} ({failures('reconnect')} gave up, p95 {p95:.0f} ms), "
+            f"server closes {requests('server close')}, recovered {requests('recover rooms')}, "
+            f"history gone {requests('history gone')}, gaps {failures('gap')}, repeats {failures('repeat')}"
+        )
     return lines
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine, then run the whole suite.
-# Debian packages: redis-server, redis-sentinel, chromium + chromedriver (browser test), node + npm (ws interop).
+# Debian packages: redis-server, redis-sentinel, chromium + chromedriver (browser test), node + npm (ws interop),
+# nginx (tests/test_deploy.py runs deploy/nginx/wsapp.conf in front of two servers).
 # Python packages: requirements-dev.txt into .venv. Node packages: tests/package-lock.json.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k rooms`.
 set -euo pipefail
@@ -16,6 +17,7 @@ command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v taskset >/dev/null || missing+=(util-linux)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
   sudo_if_needed apt-get update -qq
