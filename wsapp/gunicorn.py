@@ -183,6 +183,7 @@ def _metrics_dir() -> None:
     _metrics_dir_owner = arbiter = os.getpid()
     path, created = prepare_dir(os.environ.get(ENV_DIR))
     os.environ[ENV_DIR] = path
+    log.info("workers share their figures in %s", path)
 
     def remove() -> None:
         # Workers are forked from the arbiter and inherit its atexit hooks: only the arbiter removes it.

@@ -12,7 +12,8 @@ Why not prometheus-client's multiprocess mode: its values live in mmap files upd
 on every `inc`/`observe`, which on wsapp's per-message paths would cost more than the send path
 itself (docs/PERFORMANCE.md); it cannot carry custom collectors (the hub's gauges, the broker's
 counters) nor process metrics. Here the hot path stays plain integers and the files are written
-once a second.
+once a second. The files are replaced and listed under one lock (a listing that runs while a file is
+renamed over may miss it).
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ class WorkerShare:
         tmp = self.dir / f".{self.pid}.tmp"
         try:
             tmp.write_bytes(orjson.dumps({**snap, "pid": self.pid}))
-            os.replace(tmp, self._path)
+            # Under the lock: a directory listing that runs while a file is renamed over may miss it.
+            with self._locked():
+                os.replace(tmp, self._path)
         except OSError as exc:
             log.warning("cannot write the metrics snapshot to %s: %s", self.dir, exc)
 

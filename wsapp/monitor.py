@@ -50,18 +50,19 @@ class Monitor:
         mine = self._export()
         if self.share is None:
             return merge([mine], live=1)
+        self.share.write(mine)  # the next scrape answered by another worker sees this one as of now
         return self.share.instance(mine)
 
     def _run(self) -> None:
         observe = self._stats.loop_lag_seconds.observe
         ticks = 0
         while True:
-            start = time.monotonic()
-            gevent.sleep(LAG_TICK_SECONDS)
-            observe(max(0.0, time.monotonic() - start - LAG_TICK_SECONDS))
-            ticks += 1
-            if self.share is not None and ticks % SHARE_EVERY == 0:
+            if self.share is not None and ticks % SHARE_EVERY == 0:  # from the start: the others count this one
                 try:
                     self.share.write(self._export())
                 except Exception:  # the timer must outlive a bad snapshot
                     log.exception("sharing this worker's figures failed")
+            start = time.monotonic()
+            gevent.sleep(LAG_TICK_SECONDS)
+            observe(max(0.0, time.monotonic() - start - LAG_TICK_SECONDS))
+            ticks += 1
