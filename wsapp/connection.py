@@ -222,6 +222,49 @@ class Outbox:
 class Connection:
     """An upgraded socket: frame parsing, control frames, the send backlog and the close handshake."""
 
+    # Slots: CPython 3.11 keeps an object's attribute values inline (fast to read) only up to 30 names,
+    # which Connection passed with its traffic counters (bench/send_path.py: +0.1 µs per delivery);
+    # slots also make each idle connection smaller.
+    __slots__ = (
+        "_backlog",
+        "_backlog_bytes",
+        "_dirty",
+        "_drained",
+        "_flushed",
+        "_inflight",
+        "_leftover",
+        "_max_bytes",
+        "_max_frames",
+        "_may_read",
+        "_outbox",
+        "_parser",
+        "_raw",
+        "_settings",
+        "_sock",
+        "_stats",
+        "_writer",
+        "bytes_in",
+        "bytes_out",
+        "close_cause",
+        "close_code",
+        "close_deadline",
+        "closed_by",
+        "control_out",
+        "deflate",
+        "expires_at",
+        "frames_out",
+        "id",
+        "last_ping",
+        "last_seen",
+        "messages_in",
+        "name",
+        "opened",
+        "over_capacity_since",
+        "path",
+        "remote_ip",
+        "state",
+    )
+
     def __init__(
         self,
         sock: Any,
