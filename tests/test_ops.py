@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -83,6 +84,10 @@ def test_json_logs_one_line_per_request_and_per_close_and_no_secrets() -> None:
         # The server closes one: binary on /ws is 1003.
         bad = connect(srv.ws(f"/ws?token={token}"), subprotocols=["wsapp"])
         bad.send_binary(b"\x00\x01")
+        # A request gevent's WSGI server itself refuses (its error line goes through the logs too).
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            sock.sendall(b"NOT-HTTP\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 400")
         # And the drain closes the last one.
         relay = connect(srv.ws("/"))
         wait_for(lambda: len(events(srv, "ws_close")) == 2 and len(events(srv, "ws_open")) == 3,
@@ -222,9 +227,9 @@ def test_one_scrape_shows_the_whole_instance_across_two_workers(
     opened: list[websocket.WebSocket],
 ) -> None:
     broker = make_redis()
-    srv = make_server(REDIS_URL=broker.url, WEB_CONCURRENCY="2", WSAPP_RATE_LIMIT="0", LOG_LEVEL="DEBUG")
+    srv = make_server(REDIS_URL=broker.url, WEB_CONCURRENCY="2", WSAPP_RATE_LIMIT="0", LOG_FORMAT="json")
     workers = new_workers(srv, 2)
-    share_dir = Path(re.search(r"workers share their figures in (\S+)", srv.log_text()).group(1))  # type: ignore[union-attr]
+    share_dir = Path(re.search(r'workers share their figures in ([^\s"]+)', srv.log_text()).group(1))  # type: ignore[union-attr]
     placed = open_on_every_worker(srv, "/", opened)
     total = len(placed)
     for ws, _pid in placed:
@@ -275,3 +280,5 @@ def test_one_scrape_shows_the_whole_instance_across_two_workers(
     srv.terminate()
     assert srv.wait(15) == 0
     assert not share_dir.exists()  # the arbiter made it and removed it
+    records = json_lines(srv)  # gunicorn's own lines too, arbiter and workers
+    assert any(r["logger"] == "gunicorn.error" and "Booting worker" in r["message"] for r in records)
