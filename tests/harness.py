@@ -21,7 +21,8 @@ class ServerProcess:
 
     `cmd` runs another command line instead (say, gunicorn, or `python -m wsapp` from an installed
     wheel), in `cwd` if given: it must bind 127.0.0.1:0 and log wsapp's "listening on" line. An `env`
-    value of None removes that variable.
+    value of None removes that variable. With `capture_stdout`, stdout lines are kept in `stdout`
+    (else stdout is discarded).
     """
 
     def __init__(
@@ -30,6 +31,7 @@ class ServerProcess:
         startup_timeout: float = 15.0,
         cmd: list[str] | None = None,
         cwd: Path | None = None,
+        capture_stdout: bool = False,
     ) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("WSAPP_")}
         full_env.pop("REDIS_URL", None)
@@ -43,11 +45,16 @@ class ServerProcess:
             cmd or [sys.executable, str(ROOT / "server.py")],
             cwd=cwd or ROOT,
             env=full_env,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
         self.log: list[str] = []
+        self.stdout: list[str] = []
+        self._out_reader: threading.Thread | None = None
+        if capture_stdout:
+            self._out_reader = threading.Thread(target=self._read_stdout, daemon=True)
+            self._out_reader.start()
         self._port_found = threading.Event()
         self.port = 0
         self._reader = threading.Thread(target=self._read_log, daemon=True)
@@ -65,6 +72,11 @@ class ServerProcess:
                 self.port = int(match.group(1))
                 self._port_found.set()
         self._port_found.set()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.stdout.append(line)
 
     def http(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -91,6 +103,10 @@ class ServerProcess:
         self._reader.join(5)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+        if self._out_reader is not None:
+            self._out_reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def log_text(self) -> str:
         return "".join(self.log)

@@ -125,12 +125,12 @@ class JwtAuthenticator:
         try:
             return self.verify(token)
         except AuthError as exc:
-            raise Refuse(401, str(exc), [("WWW-Authenticate", "Bearer")]) from None
+            raise Refuse(401, str(exc), [("WWW-Authenticate", "Bearer")], "token") from None
         except KeysUnavailable as exc:
             # 503, not 401: the token may well be good, and a client told 401 would throw it away
             # or send its user to log in again for an outage that is ours.
             raise Refuse(503, "identity provider unreachable, try again later",
-                         [("Retry-After", str(exc.retry_after))]) from None
+                         [("Retry-After", str(exc.retry_after))], "identity_provider") from None
 
     def verify(self, token: str | None) -> Identity:
         """The identity in `token`; raises AuthError (invalid) or KeysUnavailable (JWKS down)."""

@@ -20,11 +20,15 @@ from typing import Any
 import gevent
 from gevent.pywsgi import WSGIServer
 
+from wsapp import logs
 from wsapp.config import Settings
 from wsapp.exceptions import ConfigError
 from wsapp.services import EXTENSION_KEY, Services, services_of
 
 log = logging.getLogger("wsapp.server")
+# gevent's WSGI server reports bad requests and socket errors here (its own access log is off: wsapp's
+# handler writes one line per request to `wsapp.access`).
+PYWSGI_ERRORS = logging.getLogger("gevent.pywsgi")
 
 DEFAULT_APP = "wsapp.app:create_app"
 
@@ -64,10 +68,8 @@ def raise_fd_limit() -> None:
 
 
 def setup_logging(settings: Settings, workers: int = 1) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    if workers > 1:
-        fmt = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-    logging.basicConfig(level=settings.log_level, format=fmt)
+    """LOG_LEVEL and LOG_FORMAT (text, or one JSON object per line) for this process (wsapp/logs.py)."""
+    logs.setup_logging(settings.log_level, settings.log_format, workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        print(f"wsapp: configuration error: {exc}", file=sys.stderr)
+        logs.fatal(f"configuration error: {exc}")
         return 2
     app_ref = argv[0] if argv else settings.app or DEFAULT_APP
     workers = settings.workers
@@ -93,22 +95,24 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_broker(settings)
         except ConfigError as exc:
-            print(f"wsapp: configuration error: {exc}", file=sys.stderr)
+            logs.fatal(f"configuration error: {exc}")
             return 2
     if workers > 1:
         from wsapp.gunicorn import run_arbiter
 
         return run_arbiter(app_ref, settings)
-    server = WSGIServer((settings.host, settings.port), None, handler_class=_handler_class(), log=None, backlog=1024)
+    server = WSGIServer((settings.host, settings.port), None, handler_class=_handler_class(), log=None,
+                        error_log=PYWSGI_ERRORS, backlog=1024)
     try:
         server.init_socket()
     except OSError as exc:
-        print(f"wsapp: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        logs.fatal(f"cannot listen on {settings.host}:{settings.port}: {exc}")
         return 1
+    logs.route_gevent_errors()
     try:
         return serve(app_ref, settings, server)
     except ConfigError as exc:
-        print(f"wsapp: configuration error: {exc}", file=sys.stderr)
+        logs.fatal(f"configuration error: {exc}")
         return 2
 
 
@@ -147,8 +151,10 @@ def serve(app_ref: str, settings: Settings, server: WSGIServer) -> int:
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(drain))
     gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(drain))
     server.start()
+    services.monitor.start()
     log.info("wsapp listening on http://%s:%d (broker: %s)", settings.host, server.server_port, services.backend.name)
     stopped.wait()
+    services.monitor.stop()
     log.info("stopped")
     return 0
 

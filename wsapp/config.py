@@ -31,6 +31,12 @@ class Settings:
     # Worker processes sharing one listening socket (gunicorn's arbiter runs them); more than 1 needs Redis.
     web_concurrency: int = 1
     log_level: str = "INFO"
+    # "text" (default) or "json": one JSON object per line (wsapp/logs.py).
+    log_format: str = "text"
+    # One line per HTTP request at INFO on the `wsapp.access` logger.
+    access_log: bool = True
+    # Where gunicorn workers share their figures (wsapp/metrics_share.py); the arbiter sets it up.
+    metrics_dir: str | None = None
     # Frame layer limits (DESIGN.md section 4).
     max_message_bytes: int = 1024 * 1024
     max_fragments: int = 16384
@@ -90,6 +96,9 @@ class Settings:
             redis_tls_ca=reader.get("WSAPP_REDIS_TLS_CA", None, _ca_file),
             web_concurrency=reader.get("WEB_CONCURRENCY", 1, _int_range(1, 1024)),
             log_level=reader.get("LOG_LEVEL", "INFO", _log_level),
+            log_format=reader.get("LOG_FORMAT", "text", _log_format),
+            access_log=reader.get("WSAPP_ACCESS_LOG", True, _bool),
+            metrics_dir=reader.get("WSAPP_METRICS_DIR", None, _nonempty),
             max_message_bytes=reader.get("WSAPP_MAX_MESSAGE_BYTES", 1024 * 1024, _int_range(125, 2**40)),
             max_fragments=reader.get("WSAPP_MAX_FRAGMENTS", 16384, _int_range(0, 2**31)),
             max_connections=reader.get("WSAPP_MAX_CONNECTIONS", 20000, _int_range(1, 10**7)),
@@ -207,6 +216,13 @@ def _app_ref(raw: str) -> str:
     if attr and not all(part.isidentifier() for part in attr.removesuffix("()").split(".")):
         raise ValueError("expected module:attribute, e.g. myapp:app or myapp:create_app")
     return raw
+
+
+def _log_format(raw: str) -> str:
+    value = raw.lower()
+    if value not in {"text", "json"}:
+        raise ValueError("expected text or json")
+    return value
 
 
 def _log_level(raw: str) -> str:

@@ -63,6 +63,28 @@ MessageHandler = Callable[[int, bytes], None]
 IDLE_GAP = 0.002
 
 
+class Closed:
+    """Who closed a connection first and why, for its log line and wsapp_closes_total."""
+
+    SERVER = "server"
+    CLIENT = "client"
+    NONE = "none"  # the socket ended without a close frame from either side (code 1006)
+
+
+# Why the server closed (the `reason` of the close log line and label of wsapp_closes_total).
+CAUSE_NORMAL = "normal"
+CAUSE_DRAIN = "drain"
+CAUSE_PING_TIMEOUT = "ping_timeout"
+CAUSE_SLOW_CONSUMER = "slow_consumer"
+CAUSE_RATE_LIMIT = "rate_limit"
+CAUSE_PROTOCOL_ERROR = "protocol_error"
+CAUSE_TOKEN_EXPIRED = "token_expired"
+CAUSE_REJECTED = "rejected"
+CAUSE_INTERNAL_ERROR = "internal_error"
+CAUSE_CLIENT = "client"  # the client's close frame came first
+CAUSE_LOST = "connection_lost"  # EOF or a socket error, no close frame
+
+
 class State(Enum):
     """Where a connection is in its life (RFC 6455 7): the close handshake has two directions."""
 
@@ -109,6 +131,10 @@ class Outbox:
         # a broadcast is compressed once, whoever it goes to. Each entry holds its frame, so the id
         # stays that frame's until the cache is cleared at the end of the turn.
         self._deflated: dict[tuple[int, int], tuple[bytes, bytes]] = {}
+        # wsapp_fanout_seconds: (arrival time, messages) of the reads whose frames wait for the next
+        # flush, and whether a written-through send went out since a reader last looked.
+        self.arrivals: list[tuple[float, int]] = []
+        self.wrote = False
 
     def deflated(self, frame: bytes, params: DeflateParams) -> bytes:
         """`frame` as sent to a connection with `params`: compressed once per loop turn."""
@@ -141,7 +167,20 @@ class Outbox:
             except Exception:  # one connection's failure must not leave the others unflushed
                 log.exception("conn %s failed to flush", conn.id)
                 conn.abort()
-        self.last_busy = time.monotonic()
+        end = self.last_busy = time.monotonic()
+        arrivals = self.arrivals
+        if arrivals:
+            observe = self._stats.fanout_seconds.observe
+            for arrived, messages in arrivals:
+                observe(end - arrived, messages)
+            arrivals.clear()
+
+    def after_remote(self, arrived: float) -> None:
+        """After each delivery from the broker's subscriber, which began at `arrived` (monotonic): time
+        its fan-out with the flush that will send it, and wait if a recipient is over its cap."""
+        if self._scheduled:
+            self.arrivals.append((arrived, 1))
+        self.pace_if_needed()
 
     def released(self, nbytes: int) -> None:
         """`nbytes` of some backlog went to the kernel or were dropped."""
@@ -183,6 +222,49 @@ class Outbox:
 class Connection:
     """An upgraded socket: frame parsing, control frames, the send backlog and the close handshake."""
 
+    # Slots: CPython 3.11 keeps an object's attribute values inline (fast to read) only up to 30 names,
+    # which Connection passed with its traffic counters (bench/send_path.py: +0.1 µs per delivery);
+    # slots also make each idle connection smaller.
+    __slots__ = (
+        "_backlog",
+        "_backlog_bytes",
+        "_dirty",
+        "_drained",
+        "_flushed",
+        "_inflight",
+        "_leftover",
+        "_max_bytes",
+        "_max_frames",
+        "_may_read",
+        "_outbox",
+        "_parser",
+        "_raw",
+        "_settings",
+        "_sock",
+        "_stats",
+        "_writer",
+        "bytes_in",
+        "bytes_out",
+        "close_cause",
+        "close_code",
+        "close_deadline",
+        "closed_by",
+        "control_out",
+        "deflate",
+        "expires_at",
+        "frames_out",
+        "id",
+        "last_ping",
+        "last_seen",
+        "messages_in",
+        "name",
+        "opened",
+        "over_capacity_since",
+        "path",
+        "remote_ip",
+        "state",
+    )
+
     def __init__(
         self,
         sock: Any,
@@ -222,6 +304,18 @@ class Connection:
         self._flushed = Event()
         self._flushed.set()
         now = time.monotonic()
+        self.opened = now
+        # For its close line: data messages and payload bytes read, frames and bytes handed to the
+        # kernel (counted per flush, not per frame queued), and control frames among those frames.
+        self.messages_in = 0
+        self.bytes_in = 0
+        self.frames_out = 0
+        self.control_out = 0
+        self.bytes_out = 0
+        # Set by whichever side closes first (see `close` and the reader): code, Closed.*, cause.
+        self.close_code: int | None = None
+        self.closed_by: str | None = None
+        self.close_cause = ""
         self.last_seen = now
         self.last_ping = now
         # Since when the backlog has been over its cap (None: under half of it again). A producer
@@ -262,9 +356,12 @@ class Connection:
             sent = self._send_nowait(frame)
             if sent < 0:
                 return False
+            self.bytes_out += sent
             if sent == len(frame):
+                self.frames_out += 1
+                self._outbox.wrote = True
                 return True
-            rest = memoryview(frame)[sent:]  # the rest goes the usual way
+            rest = memoryview(frame)[sent:]  # the rest goes the usual way (and is counted as a frame there)
         self._enqueue(rest)
         if self._backlog_bytes + self._inflight > self._max_bytes or len(self._backlog) > self._max_frames:
             self._over_capacity()
@@ -296,6 +393,7 @@ class Connection:
     def _send_control(self, frame: bytes) -> None:
         """Pings, pongs and close frames: queued even while closing, never counted against the caps."""
         if self.state is not State.CLOSED:
+            self.control_out += 1
             self._enqueue(frame)
 
     def ping(self) -> None:
@@ -305,7 +403,9 @@ class Connection:
     def _take_backlog(self) -> bytes | memoryview:
         """Everything queued, as one buffer the caller now owns (and accounts for as in flight)."""
         backlog = self._backlog
-        data = backlog[0] if len(backlog) == 1 else b"".join(backlog)
+        n = len(backlog)
+        data = backlog[0] if n == 1 else b"".join(backlog)
+        self.frames_out += n
         backlog.clear()
         self._inflight += self._backlog_bytes
         self._backlog_bytes = 0
@@ -313,6 +413,7 @@ class Connection:
 
     def _sent(self, nbytes: int) -> None:
         """The kernel took `nbytes` of what was in flight."""
+        self.bytes_out += nbytes
         self._inflight -= nbytes
         self._outbox.released(nbytes)
         if (
@@ -344,7 +445,9 @@ class Connection:
         if self._writer is not None or self.state is _CLOSED or not backlog:
             return
         # The hot path of every delivery, written out: take the backlog, one send, account for it.
-        data = backlog[0] if len(backlog) == 1 else b"".join(backlog)
+        n = len(backlog)
+        data = backlog[0] if n == 1 else b"".join(backlog)
+        self.frames_out += n
         backlog.clear()
         queued = self._backlog_bytes
         self._backlog_bytes = 0
@@ -359,6 +462,7 @@ class Connection:
         self._inflight += queued
         if sent == queued and self.over_capacity_since is None:
             self._inflight -= sent
+            self.bytes_out += sent
             self._outbox.released(sent)
             return
         self._sent(sent)
@@ -412,7 +516,7 @@ class Connection:
         # What it did not read in time is dropped with it; nobody else waits for it.
         self._stats.drops += len(self._backlog)
         self._drop_backlog()
-        self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+        self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer", CAUSE_SLOW_CONSUMER)
 
     def _drop_backlog(self) -> None:
         self._outbox.released(self._backlog_bytes)
@@ -423,19 +527,21 @@ class Connection:
 
     # ---- closing -------------------------------------------------------------------------------
 
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Start the closing handshake: queue a close frame after everything already queued."""
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "", cause: str = CAUSE_NORMAL) -> None:
+        """Start the closing handshake: queue a close frame after everything already queued. `cause`
+        names why for the close log line and metrics (never sent; `reason` is)."""
         if self.state is not State.OPEN:
             return
+        self.close_code, self.closed_by, self.close_cause = code, Closed.SERVER, cause
         self.state = State.LOCAL_CLOSING
         self.close_deadline = time.monotonic() + CLOSE_TIMEOUT
         self._send_control(encode_close(code, reason))
         if self._drained is not None:
             self._drained.set()  # producers waiting on it stop waiting: it takes nothing more
 
-    def terminate(self, code: int, reason: str) -> None:
+    def terminate(self, code: int, reason: str, cause: str = CAUSE_NORMAL) -> None:
         """Close without waiting for the peer: try to get the close frame out, then shut the socket."""
-        self.close(code, reason)
+        self.close(code, reason, cause)
         self.flush_nowait()
         self.abort()
 
@@ -443,6 +549,8 @@ class Connection:
         """Shut the socket now; the reader sees EOF and cleans up."""
         if self.state is State.CLOSED:
             return
+        if self.closed_by is None:
+            self.close_code, self.closed_by, self.close_cause = CloseCode.ABNORMAL, Closed.NONE, CAUSE_LOST
         self.state = State.CLOSED
         self._drop_backlog()
         self._outbox.released(self._inflight)
@@ -486,7 +594,7 @@ class Connection:
         except FrameError as exc:
             self._stats.protocol_errors += 1
             log.info("conn %s protocol error %d: %s", self.id, exc.close_code, exc.reason)
-            self.close(exc.close_code, exc.reason)
+            self.close(exc.close_code, exc.reason, CAUSE_PROTOCOL_ERROR)
         except OSError as exc:
             log.debug("conn %s socket error: %s", self.id, exc)
         except gevent.GreenletExit:
@@ -494,7 +602,7 @@ class Connection:
         except Exception:
             self._stats.internal_errors += 1
             log.exception("conn %s internal error", self.id)
-            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+            self.close(CloseCode.INTERNAL_ERROR, "internal error", CAUSE_INTERNAL_ERROR)
         finally:
             self._flush_and_shut(CLOSE_TIMEOUT)
 
@@ -518,10 +626,21 @@ class Connection:
             if len(events) == 1 and now - outbox.last_busy > IDLE_GAP:
                 outbox.write_through = True
                 outbox.last_busy = now
+            queued = outbox.queued
+            messages = self.messages_in
             try:
                 peer_closed = self._dispatch(events, on_message, limiter)
             finally:
                 outbox.write_through = False
+            messages = self.messages_in - messages
+            if messages:
+                # wsapp_fanout_seconds, per read rather than per recipient: what these messages queued
+                # is timed when the Outbox's flush ends; written through, it is all out already.
+                if outbox.queued > queued:
+                    outbox.arrivals.append((now, messages))
+                elif outbox.wrote:
+                    outbox.wrote = False
+                    self._stats.fanout_seconds.observe(time.monotonic() - now, messages)
             if parser.failed is not None:
                 raise parser.failed
             if peer_closed:
@@ -539,12 +658,16 @@ class Connection:
             if opcode < OP_CLOSE:
                 if self.state is not State.OPEN:
                     continue  # after our close frame, data is read and discarded (RFC 6455 1.4)
+                size = len(payload)
                 stats.messages_in += 1
-                stats.bytes_in += len(payload)
+                stats.bytes_in += size
+                self.messages_in += 1
+                self.bytes_in += size
+                stats.message_size_bytes.observe(size)
                 if limiter is not None and not limiter.allow():
                     # Over its rate on a route with no error channel: the client is flooding.
                     stats.rate_limited += 1
-                    self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                    self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded", CAUSE_RATE_LIMIT)
                     continue
                 on_message(opcode, payload)
                 if outbox.congested or outbox.queued > outbox.max_queued:
@@ -556,6 +679,8 @@ class Connection:
             elif opcode == OP_CLOSE:
                 if self.state is State.OPEN:
                     code, _reason = payload
+                    self.close_code = CloseCode.NO_STATUS if code is None else code
+                    self.closed_by, self.close_cause = Closed.CLIENT, CAUSE_CLIENT
                     self.state = State.REMOTE_CLOSING
                     self._send_control(encode_close(code))
                 return True

@@ -70,13 +70,24 @@ class Reject(MessageError):
 
 class Refuse(WsappError):
     """Raised before the 101 (by `@rt.authenticate` or an admission check): the client gets this HTTP
-    `status` with `reason` as a one-line body, never an upgrade."""
+    `status` with `reason` as a one-line body, never an upgrade. `kind` is a short fixed name for
+    logs and the `reason` label of wsapp_refusals_total (default: the status's phrase, `unauthorized`)."""
 
-    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self, status: int, reason: str, headers: list[tuple[str, str]] | None = None, kind: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.headers = headers or []
+        if kind is None:
+            from http import HTTPStatus
+
+            try:
+                kind = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+            except ValueError:
+                kind = str(status)
+        self.kind = kind
 
 
 class ConnectionClosed(WsappError):

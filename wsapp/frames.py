@@ -35,6 +35,10 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013  # slow consumer
+    # Never on the wire (RFC 6455 7.4.1): what logs and metrics say when the peer's close frame had
+    # no code, and when the connection ended with no close frame at all.
+    NO_STATUS = 1005
+    ABNORMAL = 1006
 
 
 # (opcode, payload): bytes for data, ping and pong; (code or None, reason) for close.

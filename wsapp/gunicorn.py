@@ -8,6 +8,7 @@ drains every worker (1001) and SIGHUP starts new workers while the old ones drai
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -27,9 +28,11 @@ from gunicorn.http.wsgi import base_environ
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import VERSION, GeventPyWSGIWorker
 
-from wsapp.cli import drain_services, load_app, setup_logging
+from wsapp import logs
+from wsapp.cli import PYWSGI_ERRORS, drain_services, load_app, setup_logging
 from wsapp.config import Settings
 from wsapp.exceptions import ConfigError
+from wsapp.metrics_share import ENV_DIR, prepare_dir, remove_dir
 from wsapp.services import EXTENSION_KEY, Services, services_of
 
 log = logging.getLogger("wsapp.server")
@@ -89,6 +92,7 @@ class Worker(GeventPyWSGIWorker):
             # The app would be built in the arbiter, before gevent is set up, and its broker
             # connection shared by every worker.
             raise RuntimeError("wsapp.gunicorn.Worker cannot preload the app (--preload): each worker builds its own")
+        _metrics_dir()
         try:
             settings = Settings.from_env()
         except ConfigError:
@@ -128,6 +132,7 @@ class Worker(GeventPyWSGIWorker):
         settings = services.settings
         if not logging.getLogger().handlers:  # run by the gunicorn command, not by wsapp.cli
             setup_logging(settings, self.cfg.workers)
+        logs.route_gevent_errors()
         if self.cfg.workers > 1 and not settings.redis_url:
             log.warning("%d workers without REDIS_URL: each keeps its own rooms and relay clients, so users "
                         "split between workers; set REDIS_URL to share them", self.cfg.workers)
@@ -135,6 +140,7 @@ class Worker(GeventPyWSGIWorker):
             log.warning("graceful_timeout=%ss may end the drain (WSAPP_DRAIN_SECONDS=%s) early; use %ss",
                         self.cfg.graceful_timeout, settings.drain_seconds, graceful_timeout(settings))
         servers = [self._serve(listener, services) for listener in self.sockets]
+        services.monitor.start()
         while self.alive:
             self.notify()
             # A signal writes to PIPE (gunicorn's wakeup fd) and so ends this wait at once.
@@ -147,6 +153,7 @@ class Worker(GeventPyWSGIWorker):
         while not drainer.ready():
             self.notify()  # the arbiter must not take a draining worker for a hung one
             drainer.join(HEARTBEAT_SECONDS)
+        services.monitor.stop()  # its counters stay in the instance's figures
         log.info("stopped")
 
     def _serve(self, listener: socket.socket, services: Services) -> WSGIServer:
@@ -158,13 +165,36 @@ class Worker(GeventPyWSGIWorker):
         # WSAPP_MAX_CONNECTIONS, so the pool leaves worker_connections slots above that for HTTP
         # requests and those refusals instead of silently leaving connections in the backlog.
         pool = Pool(services.settings.max_connections + self.worker_connections)
-        server = _Server(listener, application=self.wsgi, spawn=pool, log=None, handler_class=_counting_handler(),
-                         environ=environ, **ssl_args)
+        server = _Server(listener, application=self.wsgi, spawn=pool, log=None, error_log=PYWSGI_ERRORS,
+                         handler_class=_counting_handler(), environ=environ, **ssl_args)
         server.worker = self
         server.start()
         log.info("wsapp listening on %s (broker: %s, worker pid %d)",
                  _url(listener, self.cfg.is_ssl), services.backend.name, os.getpid())
         return server
+
+
+def _metrics_dir() -> None:
+    """In the arbiter: the directory where workers share their figures (WSAPP_METRICS_DIR, emptied;
+    else a temporary one removed when the arbiter exits), in the environment the workers inherit."""
+    global _metrics_dir_owner
+    if _metrics_dir_owner == os.getpid():
+        return  # a reload (SIGHUP) checks the configuration again: keep the directory
+    _metrics_dir_owner = arbiter = os.getpid()
+    path, created = prepare_dir(os.environ.get(ENV_DIR))
+    os.environ[ENV_DIR] = path
+    log.info("workers share their figures in %s", path)
+
+    def remove() -> None:
+        # Workers are forked from the arbiter and inherit its atexit hooks: only the arbiter removes it.
+        if os.getpid() == arbiter:
+            remove_dir(path)
+
+    if created:
+        atexit.register(remove)
+
+
+_metrics_dir_owner = 0
 
 
 def _url(listener: socket.socket, tls: bool) -> str:
@@ -195,6 +225,8 @@ class _Arbiter(BaseApplication):  # type: ignore[misc]
             "graceful_timeout": graceful_timeout(settings),
             "loglevel": settings.log_level.lower(),
             "errorlog": "-",
+            # gunicorn's own lines in wsapp's format (LOG_FORMAT), through wsapp's handlers.
+            "logger_class": "wsapp.logs.GunicornLogger",
             "accesslog": None,
             "proc_name": "wsapp",
             # gunicorn's control socket is one path per user ($HOME/.gunicorn/gunicorn.ctl): two

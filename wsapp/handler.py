@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from http import HTTPStatus
 from typing import Any
 
@@ -15,7 +16,7 @@ from geventwebsocket.handler import WebSocketHandler
 from werkzeug.exceptions import HTTPException
 
 from wsapp.auth import client_ip
-from wsapp.connection import Connection
+from wsapp.connection import CAUSE_INTERNAL_ERROR, Closed, Connection
 from wsapp.deflate import negotiate
 from wsapp.exceptions import Refuse
 from wsapp.extension import ENV_CONNECTION, ENV_IDENTITY, ENV_SUBPROTOCOL, WebSocketRoute
@@ -24,10 +25,14 @@ from wsapp.handshake import accept_key, check_upgrade, is_upgrade, select_subpro
 from wsapp.services import Services, services_of
 
 log = logging.getLogger(__name__)
+# One line per HTTP request (never its query string: tokens travel there).
+access_log = logging.getLogger("wsapp.access")
 
 
 class WsappHandler(WebSocketHandler):
     """gevent-websocket's handler with wsapp's admission checks and wsapp's own connection object."""
+
+    _refusal: Refuse | None = None
 
     def handle(self) -> None:
         # Small frames must leave at once: Nagle + delayed ACK would add ~40 ms stalls to fan-out.
@@ -53,9 +58,10 @@ class WsappHandler(WebSocketHandler):
         try:
             route = self._admit(services)
         except Refuse as refusal:
-            services.stats.refused += 1
-            log.info("refused upgrade of %s from %s: %d %s", self.environ.get("PATH_INFO"),
-                     self._client_ip(services), refusal.status, refusal.reason)
+            stats = services.stats
+            stats.refused += 1
+            stats.refusals[(str(refusal.status), refusal.kind)] += 1
+            self._refusal = refusal  # its reason goes into the request's access line
             self._refuse(refusal)
             return
         self._upgrade_and_serve(services, route)
@@ -103,7 +109,7 @@ class WsappHandler(WebSocketHandler):
             raise
         except Exception:
             log.exception("the authenticate hook failed for %s", self.environ.get("PATH_INFO"))
-            raise Refuse(500, "authentication failed") from None
+            raise Refuse(500, "authentication failed", kind="authenticate_hook_failed") from None
 
     def _take_buffered_input(self) -> bytes:
         """What pywsgi's reader already holds beyond the request (frames sent right behind it).
@@ -152,7 +158,8 @@ class WsappHandler(WebSocketHandler):
         self.start_response("101 Switching Protocols", headers)
         self.write(b"")
         services.registry.add(conn)
-        log.info("conn %s open %s from %s", conn.id, conn.path, conn.remote_ip)
+        log.info("conn %s open %s from %s", conn.id, conn.path, conn.remote_ip,
+                 extra={"fields": {"event": "ws_open", "conn": conn.id, "path": conn.path, "client": conn.remote_ip}})
         try:
             # The Flask view runs the connection to its end; its HTTP response is meaningless now.
             result = self.server.application(env, lambda status, headers, exc_info=None: None)
@@ -164,14 +171,75 @@ class WsappHandler(WebSocketHandler):
         except Exception:
             services.stats.internal_errors += 1
             log.exception("conn %s failed in the application", conn.id)
-            conn.terminate(CloseCode.INTERNAL_ERROR, "internal error")
+            conn.terminate(CloseCode.INTERNAL_ERROR, "internal error", CAUSE_INTERNAL_ERROR)
         finally:
             services.registry.remove(conn)
             conn.abort()
-            log.info("conn %s closed", conn.id)
+            self._closed(services, conn)
             env["wsgi.websocket"] = None
 
+    def _closed(self, services: Services, conn: Connection) -> None:
+        """The connection's one closing line and its figures: code, who closed first, why, traffic."""
+        stats = services.stats
+        duration = time.monotonic() - conn.opened
+        code = conn.close_code if conn.close_code is not None else CloseCode.ABNORMAL
+        by = conn.closed_by or Closed.NONE
+        stats.closes[(close_code_label(code), by, conn.close_cause)] += 1
+        stats.connection_duration_seconds.observe(duration)
+        identity = self.environ.get(ENV_IDENTITY)
+        fields = {
+            "event": "ws_close", "conn": conn.id, "path": conn.path, "client": conn.remote_ip,
+            "identity": None if identity is None else str(identity), "name": conn.name,
+            "code": code, "closed_by": by, "reason": conn.close_cause, "duration_s": round(duration, 3),
+            "messages_in": conn.messages_in, "bytes_in": conn.bytes_in,
+            "messages_out": max(0, conn.frames_out - conn.control_out), "bytes_out": conn.bytes_out,
+        }
+        log.info("conn %s closed %d by %s (%s) after %.1fs", conn.id, code, by, conn.close_cause, duration,
+                 extra={"fields": fields})
+
     def log_request(self) -> None:
-        # One access line per HTTP request at DEBUG; connection events are logged by wsapp itself.
-        if log.isEnabledFor(logging.DEBUG) and "101" not in str(self.status):
-            log.debug(self.format_request())
+        """One line per HTTP request (a WebSocket's is its close line); never the query string."""
+        code = _status_code(self.status)
+        if code == 101:
+            return
+        services = self._services()
+        services.stats.http_requests += 1
+        refusal: Refuse | None = getattr(self, "_refusal", None)
+        self._refusal = None
+        # Refused upgrades are logged even with WSAPP_ACCESS_LOG=0: they are events, not traffic.
+        if (refusal is None and not services.settings.access_log) or not access_log.isEnabledFor(logging.INFO):
+            return
+        method = getattr(self, "command", None) or "-"
+        path = (getattr(self, "path", None) or "-").split("?", 1)[0]
+        duration = (self.time_finish - self.time_start) if self.time_finish else 0.0
+        fields: dict[str, object] = {
+            "event": "http", "method": method, "path": path, "status": code,
+            "duration_ms": round(duration * 1000, 3), "bytes": self.response_length,
+            "client": self._client_ip(services) if self.client_address else "-",
+        }
+        if refusal is not None:
+            fields["refused"] = refusal.kind
+            access_log.info("%s %s %d %s", method, path, code, refusal.reason, extra={"fields": fields})
+        else:
+            access_log.info("%s %s %d", method, path, code, extra={"fields": fields})
+
+
+def close_code_label(code: int) -> str:
+    """A close code as a metric label: the application ranges (3000-4999) folded so a client cannot
+    make up series."""
+    if 3000 <= code <= 3999:
+        return "3xxx"
+    if 4000 <= code <= 4999:
+        return "4xxx"
+    if 1000 <= code <= 1015:
+        return str(code)
+    return "other"
+
+
+def _status_code(status: object) -> int:
+    if isinstance(status, bytes):
+        status = status.decode("latin-1")
+    try:
+        return int(str(status).split(None, 1)[0])
+    except (ValueError, IndexError):
+        return 0

@@ -48,7 +48,7 @@ def check_upgrade(environ: Mapping[str, Any], http_version: str, allowed_origins
     except (ValueError, binascii.Error):
         return Refuse(400, "Sec-WebSocket-Key must be 16 bytes in base64")
     if not origin_allowed(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"), allowed_origins):
-        return Refuse(403, "Origin not allowed (see WSAPP_ALLOWED_ORIGINS)")
+        return Refuse(403, "Origin not allowed (see WSAPP_ALLOWED_ORIGINS)", kind="origin")
     return None
 
 

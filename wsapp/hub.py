@@ -80,16 +80,19 @@ class Hub:
         stats: Stats,
         max_rooms: int,
         clock: Callable[[], float] = time.time,
-        after_remote: Callable[[], None] | None = None,
+        after_remote: Callable[[float], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._backend = backend
         self._frame = frame
         self._stats = stats
         self._max_rooms = max_rooms
         self._clock = clock
-        # Called after each delivery from the broker's subscriber (it paces there). An inline broker
-        # delivers inside the publisher's own call, and the publisher paces itself.
+        # Called after each delivery from the broker's subscriber with when it began (monotonic): it
+        # paces there, and times the fan-out. An inline broker delivers inside the publisher's own
+        # call, and the publisher paces itself.
         self._after_remote = after_remote
+        self._monotonic = monotonic
         # room -> {live member: echo}
         self._rooms: dict[str, dict[Member, bool]] = {}
         # room -> {member still joining: its gate}
@@ -231,6 +234,8 @@ class Hub:
         gates = self._joining.get(room)
         if not live and not gates:
             return
+        after_remote = self._after_remote if not self._backend.inline else None
+        arrived = self._monotonic() if after_remote is not None else 0.0
         skip = self._by_id.get(origin) if origin is not None else None
         frame = self._frame(payload)
         sent = 0
@@ -249,8 +254,8 @@ class Hub:
                 self._go_live(room, other, gate)
         if seq:  # messages, not presence, count as messages out
             self._stats.messages_out += sent
-        if self._after_remote is not None and not self._backend.inline:
-            self._after_remote()
+        if after_remote is not None:
+            after_remote(arrived)
 
     def _fan_out(self, room: str, payload: bytes, skip: Member | None = None) -> int:
         """Frame `payload` once and send it to the room's live members but `skip`; how many took it."""

@@ -10,7 +10,7 @@ import gevent
 from gevent.event import Event
 
 from wsapp.config import Settings
-from wsapp.connection import Connection, Outbox
+from wsapp.connection import CAUSE_DRAIN, CAUSE_PING_TIMEOUT, CAUSE_TOKEN_EXPIRED, Connection, Outbox
 from wsapp.exceptions import Refuse
 from wsapp.frames import CloseCode
 from wsapp.metrics import Stats
@@ -47,9 +47,9 @@ class Registry:
     def refusal(self, remote_ip: str) -> Refuse | None:
         """The refusal (HTTP status and reason) for a new connection from `remote_ip`, or None."""
         if len(self._conns) >= self._settings.max_connections:
-            return Refuse(503, "server is at its connection limit", [("Retry-After", "5")])
+            return Refuse(503, "server is at its connection limit", [("Retry-After", "5")], "connection_limit")
         if self._per_ip[remote_ip] >= self._settings.max_connections_per_ip:
-            return Refuse(429, "too many connections from your address", [("Retry-After", "5")])
+            return Refuse(429, "too many connections from your address", [("Retry-After", "5")], "per_ip_limit")
         return None
 
     def add(self, conn: Connection) -> None:
@@ -68,8 +68,13 @@ class Registry:
             if not self._per_ip[conn.remote_ip]:
                 del self._per_ip[conn.remote_ip]
             self._stats.connections = len(self._conns)
+            self._stats.bytes_out += conn.bytes_out
             if not self._conns:
                 self._empty.set()
+
+    def bytes_out(self) -> int:
+        """Bytes handed to the kernel so far for the connections still open."""
+        return sum(conn.bytes_out for conn in self._conns)
 
     def _tick_forever(self) -> None:
         while True:
@@ -91,14 +96,14 @@ class Registry:
                 continue
             if conn.expires_at is not None and wall >= conn.expires_at:
                 log.info("conn %s token expired, closing", conn.id)
-                conn.close(CloseCode.POLICY_VIOLATION, "token expired")
+                conn.close(CloseCode.POLICY_VIOLATION, "token expired", CAUSE_TOKEN_EXPIRED)
                 continue
             if conn.reading_paused:
                 conn.last_seen = now  # its handler is behind, not the peer: unread is not silent
             if now - conn.last_seen >= timeout:
                 self._stats.ping_timeouts += 1
                 log.info("conn %s silent for %.1fs, dropping", conn.id, now - conn.last_seen)
-                conn.terminate(CloseCode.GOING_AWAY, "ping timeout")
+                conn.terminate(CloseCode.GOING_AWAY, "ping timeout", CAUSE_PING_TIMEOUT)
             elif conn.over_capacity_since is not None and now - conn.over_capacity_since >= grace:
                 conn.kick_slow_consumer()
             elif now - conn.last_seen >= interval and now - conn.last_ping >= interval:
@@ -121,7 +126,7 @@ class Registry:
         """Close every connection with 1001 after what is queued for it, and wait until they end."""
         self.draining = True
         for conn in list(self._conns):
-            conn.close(CloseCode.GOING_AWAY, "going away")
+            conn.close(CloseCode.GOING_AWAY, "going away", CAUSE_DRAIN)
         self._empty.wait(max(0.0, deadline - time.monotonic()))
         for conn in list(self._conns):
             conn.abort()

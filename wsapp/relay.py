@@ -5,6 +5,7 @@ once, to the other processes, whose clients get it the same way."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ class RelayGroup:
 
     def __init__(
         self, settings: Settings, stats: Stats, backend: HistoryBackend | None = None,
-        after_remote: Callable[[], None] | None = None,
+        after_remote: Callable[[float], None] | None = None,
     ) -> None:
         self._settings = settings
         self._stats = stats
@@ -57,9 +58,10 @@ class RelayGroup:
 
     def deliver_remote(self, frame: bytes) -> None:
         """A frame a client of another process sent: to every local client."""
+        arrived = time.monotonic()
         self._broadcast(frame, None)
         if self._after_remote is not None:
-            self._after_remote()
+            self._after_remote(arrived)
 
     def _broadcast(self, frame: bytes, sender: Connection | None) -> None:
         """The same frame to every client but `sender`, counted as deliveries."""

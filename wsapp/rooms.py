@@ -6,6 +6,7 @@ import secrets
 from typing import TYPE_CHECKING
 
 from wsapp import protocol
+from wsapp.connection import CAUSE_PROTOCOL_ERROR, CAUSE_RATE_LIMIT
 from wsapp.exceptions import MessageError
 from wsapp.frames import OP_TEXT, CloseCode
 from wsapp.policy import JOIN, PUBLISH, Policy
@@ -70,20 +71,25 @@ class RoomsSession:
     def on_message(self, opcode: int, payload: bytes) -> None:
         conn = self.conn
         if opcode != OP_TEXT:
-            conn.close(CloseCode.UNSUPPORTED_DATA, "/ws takes JSON text messages only")
+            conn.close(CloseCode.UNSUPPORTED_DATA, "/ws takes JSON text messages only", CAUSE_PROTOCOL_ERROR)
             return
         limiter = self._limiter
         if limiter is not None and not limiter.allow():
             self._stats.rate_limited += 1
             if limiter.strikes > limiter.burst:
-                conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded", CAUSE_RATE_LIMIT)
             else:
-                self._reply(protocol.error(protocol.RATE_LIMITED, "slow down: message not processed"))
+                self._error(protocol.RATE_LIMITED, "slow down: message not processed")
             return
         try:
             self._dispatch(protocol.parse(payload, self._settings.max_json_depth))
         except MessageError as exc:
-            self._reply(protocol.error(exc.code, exc.message, exc.msg_id))
+            self._error(exc.code, exc.message, exc.msg_id)
+
+    def _error(self, code: str, message: str, msg_id: object = None, **fields: object) -> None:
+        """An `error` to this client, counted by code (wsapp_ws_errors_total)."""
+        self._stats.ws_errors[(code,)] += 1
+        self._reply(protocol.error(code, message, msg_id, **fields))
 
     def _dispatch(self, cmd: protocol.Command) -> None:
         hub = self._hub
@@ -105,7 +111,7 @@ class RoomsSession:
                 # Before any live message of the room: the hub holds those until this has run.
                 self._reply(protocol.joined(room, result.seq, result.members, result.epoch))
                 if result.history_gone:
-                    self._reply(protocol.error(protocol.HISTORY_GONE, HISTORY_GONE_TEXT, room=room, epoch=result.epoch))
+                    self._error(protocol.HISTORY_GONE, HISTORY_GONE_TEXT, room=room, epoch=result.epoch)
                 for payload in result.replay:
                     conn.send_text(payload)
 

@@ -88,17 +88,26 @@ def ops_blueprint() -> Blueprint:
 
     @bp.get("/stats")
     def stats() -> Response:
+        """This worker's figures at the top level (as before there were workers), the whole instance's
+        under `instance` (the same as the worker's when it is alone)."""
         services = services_of(current_app)
-        return jsonify(
-            services.stats.snapshot(
-                rooms=services.hub.room_count,
-                relay_clients=len(services.relay),
-                broker_healthy=services.backend.healthy,
-                **services.backend.counters,
-                # Figures are per process: with several workers, this says which one answered.
-                pid=os.getpid(),
-            )
+        body = services.stats.snapshot(
+            rooms=services.hub.room_count,
+            relay_clients=len(services.relay),
+            broker_healthy=services.backend.healthy,
+            **services.backend.counters,
+            # With several workers, this says which one answered.
+            pid=os.getpid(),
         )
+        body["bytes_out"] += services.registry.bytes_out()
+        instance = services.monitor.instance()
+        body["instance"] = {
+            **instance["counters"],
+            **instance["gauges"],
+            "broker_healthy": bool(instance["gauges"].get("broker_healthy", 1.0)),
+            "workers": instance["workers"],
+        }
+        return jsonify(body)
 
     @bp.get("/metrics")
     def metrics() -> Response:

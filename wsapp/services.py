@@ -18,7 +18,9 @@ from wsapp.connection import Outbox
 from wsapp.exceptions import ConfigError
 from wsapp.frames import OP_TEXT, encode_frame
 from wsapp.hub import Hub
-from wsapp.metrics import Stats, prometheus_registry
+from wsapp.metrics import Snapshot, Stats, prometheus_registry
+from wsapp.metrics_share import WorkerShare
+from wsapp.monitor import Monitor
 from wsapp.registry import Registry
 from wsapp.relay import RelayGroup
 
@@ -37,6 +39,8 @@ class Services:
     registry: Registry
     outbox: Outbox
     metrics: CollectorRegistry
+    # The loop-lag timer, and the worker's and the instance's figures (/stats, /metrics).
+    monitor: Monitor
     # The extension that owns these services (wsapp.extension.Realtime): its routes and hooks.
     realtime: Any = None
 
@@ -65,11 +69,16 @@ def build_services(settings: Settings) -> Services:
                     stats)
     registry = Registry(settings, stats, outbox)
     # After each delivery from another process, the broker's subscriber waits like any producer.
-    hub = Hub(backend, _text_frame, stats, settings.max_rooms, after_remote=outbox.pace_if_needed)
-    relay = RelayGroup(settings, stats, backend, after_remote=outbox.pace_if_needed)
+    hub = Hub(backend, _text_frame, stats, settings.max_rooms, after_remote=outbox.after_remote)
+    relay = RelayGroup(settings, stats, backend, after_remote=outbox.after_remote)
 
     def gauges() -> dict[str, float]:
         return {"rooms": hub.room_count, "relay_clients": len(relay), "broker_healthy": float(backend.healthy)}
+
+    def export() -> Snapshot:
+        return stats.export(gauges(), backend.counters, registry.bytes_out())
+
+    monitor = Monitor(stats, export, WorkerShare(settings.metrics_dir) if settings.metrics_dir else None)
 
     return Services(
         settings=settings,
@@ -79,7 +88,8 @@ def build_services(settings: Settings) -> Services:
         relay=relay,
         registry=registry,
         outbox=outbox,
-        metrics=prometheus_registry(stats, gauges, lambda: backend.counters),
+        metrics=prometheus_registry(monitor.instance),
+        monitor=monitor,
     )
 
 

@@ -20,7 +20,7 @@ import gevent
 from gevent.event import Event
 
 from wsapp import protocol
-from wsapp.connection import CLOSE_TIMEOUT, Connection
+from wsapp.connection import CAUSE_INTERNAL_ERROR, CAUSE_REJECTED, CLOSE_TIMEOUT, Connection
 from wsapp.exceptions import ConnectionClosed, MessageError, Reject
 from wsapp.frames import OP_BINARY, OP_TEXT, CloseCode, encode_frame
 from wsapp.policy import JOIN, PUBLISH, Policy
@@ -230,13 +230,13 @@ class WebSocket:
                 handler(self)
         except Reject as exc:
             log.info("conn %s rejected by its handler: %s %s", conn.id, exc.code, exc.message)
-            conn.close(CloseCode.POLICY_VIOLATION, exc.message[:100])
+            conn.close(CloseCode.POLICY_VIOLATION, exc.message[:100], CAUSE_REJECTED)
         except ConnectionClosed:
             pass
         except Exception:
             self._services.stats.internal_errors += 1
             log.exception("conn %s handler failed", conn.id)
-            conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+            conn.close(CloseCode.INTERNAL_ERROR, "internal error", CAUSE_INTERNAL_ERROR)
         finally:
             self._finish()
 
