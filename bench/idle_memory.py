@@ -54,12 +54,13 @@ def serve(trace: bool, top: int, frames: int) -> None:
     from gevent.pywsgi import WSGIServer
 
     sys.path.insert(0, str(ROOT))
-    from wsapp.cli import load_app, raise_fd_limit
+    from wsapp.cli import load_app, raise_fd_limit, tune_gevent
     from wsapp.config import Settings
     from wsapp.handler import WsappHandler
     from wsapp.services import services_of
 
     raise_fd_limit()
+    tune_gevent()
     if trace:
         tracemalloc.start(frames)
     settings = Settings.from_env()

@@ -27,7 +27,7 @@ from gunicorn.http.wsgi import base_environ
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import VERSION, GeventPyWSGIWorker
 
-from wsapp.cli import drain_services, load_app, setup_logging
+from wsapp.cli import drain_services, load_app, setup_logging, tune_gevent
 from wsapp.config import Settings
 from wsapp.exceptions import ConfigError
 from wsapp.services import EXTENSION_KEY, Services, services_of
@@ -124,6 +124,7 @@ class Worker(GeventPyWSGIWorker):
             self.alive = False
 
     def run(self) -> None:
+        tune_gevent()
         services = services_of(self.wsgi)
         settings = services.settings
         if not logging.getLogger().handlers:  # run by the gunicorn command, not by wsapp.cli
