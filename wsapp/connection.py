@@ -181,6 +181,24 @@ class Outbox:
             self._budget_freed.wait(max(0.0, deadline - time.monotonic()))
 
 
+# Reader greenlets with nothing to do, blocked in the hub until a parked socket has bytes. A fresh
+# greenlet costs ~9 µs (CPython maps a new 16 KiB frame stack for it, and unmaps it at its end), a
+# spare one a switch (0.7 µs). As many as are reading at once, and at most this many spare.
+MAX_SPARE_READERS = 64
+_spare_readers: list[greenlet] = []
+
+
+def _reader(conn: Connection) -> None:
+    hub = gevent.get_hub()
+    while True:
+        conn._resume()
+        del conn  # a spare reader keeps no connection alive
+        if len(_spare_readers) >= MAX_SPARE_READERS:
+            return
+        _spare_readers.append(greenlet.getcurrent())
+        conn = hub.switch()
+
+
 class Connection:
     """An upgraded socket: frame parsing, control frames, the send backlog and the close handshake."""
 
@@ -518,10 +536,13 @@ class Connection:
         self._sock._read_event.start(self._wake)
 
     def _wake(self) -> None:
-        """In the event loop: the parked socket has bytes (or EOF). Read them in a fresh greenlet,
-        entered straight from here the way gevent wakes a greenlet blocked in recv."""
+        """In the event loop: the parked socket has bytes (or EOF). Read them in a spare reader
+        greenlet, entered straight from here the way gevent wakes a greenlet blocked in recv."""
         self._sock._read_event.stop()
-        greenlet(self._resume, parent=gevent.get_hub()).switch()
+        if _spare_readers:
+            _spare_readers.pop().switch(self)
+        else:
+            greenlet(_reader, parent=gevent.get_hub()).switch(self)
 
     def _resume(self, park: bool = True) -> None:
         """Read and carry out what the socket holds, then park again, or end the connection."""
