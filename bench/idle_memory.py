@@ -32,6 +32,9 @@ SERVER_ENV = {
     "WSAPP_MAX_CONNECTIONS_PER_IP": "60000",
     "LOG_LEVEL": "WARNING",
     "WSAPP_DRAIN_SECONDS": "1",
+    # The clients here never answer a ping: keep the heartbeat from dropping them while they open.
+    "WSAPP_PING_INTERVAL": "3600",
+    "WSAPP_PING_TIMEOUT": "7200",
     "HOST": "127.0.0.1",
     "PORT": "0",
 }
