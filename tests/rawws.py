@@ -59,7 +59,10 @@ class RawClient:
         if upgrade:
             self.handshake(headers or {})
 
-    def handshake(self, extra: dict[str, str], method: str = "GET", version: str = "HTTP/1.1") -> int:
+    def handshake(
+        self, extra: dict[str, str], method: str = "GET", version: str = "HTTP/1.1", then: bytes = b""
+    ) -> int:
+        """Send the upgrade request (and `then` in the same write: frames right behind it); the status."""
         headers = {
             "Host": f"{self.host}:{self.port}",
             "Upgrade": "websocket",
@@ -69,7 +72,7 @@ class RawClient:
         }
         headers.update(extra)
         lines = [f"{method} {self.path} {version}"] + [f"{k}: {v}" for k, v in headers.items() if v is not None]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + then)
         head = self._read_until(b"\r\n\r\n")
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         self.status = int(status_line.split()[1])

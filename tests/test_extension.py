@@ -80,11 +80,12 @@ def test_authenticate_refuses_before_the_101(app_server: ServerProcess, raw: Raw
     assert raw(app_server.ws("/shout"), {"Cookie": "user=banned"}).status == 403
     assert raw(app_server.ws("/shout"), {"Cookie": "user=alice"}).status == 101
     # A route that opts out of authentication is reached anonymously.
-    anon = connect(app_server.ws("/open"))
-    try:
-        assert anon.recv() == "anonymous None"
-    finally:
-        anon.close()
+    for query, via in (("", "-"), ("?via=q", "q")):
+        anon = connect(app_server.ws("/open" + query))
+        try:
+            assert anon.recv() == f"anonymous None {via}"
+        finally:
+            anon.close()
     assert raw(app_server.ws("/nowhere"), {"Cookie": "user=alice"}).status == 404
 
 

@@ -10,6 +10,7 @@ import websocket
 
 from tests.clients import BINARY, TEXT, connect, get_json, wait_for
 from tests.harness import ServerProcess
+from tests.rawws import RawClient, client_frame
 
 
 @pytest.fixture
@@ -85,3 +86,40 @@ def test_client_close_handshake_echoes_code(relay_server: ServerProcess) -> None
     assert opcode == websocket.ABNF.OPCODE_CLOSE
     assert int.from_bytes(data[:2], "big") == 4001
     ws.shutdown()
+
+
+def test_frames_right_behind_the_handshake_are_served(relay_server: ServerProcess) -> None:
+    """A client that sends its first frames in the same write as the upgrade request loses none of
+    them (they are already in pywsgi's buffer when the connection takes the socket over)."""
+    listener = connect(relay_server.ws("/"))
+    wait_for(lambda: get_json(relay_server.http("/stats"))[1]["relay_clients"] == 1, what="listener")
+    eager = RawClient(relay_server.ws("/"), upgrade=False)
+    try:
+        behind = client_frame(0x1, b"first") + client_frame(0x2, b"second") + client_frame(0x9, b"hb")
+        assert eager.handshake({}, then=behind) == 101
+        assert listener.recv() == "first"
+        assert listener.recv() == b"second"
+        pong = eager.recv_until_pong()
+        assert pong.payload == b"hb"
+        eager.send(0x1, b"third")  # and it is read on from there
+        assert listener.recv() == "third"
+    finally:
+        eager.close()
+        listener.close()
+
+
+def test_a_quiet_connection_is_read_again_when_it_speaks(relay_server: ServerProcess) -> None:
+    """Idle sockets wait on the event loop without a greenlet; each wake-up reads and relays, over
+    and over, from several clients in turn."""
+    clients = [connect(relay_server.ws("/")) for _ in range(3)]
+    try:
+        wait_for(lambda: get_json(relay_server.http("/stats"))[1]["relay_clients"] == 3, what="3 relay clients")
+        for round_ in range(5):
+            for i, sender in enumerate(clients):
+                sender.send(f"{round_}:{i}")
+                for other in clients:
+                    if other is not sender:
+                        assert other.recv() == f"{round_}:{i}"
+    finally:
+        for c in clients:
+            c.close()

@@ -67,6 +67,13 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def tune_gevent() -> None:
+    """gevent records each greenlet's spawning stack (ten frames) and parent for debugging: time and
+    memory spent on every connection's greenlet. Off unless GEVENT_TRACK_GREENLET_TREE says otherwise."""
+    if "GEVENT_TRACK_GREENLET_TREE" not in os.environ:
+        gevent.config.track_greenlet_tree = False
+
+
 def setup_logging(settings: Settings, workers: int = 1) -> None:
     """LOG_LEVEL and LOG_FORMAT (text, or one JSON object per line) for this process (wsapp/logs.py)."""
     logs.setup_logging(settings.log_level, settings.log_format, workers)
@@ -89,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("WEB_CONCURRENCY=%d needs REDIS_URL (workers must share rooms and the relay): "
                     "running one process", settings.web_concurrency)
     raise_fd_limit()
+    tune_gevent()
     if settings.redis_url:  # bad credentials or TLS stop start-up here; an absent broker only degrades
         from wsapp.backends.redis_connect import check_broker  # not at the top: redis.cluster is slow to import
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
+from greenlet import greenlet
 
 from wsapp.config import Settings
 from wsapp.deflate import DeflateParams, deflate_frame
@@ -219,50 +220,35 @@ class Outbox:
             self._budget_freed.wait(max(0.0, deadline - time.monotonic()))
 
 
+# Reader greenlets with nothing to do, blocked in the hub until a parked socket has bytes. A fresh
+# greenlet costs ~9 µs (CPython maps a new 16 KiB frame stack for it, and unmaps it at its end), a
+# spare one a switch (0.7 µs). As many as are reading at once, and at most this many spare.
+MAX_SPARE_READERS = 64
+_spare_readers: list[greenlet] = []
+
+
+def _reader(conn: Connection) -> None:
+    hub = gevent.get_hub()
+    while True:
+        conn._resume()
+        del conn  # a spare reader keeps no connection alive
+        if len(_spare_readers) >= MAX_SPARE_READERS:
+            return
+        _spare_readers.append(greenlet.getcurrent())
+        conn = hub.switch()
+
+
 class Connection:
     """An upgraded socket: frame parsing, control frames, the send backlog and the close handshake."""
 
-    # Slots: CPython 3.11 keeps an object's attribute values inline (fast to read) only up to 30 names,
-    # which Connection passed with its traffic counters (bench/send_path.py: +0.1 µs per delivery);
-    # slots also make each idle connection smaller.
+    # An idle server holds one of these per client: slots (CPython 3.11 keeps attribute values inline only
+    # up to 30 names, which the traffic counters passed: +0.1 µs per delivery), nothing made before needed.
     __slots__ = (
-        "_backlog",
-        "_backlog_bytes",
-        "_dirty",
-        "_drained",
-        "_flushed",
-        "_inflight",
-        "_leftover",
-        "_max_bytes",
-        "_max_frames",
-        "_may_read",
-        "_outbox",
-        "_parser",
-        "_raw",
-        "_settings",
-        "_sock",
-        "_stats",
-        "_writer",
-        "bytes_in",
-        "bytes_out",
-        "close_cause",
-        "close_code",
-        "close_deadline",
-        "closed_by",
-        "control_out",
-        "deflate",
-        "expires_at",
-        "frames_out",
-        "id",
-        "last_ping",
-        "last_seen",
-        "messages_in",
-        "name",
-        "opened",
-        "over_capacity_since",
-        "path",
-        "remote_ip",
-        "state",
+        "_backlog", "_backlog_bytes", "_dirty", "_drained", "_inflight", "_leftover", "_limiter", "_max_bytes",
+        "_max_frames", "_may_read", "_on_end", "_on_message", "_outbox", "_parser", "_rate_limited", "_raw",
+        "_settings", "_sock", "_stats", "_writer", "bytes_in", "bytes_out", "close_cause", "close_code",
+        "close_deadline", "closed_by", "control_out", "deflate", "expires_at", "frames_out", "id", "last_ping",
+        "last_seen", "messages_in", "name", "opened", "over_capacity_since", "path", "remote_ip", "state",
     )
 
     def __init__(
@@ -300,9 +286,8 @@ class Connection:
         # a client look slow, whatever WSAPP_SEND_QUEUE_BYTES says.
         self._max_bytes = max(settings.send_queue_bytes, 2 * settings.max_message_bytes + 4096)
         self._dirty = False
+        # Made only while the kernel buffer is full; the close waits for it to finish (join).
         self._writer: gevent.Greenlet | None = None
-        self._flushed = Event()
-        self._flushed.set()
         now = time.monotonic()
         self.opened = now
         # For its close line: data messages and payload bytes read, frames and bytes handed to the
@@ -327,6 +312,12 @@ class Connection:
         self.expires_at: float | None = None
         # Set while reading may go on; cleared (pause_reading) to stop reading the socket.
         self._may_read: Event | None = None
+        # serve_parked(): what to do with each message and at the end; the rate limit, made when the
+        # first message comes (a token bucket starts full, so that is no different from making it now).
+        self._on_message: MessageHandler | None = None
+        self._on_end: Callable[[Connection], None] | None = None
+        self._rate_limited = False
+        self._limiter: TokenBucket | None = None
 
     @property
     def closing(self) -> bool:
@@ -468,7 +459,6 @@ class Connection:
         self._sent(sent)
         if sent < len(data):
             rest = memoryview(data)[sent:]
-            self._flushed.clear()
             self._writer = gevent.spawn(self._write_loop, rest)
 
     def _write_loop(self, data: memoryview | bytes) -> None:
@@ -490,7 +480,6 @@ class Connection:
             self.abort()
         finally:
             self._writer = None
-            self._flushed.set()
 
     def _over_capacity(self) -> None:
         """The client is not reading fast enough: pace the producer, close it 1013 if it lasts."""
@@ -566,7 +555,9 @@ class Connection:
         """Write what is queued (close frame included), then shut the socket."""
         if self.state is not State.CLOSED:
             self.flush_nowait()
-            self._flushed.wait(timeout)
+            writer = self._writer
+            if writer is not None:
+                writer.join(timeout)
         self.abort()
 
     # ---- reading -------------------------------------------------------------------------------
@@ -589,8 +580,62 @@ class Connection:
         """Read until the connection ends; data messages go to `on_message`. Never raises. With a
         `limiter`, a client over its rate is closed 1008 before its message reaches `on_message` (checked
         here rather than in a wrapper around `on_message`: one closure less per idle connection)."""
+        self._serve(on_message, limiter, False)
+
+    def serve_parked(
+        self, on_message: MessageHandler, on_end: Callable[[Connection], None], rate_limited: bool, park: bool = True
+    ) -> None:
+        """`serve()` without a greenlet of its own while the socket is quiet: returns at once, reads
+        in a short-lived greenlet whenever the socket has something, and calls `on_end(self)` (in
+        that greenlet) once the connection has ended. With `rate_limited`, WSAPP_RATE_LIMIT applies
+        as in `serve()`. `park=False` serves to the end in this greenlet instead (a socket gevent's
+        loop cannot watch for us, TLS say)."""
+        self._on_message = on_message
+        self._on_end = on_end
+        self._rate_limited = rate_limited
+        if park and not self._leftover:
+            self._park()
+        else:
+            self._resume(park)
+
+    def _park(self) -> None:
+        # The socket's own read watcher, level-triggered: bytes already waiting wake it at once.
+        self._sock._read_event.start(self._wake)
+
+    def _wake(self) -> None:
+        """In the event loop: the parked socket has bytes (or EOF). Read them in a spare reader
+        greenlet, entered straight from here the way gevent wakes a greenlet blocked in recv."""
+        self._sock._read_event.stop()
+        if _spare_readers:
+            _spare_readers.pop().switch(self)
+        else:
+            greenlet(_reader, parent=gevent.get_hub()).switch(self)
+
+    def _resume(self, park: bool = True) -> None:
+        """Read and carry out what the socket holds, then park again, or end the connection."""
+        on_message = self._on_message
+        if on_message is None:  # ended already
+            return
+        if self._rate_limited and self._limiter is None and self._settings.rate_limit > 0:
+            self._limiter = TokenBucket(self._settings.rate_limit, self._settings.rate_burst)
+        if self._serve(on_message, self._limiter, park):
+            self._park()
+            return
+        on_end = self._on_end
+        self._on_message = self._on_end = None
+        if on_end is not None:
+            try:
+                on_end(self)
+            except Exception:
+                self._stats.internal_errors += 1
+                log.exception("conn %s failed to end", self.id)
+
+    def _serve(self, on_message: MessageHandler, limiter: TokenBucket | None, park: bool) -> bool:
+        """Read and dispatch until the connection ends (False) or, with `park`, until the socket has
+        nothing more for now (True). Never raises (but lets GreenletExit through)."""
+        parked = False
         try:
-            self._read_loop(on_message, limiter)
+            parked = self._read_loop(on_message, limiter, park)
         except FrameError as exc:
             self._stats.protocol_errors += 1
             log.info("conn %s protocol error %d: %s", self.id, exc.close_code, exc.reason)
@@ -604,10 +649,17 @@ class Connection:
             log.exception("conn %s internal error", self.id)
             self.close(CloseCode.INTERNAL_ERROR, "internal error", CAUSE_INTERNAL_ERROR)
         finally:
-            self._flush_and_shut(CLOSE_TIMEOUT)
+            if not parked:
+                self._flush_and_shut(CLOSE_TIMEOUT)
+        return parked
 
-    def _read_loop(self, on_message: MessageHandler, limiter: TokenBucket | None) -> None:
-        recv = self._sock.recv
+    def close_socket(self) -> None:
+        """Free the file descriptor (after the end: abort() only shuts the socket down)."""
+        self.abort()
+        self._sock.close()
+
+    def _read_loop(self, on_message: MessageHandler, limiter: TokenBucket | None, park: bool) -> bool:
+        recv = self._raw.recv if park else self._sock.recv
         parser = self._parser
         feed = parser.feed
         outbox = self._outbox
@@ -618,9 +670,12 @@ class Connection:
                 if may_read is not None and not may_read.is_set():
                     may_read.wait()
                     self.last_seen = time.monotonic()  # we were not reading; the peer was not silent
-                data = recv(READ_CHUNK)
+                try:
+                    data = recv(READ_CHUNK)
+                except BlockingIOError:  # parking: nothing more for now (gevent's recv waits instead)
+                    return True
                 if not data:
-                    return
+                    return False
             now = self.last_seen = time.monotonic()
             events = feed(data)
             if len(events) == 1 and now - outbox.last_busy > IDLE_GAP:
@@ -644,7 +699,7 @@ class Connection:
             if parser.failed is not None:
                 raise parser.failed
             if peer_closed:
-                return
+                return False
             if len(data) == READ_CHUNK and outbox.flush_pending:
                 # More input is probably waiting and recv would not yield: let the writes go out first.
                 gevent.sleep(0)

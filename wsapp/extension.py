@@ -24,18 +24,21 @@ from typing import Any, TypeVar
 from flask import Flask, Request, Response, current_app, has_app_context, request
 
 from wsapp import protocol
-from wsapp.auth import Identity, JwtAuthenticator
+from wsapp.auth import JwtAuthenticator
 from wsapp.config import Settings
-from wsapp.connection import Connection
+from wsapp.connection import Connection, MessageHandler
 from wsapp.exceptions import MessageError
 from wsapp.policy import Authorize, OnPublish, Policy
-from wsapp.rooms import display_name
 from wsapp.services import EXTENSION_KEY, Services, build_services, services_of
 from wsapp.websocket import WebSocket
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Any]
+# A callback route (the built-in relay, echo and rooms): `start(conn, services, identity)` sets the
+# connection up and returns what to call with each message and what to call at the end (or None).
+# Such a connection holds no greenlet while it is quiet, and no Flask request context at all.
+Start = Callable[[Connection, Services, Any], tuple[MessageHandler, Callable[[Connection], None] | None]]
 Authenticate = Callable[[Request], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,6 +60,10 @@ class WebSocketRoute:
     # Whether the app's authenticate hook runs before its 101; None = WSAPP_AUTH_ALL_ROUTES decides
     # (the relay and echo, which Node `ws` clients reach without credentials by default).
     authenticate: bool | None = True
+    # Set for a callback route (see `Start`): the upgrade handler runs it instead of the Flask view.
+    start: Start | None = None
+    # A callback route's messages count against WSAPP_RATE_LIMIT (over it: close 1008).
+    rate_limited: bool = True
 
     def needs_authentication(self, settings: Settings) -> bool:
         return settings.auth_all_routes if self.authenticate is None else self.authenticate
@@ -138,8 +145,20 @@ class Realtime:
         authenticate: bool | None = True, endpoint: str | None = None,
     ) -> WebSocketRoute:
         """`route` without the decorator."""
-        endpoint = endpoint or f"wsapp_ws.{handler.__module__}.{handler.__qualname__}"
-        spec = WebSocketRoute(path, endpoint, handler, tuple(subprotocols), authenticate)
+        return self._add(WebSocketRoute(path, endpoint or f"wsapp_ws.{handler.__module__}.{handler.__qualname__}",
+                                        handler, tuple(subprotocols), authenticate))
+
+    def _add_callback_route(
+        self, path: str, endpoint: str, start: Start, subprotocols: tuple[str, ...], authenticate: bool | None,
+        rate_limited: bool = True,
+    ) -> WebSocketRoute:
+        def unreachable(ws: WebSocket) -> None:  # the upgrade handler runs `start`, never a view
+            raise RuntimeError(f"{endpoint} is a callback route")
+
+        return self._add(WebSocketRoute(path, endpoint, unreachable, subprotocols, authenticate, start, rate_limited))
+
+    def _add(self, spec: WebSocketRoute) -> WebSocketRoute:
+        path, endpoint = spec.path, spec.endpoint
         if endpoint in self._routes:
             raise ValueError(f"a WebSocket route with endpoint {endpoint!r} exists already")
         self._routes[endpoint] = spec
@@ -155,13 +174,7 @@ class Realtime:
         services = services_of(current_app)
         env = request.environ
         conn: Connection = env[ENV_CONNECTION]
-        identity = env.get(ENV_IDENTITY)
-        # An authenticated client is named after its identity, so nobody can pass for another user;
-        # `?name=` names anonymous clients only.
-        conn.name = display_name(str(identity) if identity is not None else request.args.get("name"))
-        if isinstance(identity, Identity) and identity.expires is not None:
-            conn.expires_at = identity.expires
-        ws = WebSocket(conn, services, self.policy, identity, env.get(ENV_SUBPROTOCOL))
+        ws = WebSocket(conn, services, self.policy, env.get(ENV_IDENTITY), env.get(ENV_SUBPROTOCOL))
         ws.run(spec.handler, kwargs)
 
     # ---- hooks ----------------------------------------------------------------------------------
@@ -219,27 +232,30 @@ class Realtime:
         """The JSON rooms protocol (presence, history, acks) at `path`, with this app's hooks."""
         from wsapp.rooms import RoomsSession
 
-        def rooms(ws: WebSocket) -> None:
-            RoomsSession(ws, ws.services, self.policy).run()
+        def rooms(conn: Connection, services: Services, identity: Any) -> tuple[MessageHandler, Callable[..., None]]:
+            session = RoomsSession(conn, services, self.policy, identity)
+            session.welcome()
+            return session.on_message, services.hub.leave_all
 
-        self.add_route(path, rooms, ("wsapp",), True, "wsapp.rooms")
+        # Rate limiting there answers `rate_limited` before closing, so the generic 1008 is off.
+        self._add_callback_route(path, "wsapp.rooms", rooms, ("wsapp",), True, rate_limited=False)
 
     def mount_relay(self, path: str = "/") -> None:
         """The Node `ws` broadcast server at `path`: each message to every other client, same type."""
 
-        def relay(ws: WebSocket) -> None:
-            ws.services.relay.serve(ws)
+        def relay(conn: Connection, services: Services, identity: Any) -> tuple[MessageHandler, Callable[..., None]]:
+            return services.relay.attach(conn)
 
-        self.add_route(path, relay, ("wsapp",), None, "wsapp.relay")
+        self._add_callback_route(path, "wsapp.relay", relay, ("wsapp",), None)
 
     def mount_echo(self, path: str = "/echo") -> None:
         """Every message back to its sender (conformance runs, probes)."""
-        from wsapp.relay import serve_echo
+        from wsapp.relay import echo_handler
 
-        def echo(ws: WebSocket) -> None:
-            serve_echo(ws, ws.services.stats)
+        def echo(conn: Connection, services: Services, identity: Any) -> tuple[MessageHandler, None]:
+            return echo_handler(conn, services.stats), None
 
-        self.add_route(path, echo, ("wsapp",), None, "wsapp.echo")
+        self._add_callback_route(path, "wsapp.echo", echo, ("wsapp",), None)
 
     def mount_page(self, path: str = "/", static_url: str = "/static") -> None:
         """The browser chat client at `path` (GET), its files under `static_url`; it talks to `/ws`."""

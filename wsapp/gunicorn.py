@@ -29,7 +29,7 @@ from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import VERSION, GeventPyWSGIWorker
 
 from wsapp import logs
-from wsapp.cli import PYWSGI_ERRORS, drain_services, load_app, setup_logging
+from wsapp.cli import PYWSGI_ERRORS, drain_services, load_app, setup_logging, tune_gevent
 from wsapp.config import Settings
 from wsapp.exceptions import ConfigError
 from wsapp.metrics_share import ENV_DIR, prepare_dir, remove_dir
@@ -128,6 +128,7 @@ class Worker(GeventPyWSGIWorker):
             self.alive = False
 
     def run(self) -> None:
+        tune_gevent()
         services = services_of(self.wsgi)
         settings = services.settings
         if not logging.getLogger().handlers:  # run by the gunicorn command, not by wsapp.cli

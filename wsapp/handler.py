@@ -7,21 +7,25 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qsl
 
 from flask import request as flask_request
+from gevent import socket as gsocket
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
 from werkzeug.exceptions import HTTPException
 
-from wsapp.auth import client_ip
+from wsapp.auth import Identity, client_ip
 from wsapp.connection import CAUSE_INTERNAL_ERROR, Closed, Connection
 from wsapp.deflate import negotiate
 from wsapp.exceptions import Refuse
 from wsapp.extension import ENV_CONNECTION, ENV_IDENTITY, ENV_SUBPROTOCOL, WebSocketRoute
 from wsapp.frames import CloseCode
 from wsapp.handshake import accept_key, check_upgrade, is_upgrade, select_subprotocol
+from wsapp.rooms import display_name
 from wsapp.services import Services, services_of
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ class WsappHandler(WebSocketHandler):
     """gevent-websocket's handler with wsapp's admission checks and wsapp's own connection object."""
 
     _refusal: Refuse | None = None
+    socket: Any  # pywsgi's; None once the connection has taken it
 
     def handle(self) -> None:
         # Small frames must leave at once: Nagle + delayed ACK would add ~40 ms stalls to fan-out.
@@ -41,6 +46,13 @@ class WsappHandler(WebSocketHandler):
         # A client that opens TCP and never finishes its request is dropped after this long.
         self.socket.settimeout(self._services().settings.handshake_timeout)
         super().handle()
+        then = self.__dict__.get("_then")
+        if then is not None:
+            # The upgrade is done and pywsgi's frames are gone: drop the request (environ, headers,
+            # parsed request line) this handler still holds, and serve the connection from here,
+            # at the top of the greenlet, where its saved stack is small.
+            self.__dict__.clear()
+            then()
 
     def _services(self) -> Services:
         return services_of(self.server.application)
@@ -136,16 +148,14 @@ class WsappHandler(WebSocketHandler):
         self.write(body)
 
     def _upgrade_and_serve(self, services: Services, route: WebSocketRoute) -> None:
+        """The 101, then the connection: a callback route's is parked on the event loop (no greenlet
+        while quiet); a handler route's is served once pywsgi has unwound (see `handle`)."""
         env = self.environ
         settings = services.settings
         deflate = (negotiate(env.get("HTTP_SEC_WEBSOCKET_EXTENSIONS"), settings.deflate_min_bytes,
                              settings.deflate_level) if settings.deflate else None)
-        conn = Connection(
-            self.socket, self._take_buffered_input(), self._client_ip(services), env.get("PATH_INFO", "/"),
-            settings, services.stats, services.outbox, deflate.params if deflate else None,
-        )
-        env["wsgi.websocket"] = conn  # tells gevent-websocket's start_response to send a bare 101
-        env[ENV_CONNECTION] = conn
+        leftover = self._take_buffered_input()
+        env["wsgi.websocket"] = True  # tells gevent-websocket's start_response to send a bare 101
         headers = [
             ("Upgrade", "websocket"),
             ("Connection", "Upgrade"),
@@ -157,45 +167,36 @@ class WsappHandler(WebSocketHandler):
             headers.append(("Sec-WebSocket-Extensions", deflate.header))
         self.start_response("101 Switching Protocols", headers)
         self.write(b"")
+        sock, parkable = self._take_socket()
+        conn = Connection(sock, leftover, self._client_ip(services), env.get("PATH_INFO", "/"), settings,
+                          services.stats, services.outbox, deflate.params if deflate else None)
+        identity = env.get(ENV_IDENTITY)
+        # An authenticated client is named after its identity, so nobody can pass for another user;
+        # `?name=` names anonymous clients only.
+        conn.name = display_name(str(identity) if identity is not None else _query_value(env, "name"))
+        if isinstance(identity, Identity) and identity.expires is not None:
+            conn.expires_at = identity.expires
         services.registry.add(conn)
         log.info("conn %s open %s from %s", conn.id, conn.path, conn.remote_ip,
                  extra={"fields": {"event": "ws_open", "conn": conn.id, "path": conn.path, "client": conn.remote_ip}})
-        try:
-            # The Flask view runs the connection to its end; its HTTP response is meaningless now.
-            result = self.server.application(env, lambda status, headers, exc_info=None: None)
-            try:
-                for _ in result:
-                    pass
-            finally:
-                getattr(result, "close", lambda: None)()
-        except Exception:
-            services.stats.internal_errors += 1
-            log.exception("conn %s failed in the application", conn.id)
-            conn.terminate(CloseCode.INTERNAL_ERROR, "internal error", CAUSE_INTERNAL_ERROR)
-        finally:
-            services.registry.remove(conn)
-            conn.abort()
-            self._closed(services, conn)
-            env["wsgi.websocket"] = None
+        self.close_connection = True
+        if route.start is not None:
+            _start_callback_route(route, conn, services, identity, parkable)
+            return
+        env["wsgi.websocket"] = env[ENV_CONNECTION] = conn
+        self._then = _view_runner(self.server.application, env, conn, services)
 
-    def _closed(self, services: Services, conn: Connection) -> None:
-        """The connection's one closing line and its figures: code, who closed first, why, traffic."""
-        stats = services.stats
-        duration = time.monotonic() - conn.opened
-        code = conn.close_code if conn.close_code is not None else CloseCode.ABNORMAL
-        by = conn.closed_by or Closed.NONE
-        stats.closes[(close_code_label(code), by, conn.close_cause)] += 1
-        stats.connection_duration_seconds.observe(duration)
-        identity = self.environ.get(ENV_IDENTITY)
-        fields = {
-            "event": "ws_close", "conn": conn.id, "path": conn.path, "client": conn.remote_ip,
-            "identity": None if identity is None else str(identity), "name": conn.name,
-            "code": code, "closed_by": by, "reason": conn.close_cause, "duration_s": round(duration, 3),
-            "messages_in": conn.messages_in, "bytes_in": conn.bytes_in,
-            "messages_out": max(0, conn.frames_out - conn.control_out), "bytes_out": conn.bytes_out,
-        }
-        log.info("conn %s closed %d by %s (%s) after %.1fs", conn.id, code, by, conn.close_cause, duration,
-                 extra={"fields": fields})
+    def _take_socket(self) -> tuple[Any, bool]:
+        """The connection's socket from here on, and whether the event loop can watch it for us.
+
+        pywsgi closes its socket when the request greenlet ends; a plain socket is detached from it
+        into one the connection owns, so the connection may outlive that greenlet."""
+        sock = self.socket
+        self.socket = None  # pywsgi's handle() neither reads more requests nor closes it
+        if type(sock) is not gsocket.socket:  # TLS: served in this greenlet, closed by pywsgi after
+            return sock, False
+        family, kind, proto = sock.family, sock.type, sock.proto
+        return gsocket.socket(family, kind, proto, fileno=sock.detach()), True
 
     def log_request(self) -> None:
         """One line per HTTP request (a WebSocket's is its close line); never the query string."""
@@ -222,6 +223,83 @@ class WsappHandler(WebSocketHandler):
             access_log.info("%s %s %d %s", method, path, code, refusal.reason, extra={"fields": fields})
         else:
             access_log.info("%s %s %d", method, path, code, extra={"fields": fields})
+
+
+def _query_value(env: dict[str, Any], key: str) -> str | None:
+    """The first value of `key` in the query string (as Flask's `request.args.get` would give it)."""
+    query = env.get("QUERY_STRING")
+    if not query:
+        return None
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == key:
+            return value
+    return None
+
+
+def _ended(conn: Connection, services: Services, identity: Any) -> None:
+    """The last step of every connection: out of the registry, socket freed, and its one closing line
+    with its figures: code, who closed first, why, traffic."""
+    services.registry.remove(conn)
+    conn.close_socket()
+    stats = services.stats
+    duration = time.monotonic() - conn.opened
+    code = conn.close_code if conn.close_code is not None else CloseCode.ABNORMAL
+    by = conn.closed_by or Closed.NONE
+    stats.closes[(close_code_label(code), by, conn.close_cause)] += 1
+    stats.connection_duration_seconds.observe(duration)
+    fields = {
+        "event": "ws_close", "conn": conn.id, "path": conn.path, "client": conn.remote_ip,
+        "identity": None if identity is None else str(identity), "name": conn.name,
+        "code": code, "closed_by": by, "reason": conn.close_cause, "duration_s": round(duration, 3),
+        "messages_in": conn.messages_in, "bytes_in": conn.bytes_in,
+        "messages_out": max(0, conn.frames_out - conn.control_out), "bytes_out": conn.bytes_out,
+    }
+    log.info("conn %s closed %d by %s (%s) after %.1fs", conn.id, code, by, conn.close_cause, duration,
+             extra={"fields": fields})
+
+
+def _start_callback_route(route: WebSocketRoute, conn: Connection, services: Services, identity: Any,
+                          parkable: bool) -> None:
+    assert route.start is not None
+    try:
+        on_message, on_route_end = route.start(conn, services, identity)
+    except Exception:
+        services.stats.internal_errors += 1
+        log.exception("conn %s failed to start", conn.id)
+        conn.terminate(CloseCode.INTERNAL_ERROR, "internal error", CAUSE_INTERNAL_ERROR)
+        _ended(conn, services, identity)
+        return
+
+    def on_end(conn: Connection) -> None:
+        try:
+            if on_route_end is not None:
+                on_route_end(conn)
+        finally:
+            _ended(conn, services, identity)
+
+    conn.serve_parked(on_message, on_end, route.rate_limited, parkable)
+
+
+def _view_runner(app: Any, env: dict[str, Any], conn: Connection, services: Services) -> Callable[[], None]:
+    """A handler route: the Flask view runs the connection to its end (its HTTP response is
+    meaningless now), in the request context of the upgrade request."""
+
+    def run() -> None:
+        try:
+            result = app(env, lambda status, headers, exc_info=None: None)
+            try:
+                for _ in result:
+                    pass
+            finally:
+                getattr(result, "close", lambda: None)()
+        except Exception:
+            services.stats.internal_errors += 1
+            log.exception("conn %s failed in the application", conn.id)
+            conn.terminate(CloseCode.INTERNAL_ERROR, "internal error", CAUSE_INTERNAL_ERROR)
+        finally:
+            _ended(conn, services, env.get(ENV_IDENTITY))
+
+    return run
 
 
 def close_code_label(code: int) -> str:

@@ -7,16 +7,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from wsapp.backends import HistoryBackend
 from wsapp.config import Settings
-from wsapp.connection import Connection
+from wsapp.connection import Connection, MessageHandler
 from wsapp.frames import encode_frame
 from wsapp.metrics import Stats
-
-if TYPE_CHECKING:
-    from wsapp.websocket import WebSocket
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +34,8 @@ class RelayGroup:
     def __len__(self) -> int:
         return len(self._members)
 
-    def serve(self, ws: WebSocket) -> None:
-        """Relay this connection's messages until it ends (rate limit: close 1008, no error channel)."""
-        conn = ws.connection
+    def attach(self, conn: Connection) -> tuple[MessageHandler, Callable[[Connection], None]]:
+        """Add a client: what to call with each of its messages, and at its end."""
         share = self._share
         broadcast = self._broadcast
 
@@ -51,10 +46,7 @@ class RelayGroup:
                 share(frame)
 
         self._members.add(conn)
-        try:
-            ws.serve(on_message)
-        finally:
-            self._members.discard(conn)
+        return on_message, self._members.discard
 
     def deliver_remote(self, frame: bytes) -> None:
         """A frame a client of another process sent: to every local client."""
@@ -72,12 +64,11 @@ class RelayGroup:
         self._stats.messages_out += sent
 
 
-def serve_echo(ws: WebSocket, stats: Stats) -> None:
+def echo_handler(conn: Connection, stats: Stats) -> MessageHandler:
     """`/echo`: every message straight back to its sender (conformance runs, health probes)."""
-    conn = ws.connection
 
     def on_message(opcode: int, payload: bytes) -> None:
         if conn.send(encode_frame(opcode, payload)):
             stats.messages_out += 1
 
-    ws.serve(on_message)
+    return on_message

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wsapp import protocol
 from wsapp.connection import CAUSE_PROTOCOL_ERROR, CAUSE_RATE_LIMIT
@@ -18,9 +18,9 @@ HISTORY_GONE_TEXT = (
 )
 
 if TYPE_CHECKING:
+    from wsapp.connection import Connection
     from wsapp.hub import JoinResult
     from wsapp.services import Services
-    from wsapp.websocket import WebSocket
 
 
 def display_name(requested: str | None) -> str:
@@ -33,21 +33,24 @@ def display_name(requested: str | None) -> str:
 
 
 class RoomsSession:
-    """Parses each message of one connection and carries it out against the hub, asking the policy."""
+    """Parses each message of one connection and carries it out against the hub, asking the policy.
 
-    def __init__(self, ws: WebSocket, services: Services, policy: Policy) -> None:
-        self.ws = ws
-        self.conn = ws.connection
-        self._identity = ws.identity
-        self._hub = services.hub
-        self._settings = settings = services.settings
-        self._stats = services.stats
+    One per `/ws` client for its whole life, idle or not: slots, and the rate limiter made on the
+    first message (a token bucket starts full, so that is no different from making it at once)."""
+
+    __slots__ = ("_identity", "_limiter", "_policy", "_services", "conn")
+
+    def __init__(self, conn: Connection, services: Services, policy: Policy, identity: Any = None) -> None:
+        self.conn = conn
+        self._identity = identity
+        self._services = services
         self._policy = policy
-        self._limiter = TokenBucket(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
+        self._limiter: TokenBucket | None = None
 
-    def run(self) -> None:
+    def welcome(self) -> None:
+        """The first frame of the session: who the client is and the limits it is under."""
         conn = self.conn
-        s = self._settings
+        s = self._services.settings
         self._reply(
             protocol.welcome(
                 conn.id,
@@ -62,8 +65,6 @@ class RoomsSession:
                 },
             )
         )
-        # Rate limiting here answers `rate_limited` before closing, so the generic 1008 is off.
-        self.ws.serve(self.on_message, rate_limited=False)
 
     def _reply(self, message: bytes) -> None:
         self.conn.send_text(message)
@@ -74,25 +75,29 @@ class RoomsSession:
             conn.close(CloseCode.UNSUPPORTED_DATA, "/ws takes JSON text messages only", CAUSE_PROTOCOL_ERROR)
             return
         limiter = self._limiter
+        if limiter is None:
+            settings = self._services.settings
+            if settings.rate_limit > 0:
+                limiter = self._limiter = TokenBucket(settings.rate_limit, settings.rate_burst)
         if limiter is not None and not limiter.allow():
-            self._stats.rate_limited += 1
+            self._services.stats.rate_limited += 1
             if limiter.strikes > limiter.burst:
                 conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded", CAUSE_RATE_LIMIT)
             else:
                 self._error(protocol.RATE_LIMITED, "slow down: message not processed")
             return
         try:
-            self._dispatch(protocol.parse(payload, self._settings.max_json_depth))
+            self._dispatch(protocol.parse(payload, self._services.settings.max_json_depth))
         except MessageError as exc:
             self._error(exc.code, exc.message, exc.msg_id)
 
     def _error(self, code: str, message: str, msg_id: object = None, **fields: object) -> None:
         """An `error` to this client, counted by code (wsapp_ws_errors_total)."""
-        self._stats.ws_errors[(code,)] += 1
+        self._services.stats.ws_errors[(code,)] += 1
         self._reply(protocol.error(code, message, msg_id, **fields))
 
     def _dispatch(self, cmd: protocol.Command) -> None:
-        hub = self._hub
+        hub = self._services.hub
         conn = self.conn
         policy = self._policy
         if isinstance(cmd, protocol.Publish):

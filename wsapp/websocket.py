@@ -5,7 +5,8 @@ Two ways to read, never mixed on one connection:
   frames, answers pings and fills a small inbox; while the inbox is full it stops reading the socket,
   so TCP pushes back on a client that sends faster than the handler consumes.
 - push: `ws.serve(on_message)`, called with (opcode, payload) for each message in this greenlet. No
-  extra greenlet and no inbox: what the built-in relay, echo and rooms routes use.
+  extra greenlet and no inbox. (The built-in relay, echo and rooms routes go one step further: they
+  are callback routes that hold no greenlet at all while quiet; see `Connection.serve_parked`.)
 Sends go through the connection's bounded backlog either way (slow consumers are closed 1013).
 """
 

@@ -66,7 +66,8 @@ def fail(ws):  # type: ignore[no-untyped-def]
 
 @rt.route("/open", authenticate=False)
 def open_route(ws):  # type: ignore[no-untyped-def]
-    ws.send(f"anonymous {ws.identity}")
+    # A handler route runs in the request context of its upgrade request.
+    ws.send(f"anonymous {ws.identity} {request.args.get('via', '-')}")
 
 
 @rt.authenticate
