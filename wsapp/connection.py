@@ -59,7 +59,7 @@ CLOSE_TIMEOUT = 3.0
 MessageHandler = Callable[[int, bytes], None]
 
 
-# A message that arrives after this long without any fan-out is written through at once.
+# A lone message that arrives this long after a busy loop turn is written through even so.
 IDLE_GAP = 0.002
 
 
@@ -80,11 +80,14 @@ _CLOSED = State.CLOSED
 class Outbox:
     """Coalesces writes, and is where producers learn they must wait for their recipients.
 
-    Every connection marked during one loop turn is flushed once, right after. When the process is
-    idle (no fan-out for IDLE_GAP) a lone incoming message is instead written through: each
-    recipient's frame goes to its socket as the fan-out loop reaches it, the way Node's `ws` does,
-    which saves the first recipients the wait for the whole loop. Under load, coalescing wins
-    (several frames per send), so write-through switches itself off.
+    Every connection marked during one loop turn is flushed once, right after. A lone message is
+    instead written through: each recipient's frame goes to its socket as the fan-out loop reaches
+    it, the way Node's `ws` does, which saves the first recipients the wait for the whole loop (and
+    costs no more syscalls: one message per turn is one send per recipient either way). A message is
+    lone when it is the only one its read brought, the first of its loop turn, and the last turn that
+    carried traffic carried just one (or ended IDLE_GAP ago). So one message in flight at a time goes
+    out as it is fanned out, while several per turn (many senders, a burst) keep coalescing into one
+    send per recipient per turn.
 
     `queued` counts the unsent bytes of every connection (a frame queued to N recipients counts N
     times, so the real memory is at most this). Past `max_queued` producers wait as they do for a
@@ -98,7 +101,10 @@ class Outbox:
         self._stats = stats or Stats()
         self._scheduled = False
         self.write_through = False
-        self.last_busy = 0.0
+        # Messages read so far this loop turn; those of the last turn that had any, and when it ended.
+        self._turn_messages = 0
+        self._last_turn_messages = 0
+        self._last_turn_end = 0.0
         # Connections that went over their cap since the last producer looked (duplicates allowed).
         self.congested: list[Connection] = []
         self.queued = 0
@@ -132,6 +138,21 @@ class Outbox:
     def flush_pending(self) -> bool:
         return self._scheduled
 
+    def read(self, messages: int, now: float) -> bool:
+        """A reader got `messages` frames in one read: True if it should write them through (lone)."""
+        if not messages:
+            return False
+        first = self._turn_messages == 0
+        self._turn_messages += messages
+        if not first:
+            return False
+        gevent.get_hub().loop.run_callback(self._end_turn)
+        return messages == 1 and (self._last_turn_messages <= 1 or now - self._last_turn_end > IDLE_GAP)
+
+    def _end_turn(self) -> None:
+        self._last_turn_messages, self._turn_messages = self._turn_messages, 0
+        self._last_turn_end = time.monotonic()
+
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
@@ -141,7 +162,6 @@ class Outbox:
             except Exception:  # one connection's failure must not leave the others unflushed
                 log.exception("conn %s failed to flush", conn.id)
                 conn.abort()
-        self.last_busy = time.monotonic()
 
     def released(self, nbytes: int) -> None:
         """`nbytes` of some backlog went to the kernel or were dropped."""
@@ -515,9 +535,7 @@ class Connection:
                     return
             now = self.last_seen = time.monotonic()
             events = feed(data)
-            if len(events) == 1 and now - outbox.last_busy > IDLE_GAP:
-                outbox.write_through = True
-                outbox.last_busy = now
+            outbox.write_through = outbox.read(len(events), now)
             try:
                 peer_closed = self._dispatch(events, on_message, limiter)
             finally:
