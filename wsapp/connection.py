@@ -84,10 +84,10 @@ class Outbox:
     instead written through: each recipient's frame goes to its socket as the fan-out loop reaches
     it, the way Node's `ws` does, which saves the first recipients the wait for the whole loop (and
     costs no more syscalls: one message per turn is one send per recipient either way). A message is
-    lone when it is the only one its read brought, the first of its loop turn, and the last turn that
-    carried traffic carried just one (or ended IDLE_GAP ago). So one message in flight at a time goes
-    out as it is fanned out, while several per turn (many senders, a burst) keep coalescing into one
-    send per recipient per turn.
+    lone when it is the only one its read brought and the first of its loop turn, and either the last
+    turn that carried traffic carried just this one reader's single message, or it ended IDLE_GAP ago.
+    So one message in flight at a time goes out as it is fanned out, while several per turn (many
+    senders, a burst) keep coalescing into one send per recipient per turn.
 
     `queued` counts the unsent bytes of every connection (a frame queued to N recipients counts N
     times, so the real memory is at most this). Past `max_queued` producers wait as they do for a
@@ -105,6 +105,7 @@ class Outbox:
         self._turn_messages = 0
         self._last_turn_messages = 0
         self._last_turn_end = 0.0
+        self._last_reader: object = None
         # Connections that went over their cap since the last producer looked (duplicates allowed).
         self.congested: list[Connection] = []
         self.queued = 0
@@ -138,16 +139,22 @@ class Outbox:
     def flush_pending(self) -> bool:
         return self._scheduled
 
-    def read(self, messages: int, now: float) -> bool:
-        """A reader got `messages` frames in one read: True if it should write them through (lone)."""
+    def read(self, reader: object, messages: int, now: float) -> bool:
+        """`reader` got `messages` frames in one read: True if it should write them through (lone)."""
         if not messages:
             return False
         first = self._turn_messages == 0
         self._turn_messages += messages
+        same_reader = reader is self._last_reader
+        self._last_reader = reader
         if not first:
             return False
         gevent.get_hub().loop.run_callback(self._end_turn)
-        return messages == 1 and (self._last_turn_messages <= 1 or now - self._last_turn_end > IDLE_GAP)
+        if messages != 1:
+            return False
+        # One producer, one message per turn: nothing to coalesce. Several producers (their reads
+        # alternate) or a turn of several messages: the next ones will likely share a turn, so queue.
+        return (same_reader and self._last_turn_messages <= 1) or now - self._last_turn_end > IDLE_GAP
 
     def _end_turn(self) -> None:
         self._last_turn_messages, self._turn_messages = self._turn_messages, 0
@@ -535,7 +542,7 @@ class Connection:
                     return
             now = self.last_seen = time.monotonic()
             events = feed(data)
-            outbox.write_through = outbox.read(len(events), now)
+            outbox.write_through = outbox.read(self, len(events), now)
             try:
                 peer_closed = self._dispatch(events, on_message, limiter)
             finally:

@@ -51,9 +51,9 @@ def waiting(peer: socket.socket) -> bytes:
         return b""
 
 
-def fan_out(outbox: Outbox, conn: Connection, frames: list[bytes]) -> None:
-    """What a reader does with one read's messages: decide, send each, stop writing through."""
-    outbox.write_through = outbox.read(len(frames), time.monotonic())
+def fan_out(outbox: Outbox, conn: Connection, frames: list[bytes], reader: object = "sender") -> None:
+    """What `reader` does with one read's messages to `conn`: decide, send each, stop writing through."""
+    outbox.write_through = outbox.read(reader, len(frames), time.monotonic())
     try:
         for frame in frames:
             assert conn.send(frame)
@@ -61,6 +61,7 @@ def fan_out(outbox: Outbox, conn: Connection, frames: list[bytes]) -> None:
         outbox.write_through = False
 
 
+R = "reader"
 A, B, C = (encode_frame(OP_TEXT, x) for x in (b"a", b"b", b"c"))
 
 
@@ -77,9 +78,9 @@ def test_a_lone_message_reaches_the_socket_during_the_fan_out(outbox: Outbox, pa
 
 def test_messages_of_one_turn_after_the_first_are_coalesced(outbox: Outbox, pair: Pair) -> None:
     conn, peer = pair
-    fan_out(outbox, conn, [A])  # another reader's message, first of the turn
-    fan_out(outbox, conn, [B])
-    fan_out(outbox, conn, [C])
+    fan_out(outbox, conn, [A], "one")  # first of the turn
+    fan_out(outbox, conn, [B], "two")
+    fan_out(outbox, conn, [C], "three")
     assert waiting(peer) == A
     end_turn()
     assert waiting(peer) == B + C  # one send, in order
@@ -104,19 +105,36 @@ def test_a_read_of_several_messages_is_coalesced_and_so_is_the_next_turn(
     assert waiting(peer) == A
 
 
+def test_readers_taking_turns_are_coalesced(
+    outbox: Outbox, pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two senders whose single messages happen to land in separate turns: more will share a turn."""
+    monkeypatch.setattr("wsapp.connection.IDLE_GAP", 60.0)
+    conn, peer = pair
+    fan_out(outbox, conn, [A], "one")  # a fresh outbox: idle, so lone
+    assert waiting(peer) == A
+    end_turn()
+    fan_out(outbox, conn, [B], "two")
+    assert waiting(peer) == b""
+    end_turn()
+    assert waiting(peer) == B
+    fan_out(outbox, conn, [C], "two")  # the same reader again, after a turn of one message
+    assert waiting(peer) == C
+
+
 def test_after_a_busy_turn_an_idle_gap_makes_a_message_lone(outbox: Outbox) -> None:
-    assert outbox.read(3, time.monotonic()) is False
+    assert outbox.read(R, 3, time.monotonic()) is False
     end_turn()
-    assert outbox.read(1, time.monotonic() - IDLE_GAP) is False  # right after the busy turn
+    assert outbox.read(R, 1, time.monotonic() - IDLE_GAP) is False  # right after the busy turn
     end_turn()
-    assert outbox.read(2, time.monotonic()) is False
+    assert outbox.read(R, 2, time.monotonic()) is False
     end_turn()
-    assert outbox.read(1, time.monotonic() + 2 * IDLE_GAP) is True
+    assert outbox.read(R, 1, time.monotonic() + 2 * IDLE_GAP) is True
 
 
 def test_a_read_without_a_whole_frame_does_not_count(outbox: Outbox) -> None:
-    assert outbox.read(0, time.monotonic()) is False
-    assert outbox.read(1, time.monotonic()) is True
+    assert outbox.read(R, 0, time.monotonic()) is False
+    assert outbox.read(R, 1, time.monotonic()) is True
 
 
 def test_write_through_keeps_order_behind_a_backlog(outbox: Outbox, pair: Pair) -> None:
