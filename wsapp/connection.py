@@ -59,7 +59,7 @@ CLOSE_TIMEOUT = 3.0
 MessageHandler = Callable[[int, bytes], None]
 
 
-# A lone message that arrives this long after a busy loop turn is written through even so.
+# After this long without traffic, a lone message from another reader than the last is written through.
 IDLE_GAP = 0.002
 
 
@@ -84,8 +84,8 @@ class Outbox:
     instead written through: each recipient's frame goes to its socket as the fan-out loop reaches
     it, the way Node's `ws` does, which saves the first recipients the wait for the whole loop (and
     costs no more syscalls: one message per turn is one send per recipient either way). A message is
-    lone when it is the only one its read brought and the first of its loop turn, and either the last
-    turn that carried traffic carried just this one reader's single message, or it ended IDLE_GAP ago.
+    lone when it is the only one its read brought, the first of its loop turn, the last turn that
+    carried traffic carried one message too, and that one came from the same reader or IDLE_GAP ago.
     So one message in flight at a time goes out as it is fanned out, while several per turn (many
     senders, a burst) keep coalescing into one send per recipient per turn.
 
@@ -154,7 +154,7 @@ class Outbox:
             return False
         # One producer, one message per turn: nothing to coalesce. Several producers (their reads
         # alternate) or a turn of several messages: the next ones will likely share a turn, so queue.
-        return (same_reader and self._last_turn_messages <= 1) or now - self._last_turn_end > IDLE_GAP
+        return self._last_turn_messages <= 1 and (same_reader or now - self._last_turn_end > IDLE_GAP)
 
     def _end_turn(self) -> None:
         self._last_turn_messages, self._turn_messages = self._turn_messages, 0
