@@ -286,8 +286,13 @@ class Connection:
             frame = self._outbox.deflated(frame, self.deflate)
         rest: bytes | memoryview = frame
         if self._outbox.write_through and not self._backlog and self._writer is None:
-            sent = self._send_nowait(frame)
-            if sent < 0:
+            # A lone message's path (see Outbox), written out: one non-blocking send.
+            try:
+                sent = self._raw.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.abort()
                 return False
             if sent == len(frame):
                 return True
@@ -306,16 +311,6 @@ class Connection:
         if not self._dirty:
             self._dirty = True
             outbox.mark(self)
-
-    def _send_nowait(self, data: bytes | memoryview) -> int:
-        """One non-blocking send: bytes taken by the kernel, or -1 if the socket failed (now aborted)."""
-        try:
-            return self._raw.send(data)  # type: ignore[no-any-return]
-        except BlockingIOError:
-            return 0
-        except OSError:
-            self.abort()
-            return -1
 
     def send_text(self, payload: bytes) -> bool:
         return self.send(encode_frame(OP_TEXT, payload))
