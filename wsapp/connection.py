@@ -15,7 +15,7 @@ backlog to the kernel in one non-blocking `send`. Only when the kernel buffer is
 connection get a writer greenlet of its own, which finishes the job with a blocking `sendall`.
 So a broadcast to N clients costs N list appends plus one syscall per client per loop turn,
 frames queued in the same turn are coalesced, and an idle connection costs no writer greenlet.
-When the process is idle, a lone message skips the backlog and is written through (see Outbox).
+A lone message (one in flight at a time) skips the backlog and is written through (see Outbox).
 """
 
 from __future__ import annotations
