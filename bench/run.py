@@ -1,6 +1,6 @@
 """Benchmark wsapp against the Node `ws` reference broadcast server, in one run.
 
-    .venv/bin/python bench/run.py                  # everything, about 3 minutes
+    .venv/bin/python bench/run.py                  # everything, about 6 minutes
     .venv/bin/python bench/run.py --servers node   # the reference alone
     .venv/bin/python bench/run.py --cases c100-s1,idle-10k --duration 3
     .venv/bin/python bench/run.py --cases burst             # the flow-control burst alone
@@ -67,6 +67,7 @@ class Case:
     @property
     def json_payload(self) -> bool:
         return self.payload_bytes > 0
+    payload: int | None = None  # bytes per relay message; None: --payload
 
     @property
     def idle(self) -> bool:
@@ -78,9 +79,10 @@ class Case:
 
     @property
     def title(self) -> str:
+        size = f", {self.payload:,} B" if self.payload else ""
         if self.pattern != "closed" or self.deflate:
-            return self.description
-        return f"{self.description}, window {self.window}{' per sender' if self.senders > 1 else ''}"
+            return self.description + size
+        return f"{self.description}{size}, window {self.window}{' per sender' if self.senders > 1 else ''}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,7 @@ class Variant:
     server: str  # node | wsapp
     mode: str  # relay | rooms
     path: str
+    tree: Path = ROOT  # the checkout whose server.py runs (--baseline: another one, for before/after)
 
 
 # Closed-loop windows are small on purpose (the issue's "as fast as deliveries complete"): wsapp
@@ -101,6 +104,12 @@ CASES = [
     Case("c1000-s1", "1,000 clients, 1 sender, closed loop", clients=1000, window=4),
     Case("c100-s10", "100 clients, 10 senders, closed loop", clients=100, senders=10, window=1),
     Case("c100-open200", "100 clients, 1 sender, open loop 200 msg/s", clients=100, pattern="open", rate=200),
+    # Issue 13: one message in flight at a time, where turnaround (not throughput) sets the pace and
+    # the first recipients should not wait for the whole fan-out.
+    Case("c100-s1-w1", "100 clients, 1 sender, closed loop", clients=100, window=1),
+    Case("c1000-s1-w1", "1,000 clients, 1 sender, closed loop", clients=1000, window=1),
+    Case("c10-s1-w1-4k", "10 clients, 1 sender, closed loop", clients=10, window=1, payload=4096),
+    Case("c100-open500", "100 clients, 1 sender, open loop 500 msg/s", clients=100, pattern="open", rate=500),
     Case("idle-10k", "10,000 idle connections", clients=10000, pattern="idle"),
     # Issue 10: one client floods, one reads as fast as it can, one has stopped reading (bench/burst.js).
     Case("burst", "burst: 20,000 x 1 KiB from one client, one fast reader, one stalled", clients=3, pattern="burst"),
@@ -127,7 +136,8 @@ VARIANTS = [
     Variant("wsapp", "wsapp", "relay", "/"),
     Variant("wsapp-rooms", "wsapp", "rooms", "/ws"),
 ]
-LABELS = {"node": "Node ws 8.23.0 (relay)", "wsapp": "wsapp relay /", "wsapp-rooms": "wsapp rooms /ws"}
+LABELS = {"node": "Node ws 8.23.0 (relay)", "wsapp": "wsapp relay /", "wsapp-rooms": "wsapp rooms /ws",
+          "base": "baseline relay /", "base-rooms": "baseline rooms /ws"}
 
 # wsapp as the issue asks for a benchmark: no per-connection rate limit, caps above the 10k case.
 # LOG_LEVEL=WARNING because the reference logs nothing per connection either.
@@ -172,11 +182,11 @@ class Server:
                 env["REF_DEFLATE"] = "1"  # wsapp negotiates it by default (WSAPP_DEFLATE=1)
         else:
             python = ROOT / ".venv" / "bin" / "python"
-            cmd = [str(python if python.exists() else sys.executable), str(ROOT / "server.py")]
+            cmd = [str(python if python.exists() else sys.executable), str(variant.tree / "server.py")]
             env.update(wsapp_env)
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server; closed in stop()
-        self.proc = subprocess.Popen(pinned(SERVER_CORE, cmd), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(pinned(SERVER_CORE, cmd), cwd=variant.tree, env=env, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit)
         self.ps = psutil.Process(self.proc.pid)  # taskset execs the server: same pid
 
@@ -249,7 +259,7 @@ def run_pair(case: Case, variant: Variant, args: argparse.Namespace, raw: Path, 
             "pattern": case.pattern,
             "window": case.window,
             "rate": case.rate or 1,
-            "payloadBytes": case.payload_bytes or args.payload,
+            "payloadBytes": case.payload_bytes or case.payload or args.payload,
             "payload": "json" if case.json_payload else "pad",
             "deflate": case.deflate,
             "warmupSeconds": 0 if case.idle else args.warmup,
@@ -733,7 +743,8 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 3 if idle else 2, figsize=(15 if idle else 11, 5),
                              gridspec_kw={"width_ratios": [3, 3, 1.4] if idle else [1, 1]})
-    colors = {"node": "#4c8c2b", "wsapp": "#3060b0", "wsapp-rooms": "#8fb0e0"}
+    colors = {"node": "#4c8c2b", "wsapp": "#3060b0", "wsapp-rooms": "#8fb0e0", "base": "#b06030",
+              "base-rooms": "#e0b08f"}
     width = 0.8 / max(1, len(variants))
     panels = ((axes[0], "deliveries_per_s", "deliveries/s (higher is better)", lambda y: f"{y / 1000:.0f}k"),
               (axes[1], "p99_ms", "p99 fan-out latency, ms (lower is better)", lambda y: f"{y:.1f}"))
@@ -796,6 +807,8 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
         "client": args.client,
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
         "wsapp_env": args.wsapp_env,
+        "baseline": f"{args.baseline} at {git('-C', str(args.baseline), 'rev-parse', '--short', 'HEAD')}"
+        if args.baseline else None,
     }
 
 
@@ -821,6 +834,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="runs per (case, server), idle case excepted; the table keeps the median")
     p.add_argument("--wsapp-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for wsapp (repeatable)")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="also run wsapp from this other checkout (variants base, base-rooms), taking turns "
+                        "with this one: before/after figures from one run")
     p.add_argument("--no-chart", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS, help="where latest.json / latest.md go")
     args = p.parse_args(argv)
@@ -839,6 +855,10 @@ def main(argv: list[str] | None = None) -> int:
     servers = set(args.servers.split(","))
     modes = set(args.modes.split(","))
     variants = [v for v in VARIANTS if v.server in servers and (v.server == "node" or v.mode in modes)]
+    if args.baseline:
+        base = args.baseline.resolve()
+        variants += [dataclasses.replace(v, name=v.name.replace("wsapp", "base"), tree=base)
+                     for v in variants if v.server == "wsapp"]
     wanted = [name for item in args.cases.split(",") for name in CASE_GROUPS.get(item, [item])]
     unknown = set(wanted) - {c.name for c in CASES}
     if unknown:

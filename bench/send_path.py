@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/send_path.py                       # this tree
     .venv/bin/python bench/send_path.py --tree /path/to/other/checkout
+    .venv/bin/python bench/send_path.py --frames 1 --through   # also a lone message's write-through path
 
 N loopback TCP connections in one process (no client, no parsing, no event-loop wake-ups): each loop
 turn queues `frames` 64-byte frames to every connection with `Connection.send`, then lets the
@@ -22,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(clients: int, frames: int, turns: int, warmup: int = 200) -> float:
-    """Microseconds of CPU per delivery for `turns` turns of `frames` frames to `clients` connections."""
+def measure(clients: int, frames: int, turns: int, warmup: int = 200, through: bool = False) -> float:
+    """Microseconds of CPU per delivery for `turns` turns of `frames` frames to `clients` connections;
+    `through`: the frames are written through (a lone message's path) instead of queued and flushed."""
     import socket
 
     import gevent
@@ -50,9 +52,11 @@ def measure(clients: int, frames: int, turns: int, warmup: int = 200) -> float:
     spent = 0.0
     for turn in range(warmup + turns):
         t0 = time.thread_time()
+        outbox.write_through = through
         for _ in range(frames):
             for conn in conns:
                 conn.send(frame)
+        outbox.write_through = False
         gevent.sleep(0)  # the Outbox's flush is a loop callback: it runs here
         if turn >= warmup:
             spent += time.thread_time() - t0
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", default="1,4", help="frames queued per connection per loop turn (comma list)")
     p.add_argument("--deliveries", type=int, default=1_200_000, help="per measurement")
     p.add_argument("--repeat", type=int, default=3, help="measurements per setting; the median is printed")
+    p.add_argument("--through", action="store_true",
+                   help="also measure 1 frame per turn written through (Outbox.write_through), as a lone message is")
     args = p.parse_args(argv)
     sys.path.insert(0, str(args.tree.resolve()))
     from gevent import monkey
@@ -92,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.clients} clients, {frames} frame(s) per turn: {statistics.median(runs):.3f} µs CPU per delivery "
             f"(runs {', '.join(f'{r:.3f}' for r in runs)})"
         )
+    if args.through:
+        runs = [measure(args.clients, 1, args.deliveries // args.clients, through=True) for _ in range(args.repeat)]
+        print(f"{args.clients} clients, 1 frame per turn written through: {statistics.median(runs):.3f} µs CPU per "
+              f"delivery (runs {', '.join(f'{r:.3f}' for r in runs)})")
     return 0
 
 

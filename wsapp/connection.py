@@ -15,7 +15,7 @@ backlog to the kernel in one non-blocking `send`. Only when the kernel buffer is
 connection get a writer greenlet of its own, which finishes the job with a blocking `sendall`.
 So a broadcast to N clients costs N list appends plus one syscall per client per loop turn,
 frames queued in the same turn are coalesced, and an idle connection costs no writer greenlet.
-When the process is idle, a lone message skips the backlog and is written through (see Outbox).
+A lone message (one in flight at a time) skips the backlog and is written through (see Outbox).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ CLOSE_TIMEOUT = 3.0
 MessageHandler = Callable[[int, bytes], None]
 
 
-# A message that arrives after this long without any fan-out is written through at once.
+# After this long without traffic, a lone message from another reader than the last is written through.
 IDLE_GAP = 0.002
 
 
@@ -103,11 +103,14 @@ _CLOSED = State.CLOSED
 class Outbox:
     """Coalesces writes, and is where producers learn they must wait for their recipients.
 
-    Every connection marked during one loop turn is flushed once, right after. When the process is
-    idle (no fan-out for IDLE_GAP) a lone incoming message is instead written through: each
-    recipient's frame goes to its socket as the fan-out loop reaches it, the way Node's `ws` does,
-    which saves the first recipients the wait for the whole loop. Under load, coalescing wins
-    (several frames per send), so write-through switches itself off.
+    Every connection marked during one loop turn is flushed once, right after. A lone message is
+    instead written through: each recipient's frame goes to its socket as the fan-out loop reaches
+    it, the way Node's `ws` does, which saves the first recipients the wait for the whole loop (and
+    costs no more syscalls: one message per turn is one send per recipient either way). A message is
+    lone when it is the only one its read brought, the first of its loop turn, the last turn that
+    carried traffic carried one message too, and that one came from the same reader or IDLE_GAP ago.
+    So one message in flight at a time goes out as it is fanned out, while several per turn (many
+    senders, a burst) keep coalescing into one send per recipient per turn.
 
     `queued` counts the unsent bytes of every connection (a frame queued to N recipients counts N
     times, so the real memory is at most this). Past `max_queued` producers wait as they do for a
@@ -121,7 +124,11 @@ class Outbox:
         self._stats = stats or Stats()
         self._scheduled = False
         self.write_through = False
-        self.last_busy = 0.0
+        # Messages read so far this loop turn; those of the last turn that had any, and when it ended.
+        self._turn_messages = 0
+        self._last_turn_messages = 0
+        self._last_turn_end = 0.0
+        self._last_reader: object = None
         # Connections that went over their cap since the last producer looked (duplicates allowed).
         self.congested: list[Connection] = []
         self.queued = 0
@@ -159,6 +166,27 @@ class Outbox:
     def flush_pending(self) -> bool:
         return self._scheduled
 
+    def read(self, reader: object, messages: int, now: float) -> bool:
+        """`reader` got `messages` frames in one read: True if it should write them through (lone)."""
+        if not messages:
+            return False
+        first = self._turn_messages == 0
+        self._turn_messages += messages
+        same_reader = reader is self._last_reader
+        self._last_reader = reader
+        if not first:
+            return False
+        gevent.get_hub().loop.run_callback(self._end_turn)
+        if messages != 1:
+            return False
+        # One producer, one message per turn: nothing to coalesce. Several producers (their reads
+        # alternate) or a turn of several messages: the next ones will likely share a turn, so queue.
+        return self._last_turn_messages <= 1 and (same_reader or now - self._last_turn_end > IDLE_GAP)
+
+    def _end_turn(self) -> None:
+        self._last_turn_messages, self._turn_messages = self._turn_messages, 0
+        self._last_turn_end = time.monotonic()
+
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
@@ -168,7 +196,7 @@ class Outbox:
             except Exception:  # one connection's failure must not leave the others unflushed
                 log.exception("conn %s failed to flush", conn.id)
                 conn.abort()
-        end = self.last_busy = time.monotonic()
+        end = time.monotonic()
         arrivals = self.arrivals
         if arrivals:
             observe = self._stats.fanout_seconds.observe
@@ -344,8 +372,13 @@ class Connection:
             frame = self._outbox.deflated(frame, self.deflate)
         rest: bytes | memoryview = frame
         if self._outbox.write_through and not self._backlog and self._writer is None:
-            sent = self._send_nowait(frame)
-            if sent < 0:
+            # A lone message's path (see Outbox), written out: one non-blocking send.
+            try:
+                sent = self._raw.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.abort()
                 return False
             self.bytes_out += sent
             if sent == len(frame):
@@ -367,16 +400,6 @@ class Connection:
         if not self._dirty:
             self._dirty = True
             outbox.mark(self)
-
-    def _send_nowait(self, data: bytes | memoryview) -> int:
-        """One non-blocking send: bytes taken by the kernel, or -1 if the socket failed (now aborted)."""
-        try:
-            return self._raw.send(data)  # type: ignore[no-any-return]
-        except BlockingIOError:
-            return 0
-        except OSError:
-            self.abort()
-            return -1
 
     def send_text(self, payload: bytes) -> bool:
         return self.send(encode_frame(OP_TEXT, payload))
@@ -678,9 +701,7 @@ class Connection:
                     return False
             now = self.last_seen = time.monotonic()
             events = feed(data)
-            if len(events) == 1 and now - outbox.last_busy > IDLE_GAP:
-                outbox.write_through = True
-                outbox.last_busy = now
+            outbox.write_through = outbox.read(self, len(events), now)
             queued = outbox.queued
             messages = self.messages_in
             try:
