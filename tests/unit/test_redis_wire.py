@@ -109,3 +109,23 @@ def test_imports_neither_gevent_nor_redis() -> None:
     code = "import sys, wsapp.backends.redis_wire; print(sorted(m for m in ('gevent', 'redis') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert out.stdout.strip() == "[]"
+
+
+
+def test_pack_command_sends_what_redis_py_would() -> None:
+    from redis._parsers.encoders import Encoder
+    from redis.connection import PythonRespSerializer
+
+    from wsapp.backends.redis_stream import pack_command
+
+    serializer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+    for args in [("PING",), (b"EVALSHA", "abc", 2, "k1", "k{é}", b"\x00\r\n", 0, -5, b"x" * 70000, "")]:
+        assert pack_command(args) == b"".join(serializer.pack(*args))
+
+
+def test_epoch_proposals_never_repeat_within_or_across_processes() -> None:
+    first, second = wire.EpochProposals(), wire.EpochProposals()
+    proposed = [first.propose() for _ in range(1000)] + [second.propose() for _ in range(1000)]
+    assert len(set(proposed)) == len(proposed)
+    call = wire.publish_call("p1.3", "lobby", b"h", b"t", 50, None, proposed[0])
+    assert call.args[7] == proposed[0]

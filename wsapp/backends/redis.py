@@ -28,14 +28,16 @@ from typing import Any, TypeVar
 
 import gevent
 import redis
-from gevent.event import AsyncResult, Event
+from gevent.event import Event
 from gevent.lock import Semaphore
 from redis.commands.core import Script
 
 from wsapp import protocol
 from wsapp.backends import BrokerUnavailable, Deliver, RelayFrames, RoomView
+from wsapp.backends import redis_stream as stream
 from wsapp.backends import redis_wire as wire
 from wsapp.backends.redis_connect import make_client, where
+from wsapp.backends.redis_stream import pack_command
 from wsapp.config import Settings
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,6 @@ HEARTBEAT_SECONDS = 2.0
 LISTEN_POLL = 0.25  # how long the subscriber waits for a message before looking at its own state
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
-PUBLISH_BATCH = 512  # publishes per pipeline: everything queued meanwhile goes in one round trip
 RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
 RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this the sender waits (pacing) until half have gone
 RESTARTED_TEXT = "the room's numbering restarted (its counter was lost in the broker): new epoch"
@@ -86,10 +87,12 @@ class RedisBackend:
         self._subscribed: dict[str, Event] = {}
         self._confirming: dict[bytes, deque[Event]] = {}
         self._cursors = wire.Cursors()
-        # Publishes waiting for the publisher greenlet, which sends all that queued up as one pipeline.
-        self._publishes: deque[tuple[wire.ScriptCall, AsyncResult]] = deque()
-        self._publish_wake = Event()
-        self._publisher: gevent.Greenlet | None = None
+        # Room publishes: written to one connection as they come, replies read as they arrive.
+        # One server or the Sentinel-watched primary (a Cluster needs a stream per shard: not built yet).
+        pool = self._client.connection_pool  # type: ignore[union-attr]
+        self._stream = stream.CommandStream(pool.get_connection, pool.release, self._lost, lambda: self._healthy,
+                                            self._retry_publish)
+        self._epochs = wire.EpochProposals()
         # Relay frames on their way to Redis, in the order this process's clients sent them.
         self._relay_deliver: RelayFrames | None = None
         self._relay_queue: deque[bytes] = deque()
@@ -124,7 +127,7 @@ class RedisBackend:
     def attach(self, deliver: Deliver) -> None:
         self._deliver = deliver
         self._supervisor = gevent.spawn(self._supervise)
-        self._publisher = gevent.spawn(self._publish_forever)
+        self._stream.start()
         # Start serving with the broker's real state when it answers promptly; never wait long for it.
         self._settled.wait(3 * self._timeout)
 
@@ -136,16 +139,18 @@ class RedisBackend:
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
         if not self._healthy:
             raise BrokerUnavailable("the broker is unreachable")
-        call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history, origin)
-        result: AsyncResult = AsyncResult()
-        self._publishes.append((call, result))
-        if len(self._publishes) == 1:
-            self._publish_wake.set()
+        call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history, origin,
+                                 self._epochs.propose())
+        result = self._stream.submit(pack_command(
+            (b"EVALSHA", self._publish_script.sha, 2, *call.keys, *call.args)))
         try:
-            # The publisher always answers (its own calls time out); this bound only guards against a bug.
-            return int(result.get(timeout=4 * self._timeout))
+            # The stream always answers (its reads time out); this bound only guards against a bug.
+            reply = result.get(timeout=4 * self._timeout)
         except gevent.Timeout:
-            raise BrokerUnavailable("the broker did not answer in time (the message may still be delivered)") from None
+            raise BrokerUnavailable(stream.UNKNOWN) from None
+        if isinstance(reply, Exception):  # refused (out of memory, a read-only replica): it did not run
+            raise BrokerUnavailable(f"the broker refused the message ({reply})")
+        return int(reply[0])
 
     def join(
         self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None, epoch: str | None
@@ -195,9 +200,9 @@ class RedisBackend:
         self._closing.set()
         if self._supervisor is not None:
             self._supervisor.kill(timeout=self._timeout)
-        for greenlet in (self._relay_publisher, self._publisher):
-            if greenlet is not None:
-                greenlet.kill(timeout=self._timeout)
+        if self._relay_publisher is not None:
+            self._relay_publisher.kill(timeout=self._timeout)
+        self._stream.close(self._timeout)
         # Members of this process stop being listed now rather than PROC_TTL from now.
         self._call(lambda: self._client.delete(wire.proc_key(self._bus.incarnation)))
         self._healthy = False
@@ -234,53 +239,15 @@ class RedisBackend:
             if not waiting:
                 del self._confirming[message["channel"]]
 
-    # ---- room publishes: pipelined from one greenlet --------------------------------------------
+    # ---- room publishes: a stream of EVALSHAs on one connection (redis_stream) -----------------
 
-    def _publish_forever(self) -> None:
-        """Send every queued publish as one pipeline of EVALSHAs: many in flight per round trip (no
-        lock held across one), executed by Redis in queue order; each caller gets its own reply."""
-        queue = self._publishes
-        while True:
-            if not queue:
-                self._publish_wake.clear()
-                self._publish_wake.wait()
-                continue
-            batch = [queue.popleft() for _ in range(min(len(queue), PUBLISH_BATCH))]
-            if not self._healthy:
-                for _, result in batch:
-                    result.set_exception(BrokerUnavailable("the broker is unreachable"))
-                continue
-            try:
-                replies = self._evalsha_pipeline(batch)
-            except redis.TimeoutError as exc:
-                self._lost(exc)
-                failure = BrokerUnavailable("the broker did not answer in time (the message may still be delivered)")
-                for _, result in batch:
-                    result.set_exception(failure)
-                continue
-            except (redis.RedisError, OSError) as exc:
-                self._lost(exc)
-                for _, result in batch:
-                    result.set_exception(BrokerUnavailable("the broker is unreachable"))
-                continue
-            for (_, result), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, Exception):  # refused (out of memory, a read-only replica): it did not run
-                    result.set_exception(BrokerUnavailable(f"the broker refused the message ({reply})"))
-                else:
-                    result.set(reply[0])
-
-    def _evalsha_pipeline(self, batch: list[tuple[wire.ScriptCall, AsyncResult]]) -> list[Any]:
-        script = self._publish_script
-        for attempt in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            for call, _ in batch:
-                pipe.execute_command("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
-            replies = pipe.execute(raise_on_error=False)
-            if attempt or not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-                return replies  # type: ignore[no-any-return]
-            # Redis lost its script cache (a restart, SCRIPT FLUSH): nothing ran. Load it, send again.
-            self._client.script_load(wire.PUBLISH_SCRIPT)
-        raise AssertionError("unreachable")
+    def _retry_publish(self, error: Exception) -> bool:
+        """NOSCRIPT: Redis lost its script cache (a restart, SCRIPT FLUSH) and the call did not run.
+        Load the script; the stream sends the call again."""
+        if not isinstance(error, redis.exceptions.NoScriptError):
+            return False
+        self._client.script_load(wire.PUBLISH_SCRIPT)
+        return True
 
     # ---- the relay: one PUBLISH per message, sent from one greenlet -----------------------------
 
