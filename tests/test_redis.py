@@ -6,6 +6,7 @@ import os
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -236,6 +237,67 @@ def test_broker_loss_keeps_local_rooms_and_recovers(
         log_text = srv.log_text()
         assert log_text.count("broker lost") == 1, log_text
         assert log_text.count("broker back") == 1, log_text
+
+
+class Roster:
+    """A client's view of a room's members as the protocol lets it keep one: `joined`'s list, then
+    each `presence` join and leave (a multiset: two members may share a name)."""
+
+    def __init__(self, ws: websocket.WebSocket, joined: dict[str, Any]) -> None:
+        self.ws = ws
+        self.names = Counter(joined["members"])
+
+    def until(self, want: list[str], timeout: float = 10.0) -> None:
+        """Read frames (presence changes the view; other frames pass) until the view is `want`."""
+        self.ws.settimeout(timeout)
+        seen: list[tuple[str, str]] = []
+        while self.names != Counter(want):
+            try:
+                msg = recv_json(self.ws)
+            except websocket.WebSocketTimeoutException:
+                raise AssertionError(f"view {sorted(self.names.elements())}, want {want}, after {seen}") from None
+            if msg["type"] == "presence":
+                seen.append((msg["event"], msg["who"]))
+                self.names[msg["who"]] += 1 if msg["event"] == "join" else -1
+                assert self.names[msg["who"]] >= 0, f"a leave of someone not listed: {seen}"
+                self.names += Counter()  # drop zero counts
+        assert_nothing_pending(self.ws)  # and no presence event after it
+
+
+def test_presence_made_consistent_after_a_broker_outage(
+    make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess], client: Client
+) -> None:
+    """Joins and leaves on one process while Redis is away never reach the other as events; after
+    the reconnection each process re-reads the room's members and sends the differences as presence,
+    so every client's view (joined + presence) ends as the room's real members."""
+    broker = make_redis()
+    env = {"REDIS_URL": broker.url, "WSAPP_RATE_LIMIT": "0"}
+    a, b = make_server(**env), make_server(**env)
+    r = room()
+    alice, carol = client(a, "alice"), client(b, "carol")
+    views = {"alice": Roster(alice, join(alice, r))}
+    join(carol, r)
+    views["alice"].until(["alice", "carol"])
+    broker.stop()
+    for srv in (a, b):
+        wait_for(lambda srv=srv: health(srv)[0] == 503, what="healthz 503")
+    bob, dave = client(b, "bob"), client(a, "dave")
+    views["bob"] = Roster(bob, join(bob, r))
+    assert views["bob"].names == Counter(["alice", "carol", "bob"])  # what b knew, not only its own
+    views["dave"] = Roster(dave, join(dave, r))
+    send_json(carol, type="leave", room=r)
+    recv_type(carol, "left")
+    broker.start()
+    for srv in (a, b):
+        wait_for(lambda srv=srv: health(srv)[0] == 200, timeout=10, what="healthz 200")
+    everyone = ["alice", "bob", "dave"]
+    for view in views.values():
+        view.until(everyone)
+    # A newcomer on either process is told the same list.
+    for srv, name in ((a, "e1"), (b, "e2")):
+        newcomer = client(srv, name)
+        everyone.append(name)
+        assert Counter(join(newcomer, r)["members"]) == Counter(everyone)
 
 
 def test_hung_broker_costs_at_most_one_timeout(

@@ -129,3 +129,24 @@ def test_epoch_proposals_never_repeat_within_or_across_processes() -> None:
     assert len(set(proposed)) == len(proposed)
     call = wire.publish_call("p1.3", "lobby", b"h", b"t", 50, None, proposed[0])
     assert call.args[7] == proposed[0]
+
+
+def test_rosters_deliver_only_news_and_resync_to_the_broker_list() -> None:
+    rosters = wire.Rosters()
+    assert rosters.apply("r", "join", "m1", "ann")  # a room not followed: everything is delivered
+    rosters.start("r", {"m1": "ann", "m2": "bob"})
+    rosters.start("r", {"m9": "other"})  # already followed: the first list stays
+    assert not rosters.apply("r", "join", "m1", "ann")  # listed already (the join's own list had it)
+    assert rosters.apply("r", "join", "m3", "ann")  # same name, another member
+    assert rosters.apply("r", "leave", "m2", "bob")
+    assert not rosters.apply("r", "leave", "m2", "bob")  # twice: nothing new
+    assert sorted(rosters.names("r") or []) == ["ann", "ann"]
+    # The broker's list after a reconnection: m3 left and cid joined meanwhile; leaves come first.
+    assert rosters.resync("r", {"m1": "ann", "m4": "cid"}) == [("leave", "ann"), ("join", "cid")]
+    # The same period's events, arriving afterwards on the subscription, tell nothing twice.
+    assert not rosters.apply("r", "leave", "m3", "ann")
+    assert not rosters.apply("r", "join", "m4", "cid")
+    assert rosters.resync("unfollowed", {"m1": "ann"}) == []
+    rosters.forget("r")
+    assert rosters.names("r") is None and rosters.rooms() == []
+    assert wire.field_member(b"p1.3:m7") == (b"p1.3", "m7")

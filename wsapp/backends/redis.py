@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import gevent
+import orjson
 import redis
 from gevent.event import Event
 from gevent.lock import Semaphore
@@ -87,6 +88,11 @@ class RedisBackend:
         self._subscribed: dict[str, Event] = {}
         self._confirming: dict[bytes, deque[Event]] = {}
         self._cursors = wire.Cursors()
+        # Who each local room's members have been told is in it: presence made consistent after a reconnect.
+        self._rosters = wire.Rosters()
+        # Local members whose join script ran and whose own presence event has not come back yet:
+        # that event marks the join's place in the room's stream (JoinGate) and is always delivered.
+        self._marking: set[str] = set()
         # Room publishes: written to one connection as they come, replies read as they arrive.
         # One server or the Sentinel-watched primary (a Cluster needs a stream per shard: not built yet).
         pool = self._client.connection_pool  # type: ignore[union-attr]
@@ -159,20 +165,31 @@ class RedisBackend:
         if self._healthy:
             try:
                 self._subscribe(room)
+                if presence is not None:
+                    self._marking.add(member_id)
                 with self._members_locked():
                     call = wire.join_call(self._bus.incarnation, room, member_id, name, presence, since, epoch)
-                    seq, names, replay, gone, room_epoch = self._run(self._join_script, call)
+                    seq, names, replay, gone, room_epoch, fields = self._run(self._join_script, call)
                 room_epoch = room_epoch.decode()
                 self._cursors.start(room, room_epoch, int(seq))
+                listed = {wire.field_member(f)[1]: n.decode() for f, n in zip(fields, names, strict=True)}
+                self._rosters.start(room, listed)
                 return RoomView(int(seq), [n.decode() for n in names], list(replay), bool(gone), room_epoch)
             except (redis.RedisError, OSError) as exc:
+                self._marking.discard(member_id)
                 self._lost(exc)
         # Without the broker: what this process last saw, nothing replayed, and said so if anything is missed.
+        # The member list is what this process's members were told (its roster), joiner included.
         known_epoch, seq = self._cursors.position(room) or ("", 0)
         gone = since is not None and (since != seq or (epoch is not None and epoch != known_epoch))
-        return RoomView(seq, None, [], gone, known_epoch, delivered=False)
+        self._rosters.start(room, self._members[room])
+        self._rosters.apply(room, "join", member_id, name)
+        return RoomView(seq, self._rosters.names(room), [], gone, known_epoch, delivered=False)
 
     def leave(self, room: str, member_id: str, presence: bytes) -> bool:
+        self._marking.discard(member_id)
+        if not self._healthy:
+            self._rosters.apply(room, "leave", member_id, "")  # the hub tells local members itself
         local = self._members.get(room)
         if local is not None:
             local.pop(member_id, None)
@@ -226,6 +243,7 @@ class RedisBackend:
 
     def _unsubscribe(self, room: str) -> None:
         self._cursors.forget(room)
+        self._rosters.forget(room)
         if self._subscribed.pop(room, None) is not None and self._pubsub is not None and self._healthy:
             try:
                 self._pubsub.unsubscribe(wire.room_channel(room))
@@ -343,6 +361,7 @@ class RedisBackend:
                     self._healthy = True
                     self._register_again()
                 self._catch_up()
+                self._resync_presence()
                 for data in early:
                     self._on_message(data)
                 self._announce_up()
@@ -403,6 +422,12 @@ class RedisBackend:
             key = wire.room_key(room, "members")
             pipe.hset(key, mapping={wire.member_field(incarnation, m): n for m, n in members.items()})
             pipe.expire(key, wire.MEMBERS_TTL)
+            # Announce them again: a process that re-read the room's members before this registration
+            # learns of them here (processes that already list them deliver nothing: see Rosters).
+            channel = wire.room_channel(room)
+            for member_id, name in members.items():
+                pipe.publish(channel, wire.envelope(incarnation, room, 0, protocol.presence(room, "join", name),
+                                                    origin=member_id))
         pipe.execute()
 
     def _catch_up(self) -> None:
@@ -415,6 +440,31 @@ class RedisBackend:
                 self._notify(room, protocol.error(protocol.HISTORY_GONE, GAP_TEXT, room=room, epoch=epoch))
             for payload in missed:
                 self._on_room_event(room, wire.message_seq(payload), epoch, None, payload)
+
+    def _resync_presence(self) -> None:
+        """After a reconnection: re-read each local room's live members and deliver the differences
+        from what local members were told as presence events (joins and leaves missed while the
+        subscription was down, members of processes that died meanwhile)."""
+        rooms = self._rosters.rooms()
+        if not rooms:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for room in rooms:
+            pipe.hgetall(wire.room_key(room, "members"))
+        hashes: list[dict[bytes, bytes]] = pipe.execute()
+        owners = sorted({wire.field_member(field)[0] for fields in hashes for field in fields})
+        pipe = self._client.pipeline(transaction=False)
+        for owner in owners:
+            pipe.exists(wire.proc_key(owner.decode()))
+        alive = {owner for owner, exists in zip(owners, pipe.execute(), strict=True) if exists}
+        for room, fields in zip(rooms, hashes, strict=True):
+            members = {}
+            for field, name in fields.items():
+                owner, member_id = wire.field_member(field)
+                if owner in alive:
+                    members[member_id] = name.decode()
+            for event, who in self._rosters.resync(room, members):
+                self._notify(room, protocol.presence(room, event, who))
 
     def _announce_up(self) -> None:
         if not self._up:
@@ -466,6 +516,17 @@ class RedisBackend:
             if not own:
                 self._on_relay(message.payload)
             return
+        if not message.seq and message.origin is not None and message.room in self._members:
+            try:
+                event = orjson.loads(message.payload)
+                news = self._rosters.apply(message.room, event["event"], message.origin, event["who"])
+            except (ValueError, KeyError, TypeError):
+                news = True  # not a presence event this version knows: deliver it as before
+            if own and message.origin in self._marking:
+                self._marking.discard(message.origin)
+                news = True
+            if not news:
+                return
         self._on_room_event(message.room, message.seq, message.epoch, message.origin if own else None, message.payload)
 
     def _on_room_event(self, room: str, seq: int, epoch: str, origin: str | None, payload: bytes) -> None:

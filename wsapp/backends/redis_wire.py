@@ -77,13 +77,13 @@ return {seq, epoch}
 
 # KEYS: ctr, log, members. ARGV: field, name, since (-1 = none), presence envelope ('' = none),
 # channel, process key prefix, members ttl, new epoch, the client's epoch ('' = none).
-# Returns {seq, live member names, replay, history gone, epoch}.
+# Returns {seq, live member names, replay, history gone, epoch, their fields (in the names' order)}.
 JOIN_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8") + """
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[7])
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[4]) end
 local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local names, alive = {}, {[string.match(ARGV[1], '^([^:]*):')] = true}  -- the caller is alive
+local names, fields, alive = {}, {}, {[string.match(ARGV[1], '^([^:]*):')] = true}  -- the caller is alive
 local all = redis.call('HGETALL', KEYS[3])
 for i = 1, #all, 2 do
   local owner = string.match(all[i], '^([^:]*):')
@@ -92,7 +92,12 @@ for i = 1, #all, 2 do
     live = redis.call('EXISTS', ARGV[6] .. owner) == 1
     alive[owner] = live
   end
-  if live then names[#names + 1] = all[i + 1] else redis.call('HDEL', KEYS[3], all[i]) end
+  if live then
+    names[#names + 1] = all[i + 1]
+    fields[#fields + 1] = all[i]
+  else
+    redis.call('HDEL', KEYS[3], all[i])
+  end
 end
 local replay, gone = {}, 0
 local since = tonumber(ARGV[3])
@@ -113,7 +118,7 @@ if since >= 0 then
     end
   end
 end
-return {current, names, replay, gone, epoch}
+return {current, names, replay, gone, epoch, fields}
 """
 
 # KEYS: ctr, log. ARGV: after (the last seq delivered). Returns {epoch or false, seq, entries after}.
@@ -157,6 +162,12 @@ def proc_key(incarnation: str) -> str:
 def member_field(incarnation: str, member_id: str) -> str:
     """A member's field in its room's members hash; the join script reads the owner before the `:`."""
     return f"{incarnation}:{member_id}"
+
+
+def field_member(field: bytes) -> tuple[bytes, str]:
+    """(incarnation, member id) of a members-hash field."""
+    incarnation, _, member_id = field.partition(b":")
+    return incarnation, member_id.decode()
 
 
 def new_epoch() -> str:
@@ -358,3 +369,60 @@ def message_seq(payload: bytes) -> int:
     while payload[end:end + 1].isdigit():
         end += 1
     return int(payload[start:end])
+
+
+# ---- presence after a reconnection ---------------------------------------------------------------
+
+
+class Rosters:
+    """Per room with local members: who this process's members have been told is in it (member id ->
+    name), from the join's member list and the presence events delivered since.
+
+    Presence events change it idempotently (a join of someone listed, or a leave of someone not
+    listed, changes nothing and is not delivered), so after a reconnection the process can re-read
+    the room's members, deliver the differences as presence events (`resync`), and then let the
+    events of the same period that arrive on the subscription pass without telling anyone twice.
+    Member ids are random per connection, unique across processes."""
+
+    __slots__ = ("_rooms",)
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, dict[str, str]] = {}
+
+    def start(self, room: str, members: dict[str, str]) -> None:
+        """The room's first local join: its member list (unless the room is already followed)."""
+        self._rooms.setdefault(room, dict(members))
+
+    def names(self, room: str) -> list[str] | None:
+        roster = self._rooms.get(room)
+        return None if roster is None else list(roster.values())
+
+    def apply(self, room: str, event: str, member_id: str, name: str) -> bool:
+        """One presence event; True when it tells something new (deliver it), always for rooms not
+        followed."""
+        roster = self._rooms.get(room)
+        if roster is None:
+            return True
+        if event == "join":
+            if roster.get(member_id) == name:
+                return False
+            roster[member_id] = name
+            return True
+        return roster.pop(member_id, None) is not None
+
+    def resync(self, room: str, members: dict[str, str]) -> list[tuple[str, str]]:
+        """Replace the room's list with `members` (read from the broker); the (event, name) presence
+        events that take a member list from the old to the new one, leaves first."""
+        roster = self._rooms.get(room)
+        if roster is None:
+            return []
+        self._rooms[room] = dict(members)
+        left = [("leave", name) for member_id, name in roster.items() if members.get(member_id) != name]
+        joined = [("join", name) for member_id, name in members.items() if roster.get(member_id) != name]
+        return left + joined
+
+    def rooms(self) -> list[str]:
+        return list(self._rooms)
+
+    def forget(self, room: str) -> None:
+        self._rooms.pop(room, None)
