@@ -34,6 +34,8 @@ const DEFAULTS = {
   client: 'raw', // raw | ws (see above)
   mode: 'relay', // relay: raw text frames on `/`; rooms: wsapp's JSON protocol on `/ws`
   room: 'bench',
+  rooms: 1, // rooms mode: clients i*clients/rooms .. (i+1)*clients/rooms-1 share room `<room>-<i>` (1: all in `room`)
+  urls: null, // several servers (processes sharing Redis): client i connects to one of them, spread at random
   clients: 100,
   senders: 1, // the first `senders` clients send; every client (senders too) receives the others'
   pattern: 'closed', // closed: window of outstanding messages per sender; open: fixed rate; idle: none
@@ -50,7 +52,17 @@ const DEFAULTS = {
 
 const spec = { ...DEFAULTS, ...JSON.parse(process.argv[2] || '{}') };
 const N = spec.clients;
-const receiversPerMessage = N - 1;
+if (spec.mode === 'rooms' && N % spec.rooms !== 0) throw new Error('clients must be a multiple of rooms');
+const roomSize = spec.mode === 'rooms' ? N / spec.rooms : N;
+const receiversPerMessage = roomSize - 1;
+const roomOf = (index) => (spec.rooms > 1 ? `${spec.room}-${Math.floor(index / roomSize)}` : spec.room);
+// Client i's server: a fixed pseudo-random spread (like a load balancer's), so members of one room land
+// on the same process 1/len(urls) of the time.
+const urlOf = (index) => {
+  const urls = spec.urls || [spec.url];
+  const mixed = Math.imul(index + 1, 2654435761) >>> 0;
+  return urls[(mixed >>> 8) % urls.length];
+};
 
 const nowUs = () => Math.round(performance.now() * 1000);
 const emit = (obj) => process.stdout.write(`${JSON.stringify(obj)}\n`);
@@ -90,6 +102,7 @@ class Sender {
     this.sent = 0;
     this.completed = 0;
     this.received = new Uint32Array(1024);
+    this.room = roomOf(client.index);
   }
 
   countDelivery(seq) {
@@ -113,14 +126,14 @@ class Sender {
       bigger.set(this.received);
       this.received = bigger;
     }
-    this.client.send(encode(this.index, seq, nowUs()));
+    this.client.send(encode(this.index, seq, nowUs(), this.room));
   }
 }
 
 let padding = '';
-function encode(sender, seq, t) {
+function encode(sender, seq, t, room) {
   if (spec.mode === 'rooms') {
-    return JSON.stringify({ type: 'publish', room: spec.room, data: { s: sender, n: seq, t, p: padding } });
+    return JSON.stringify({ type: 'publish', room, data: { s: sender, n: seq, t, p: padding } });
   }
   const head = `${sender} ${seq} ${t} `;
   return head.length >= spec.payloadBytes ? head : head + 'x'.repeat(spec.payloadBytes - head.length);
@@ -224,11 +237,11 @@ function onRoomsMessage(client, buf, start, end) {
     case 'welcome':
       // Idle connections stay out of rooms: 10,000 joins of one room would flood 50 million presence frames.
       if (spec.pattern === 'idle') client.onReady();
-      else client.send(JSON.stringify({ type: 'join', room: spec.room }));
+      else client.send(JSON.stringify({ type: 'join', room: roomOf(client.index) }));
       break;
     case 'joined':
       // Members already there when we joined; every later joiner will announce itself to us.
-      presenceExpected += N - (Array.isArray(msg.members) ? msg.members.length : 1);
+      presenceExpected += roomSize - (Array.isArray(msg.members) ? msg.members.length : 1);
       client.onReady();
       break;
     case 'error':
@@ -430,7 +443,7 @@ function openClient(index) {
       client.onDrop = null;
       resolve(client);
     };
-    const url = spec.mode === 'rooms' ? `${spec.url}?name=b${index}` : spec.url;
+    const url = spec.mode === 'rooms' ? `${urlOf(index)}?name=b${index}` : urlOf(index);
     client.connect(url, () => {
       if (spec.mode === 'relay') client.onReady();
     }, fail);

@@ -55,6 +55,44 @@ RESTARTED_TEXT = "the room's numbering restarted (its counter was lost in the br
 GAP_TEXT = "some messages were missed while the broker was away and are no longer kept"
 
 
+class SharedLock:
+    """Many holders at once (`shared`: joins, leaves) or one alone (`exclusive`: re-registration, the
+    heartbeat). A waiting exclusive holder stops new shared ones, so a stream of joins cannot starve
+    the heartbeat; every wait is bounded (redis.TimeoutError: treated as a stuck broker)."""
+
+    def __init__(self) -> None:
+        self._gate = Semaphore()  # held by an exclusive holder for its whole turn
+        self._shared = 0
+        self._idle = Event()  # no shared holder
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def shared(self, timeout: float) -> Iterator[None]:
+        if not self._gate.acquire(timeout=timeout):
+            raise redis.TimeoutError("another Redis call is stuck")
+        self._gate.release()
+        self._shared += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._shared -= 1
+            if not self._shared:
+                self._idle.set()
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float) -> Iterator[None]:
+        deadline = time.monotonic() + timeout
+        if not self._gate.acquire(timeout=timeout):
+            raise redis.TimeoutError("another Redis call is stuck")
+        try:
+            if not self._idle.wait(max(0.0, deadline - time.monotonic())):
+                raise redis.TimeoutError("another Redis call is stuck")
+            yield
+        finally:
+            self._gate.release()
+
+
 class RedisBackend:
     """Rooms shared through one Redis: numbers, epochs, history, members and every room's delivery."""
 
@@ -73,8 +111,9 @@ class RedisBackend:
         self._join_script = self._client.register_script(wire.JOIN_SCRIPT)
         self._catch_up_script = self._client.register_script(wire.CATCH_UP_SCRIPT)
         self._bus = wire.BusIdentity()
-        # Joins, leaves, heartbeats and re-registration: members in Redis are exactly the local ones.
-        self._members_lock = Semaphore()
+        # Joins and leaves (shared) against heartbeats and re-registration (exclusive): members in Redis
+        # are exactly the local ones, and joins of many members run at once.
+        self._members_lock = SharedLock()
         self._healthy = False
         self._up = False  # what the log last said
         self._down_since = time.monotonic()
@@ -167,7 +206,7 @@ class RedisBackend:
                 self._subscribe(room)
                 if presence is not None:
                     self._marking.add(member_id)
-                with self._members_locked():
+                with self._members_lock.shared(self._timeout):
                     call = wire.join_call(self._bus.incarnation, room, member_id, name, presence, since, epoch)
                     seq, names, replay, gone, room_epoch, fields = self._run(self._join_script, call)
                 room_epoch = room_epoch.decode()
@@ -199,7 +238,7 @@ class RedisBackend:
         if not self._healthy:
             return False
         try:
-            with self._members_locked():
+            with self._members_lock.shared(self._timeout):
                 incarnation = self._bus.incarnation
                 pipe = self._client.pipeline(transaction=False)
                 pipe.hdel(wire.room_key(room, "members"), wire.member_field(incarnation, member_id))
@@ -316,19 +355,6 @@ class RedisBackend:
     def _run(script: Script, call: wire.ScriptCall, client: Any = None) -> Any:
         return script(keys=call.keys, args=call.args, client=client)
 
-    @contextlib.contextmanager
-    def _members_locked(self) -> Iterator[None]:
-        if self._members_lock.linkcount():
-            # Others are waiting: let them go first (gevent's Semaphore is not fair, and a burst of
-            # joins could otherwise starve the heartbeat past its timeout).
-            gevent.sleep(0)
-        if not self._members_lock.acquire(timeout=self._timeout):
-            raise redis.TimeoutError("another Redis call is stuck")
-        try:
-            yield
-        finally:
-            self._members_lock.release()
-
     def _call(self, fn: Callable[[], T]) -> T | None:
         """`fn()` against Redis, or None at once while the broker is down (or when this call finds it down)."""
         if not self._healthy:
@@ -355,7 +381,7 @@ class RedisBackend:
             pubsub = self._client.pubsub()
             try:
                 early = self._subscribe_all(pubsub)
-                with self._members_locked():
+                with self._members_lock.exclusive(self._timeout):
                     # From here joins and leaves wait for this lock instead of skipping Redis, so the
                     # members registered below are exactly this process's members.
                     self._healthy = True
@@ -491,7 +517,7 @@ class RedisBackend:
                 next_beat = time.monotonic() + HEARTBEAT_SECONDS
 
     def _heartbeat(self) -> None:
-        with self._members_locked():
+        with self._members_lock.exclusive(self._timeout):
             pipe = self._client.pipeline(transaction=False)
             pipe.set(wire.proc_key(self._bus.incarnation), 1, ex=wire.PROC_TTL, get=True)
             for room in self._members:
