@@ -136,7 +136,7 @@ class RedisBackend:
         # One server or the Sentinel-watched primary (a Cluster needs a stream per shard: not built yet).
         pool = self._client.connection_pool  # type: ignore[union-attr]
         self._stream = stream.CommandStream(pool.get_connection, pool.release, self._lost, lambda: self._healthy,
-                                            self._retry_publish)
+                                            self._retry_script)
         self._epochs = wire.EpochProposals()
         # Relay frames on their way to Redis, in the order this process's clients sent them.
         self._relay_deliver: RelayFrames | None = None
@@ -186,16 +186,24 @@ class RedisBackend:
             raise BrokerUnavailable("the broker is unreachable")
         call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history, origin,
                                  self._epochs.propose())
-        result = self._stream.submit(pack_command(
-            (b"EVALSHA", self._publish_script.sha, 2, *call.keys, *call.args)))
-        try:
-            # The stream always answers (its reads time out); this bound only guards against a bug.
-            reply = result.get(timeout=4 * self._timeout)
-        except gevent.Timeout:
-            raise BrokerUnavailable(stream.UNKNOWN) from None
+        reply = self._stream_call(self._script_command(self._publish_script, call))
         if isinstance(reply, Exception):  # refused (out of memory, a read-only replica): it did not run
             raise BrokerUnavailable(f"the broker refused the message ({reply})")
         return int(reply[0])
+
+    @staticmethod
+    def _script_command(script: Script, call: wire.ScriptCall) -> bytes:
+        return pack_command((b"EVALSHA", script.sha, len(call.keys), *call.keys, *call.args))
+
+    def _stream_call(self, *commands: bytes) -> Any:
+        """Send commands on the stream (publishes, joins, leaves: many in flight on one connection,
+        however many callers); the last one's reply (an error reply as an exception value)."""
+        results = [self._stream.submit(command) for command in commands]
+        try:
+            # The stream always answers (its reads time out); this bound only guards against a bug.
+            return [result.get(timeout=4 * self._timeout) for result in results][-1]
+        except gevent.Timeout:
+            raise BrokerUnavailable(stream.UNKNOWN) from None
 
     def join(
         self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None, epoch: str | None
@@ -208,13 +216,16 @@ class RedisBackend:
                     self._marking.add(member_id)
                 with self._members_lock.shared(self._timeout):
                     call = wire.join_call(self._bus.incarnation, room, member_id, name, presence, since, epoch)
-                    seq, names, replay, gone, room_epoch, fields = self._run(self._join_script, call)
+                    reply = self._stream_call(self._script_command(self._join_script, call))
+                if isinstance(reply, Exception):
+                    raise reply
+                seq, names, replay, gone, room_epoch, fields = reply
                 room_epoch = room_epoch.decode()
                 self._cursors.start(room, room_epoch, int(seq))
                 listed = {wire.field_member(f)[1]: n.decode() for f, n in zip(fields, names, strict=True)}
                 self._rosters.start(room, listed)
                 return RoomView(int(seq), [n.decode() for n in names], list(replay), bool(gone), room_epoch)
-            except (redis.RedisError, OSError) as exc:
+            except (redis.RedisError, OSError, BrokerUnavailable) as exc:
                 self._marking.discard(member_id)
                 self._lost(exc)
         # Without the broker: what this process last saw, nothing replayed, and said so if anything is missed.
@@ -240,12 +251,14 @@ class RedisBackend:
         try:
             with self._members_lock.shared(self._timeout):
                 incarnation = self._bus.incarnation
-                pipe = self._client.pipeline(transaction=False)
-                pipe.hdel(wire.room_key(room, "members"), wire.member_field(incarnation, member_id))
-                pipe.publish(wire.room_channel(room), wire.envelope(incarnation, room, 0, presence, origin=member_id))
-                pipe.execute()
+                reply = self._stream_call(
+                    pack_command((b"HDEL", wire.room_key(room, "members"), wire.member_field(incarnation, member_id))),
+                    pack_command((b"PUBLISH", wire.room_channel(room),
+                                  wire.envelope(incarnation, room, 0, presence, origin=member_id))))
+            if isinstance(reply, Exception):
+                raise reply
             return True
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, BrokerUnavailable) as exc:
             self._lost(exc)
             return False
 
@@ -298,12 +311,13 @@ class RedisBackend:
 
     # ---- room publishes: a stream of EVALSHAs on one connection (redis_stream) -----------------
 
-    def _retry_publish(self, error: Exception) -> bool:
+    def _retry_script(self, error: Exception) -> bool:
         """NOSCRIPT: Redis lost its script cache (a restart, SCRIPT FLUSH) and the call did not run.
-        Load the script; the stream sends the call again."""
+        Load the scripts; the stream sends the call again."""
         if not isinstance(error, redis.exceptions.NoScriptError):
             return False
-        self._client.script_load(wire.PUBLISH_SCRIPT)
+        for script in (wire.PUBLISH_SCRIPT, wire.JOIN_SCRIPT):
+            self._client.script_load(script)
         return True
 
     # ---- the relay: one PUBLISH per message, sent from one greenlet -----------------------------
@@ -381,6 +395,7 @@ class RedisBackend:
             pubsub = self._client.pubsub()
             try:
                 early = self._subscribe_all(pubsub)
+                self._stream.reset()
                 with self._members_lock.exclusive(self._timeout):
                     # From here joins and leaves wait for this lock instead of skipping Redis, so the
                     # members registered below are exactly this process's members.

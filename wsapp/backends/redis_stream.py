@@ -90,6 +90,11 @@ class CommandStream:
                 greenlet.kill(timeout=timeout)
         self._drop_connection(BrokerUnavailable(UNREACHABLE))
 
+    def reset(self) -> None:
+        """Take a new connection for the next command (the broker was away: the one held may be dead
+        without knowing it); what is still in flight on the old one fails."""
+        self._drop_connection(BrokerUnavailable(UNREACHABLE))
+
     def submit(self, command: bytes) -> AsyncResult:
         """Queue one packed command (`pack_command`); the result is its reply (an error reply as an
         exception value), or `BrokerUnavailable` raised."""
