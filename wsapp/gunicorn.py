@@ -27,7 +27,7 @@ from gunicorn.http.wsgi import base_environ
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import VERSION, GeventPyWSGIWorker
 
-from wsapp.cli import drain_services, load_app, setup_logging
+from wsapp.cli import drain_services, load_app, setup_logging, tune_gc
 from wsapp.config import Settings
 from wsapp.exceptions import ConfigError
 from wsapp.services import EXTENSION_KEY, Services, services_of
@@ -128,6 +128,7 @@ class Worker(GeventPyWSGIWorker):
         settings = services.settings
         if not logging.getLogger().handlers:  # run by the gunicorn command, not by wsapp.cli
             setup_logging(settings, self.cfg.workers)
+        tune_gc(settings)
         if self.cfg.workers > 1 and not settings.redis_url:
             log.warning("%d workers without REDIS_URL: each keeps its own rooms and relay clients, so users "
                         "split between workers; set REDIS_URL to share them", self.cfg.workers)
