@@ -150,3 +150,14 @@ def test_rosters_deliver_only_news_and_resync_to_the_broker_list() -> None:
     rosters.forget("r")
     assert rosters.names("r") is None and rosters.rooms() == []
     assert wire.field_member(b"p1.3:m7") == (b"p1.3", "m7")
+
+
+def test_publish_commands_pack_what_publish_call_would() -> None:
+    from wsapp.backends.redis_stream import pack_command
+
+    commands = wire.PublishCommands("ab" * 20, 50)
+    head, tail = message_parts("lobby", "server", 7, {"a": "é"})
+    for incarnation, origin in (("p1.3", "m7"), ("p1.3", None), ("p1.4", "m7")):  # a new incarnation, too
+        call = wire.publish_call(incarnation, "lobby", head, tail, 50, origin, "e1")
+        expected = pack_command((b"EVALSHA", "ab" * 20, 2, *call.keys, *call.args))
+        assert commands.command(incarnation, "lobby", head, tail, origin, "e1") == expected

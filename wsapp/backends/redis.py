@@ -138,6 +138,7 @@ class RedisBackend:
         self._stream = stream.CommandStream(pool.get_connection, pool.release, self._lost, lambda: self._healthy,
                                             self._retry_script)
         self._epochs = wire.EpochProposals()
+        self._publish_commands = wire.PublishCommands(self._publish_script.sha, self._history)
         # Relay frames on their way to Redis, in the order this process's clients sent them.
         self._relay_deliver: RelayFrames | None = None
         self._relay_queue: deque[bytes] = deque()
@@ -184,9 +185,9 @@ class RedisBackend:
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
         if not self._healthy:
             raise BrokerUnavailable("the broker is unreachable")
-        call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history, origin,
-                                 self._epochs.propose())
-        reply = self._stream_call(self._script_command(self._publish_script, call))
+        command = self._publish_commands.command(self._bus.incarnation, room, head, tail, origin,
+                                                  self._epochs.propose())
+        reply = self._stream_call(command)
         if isinstance(reply, Exception):  # refused (out of memory, a read-only replica): it did not run
             raise BrokerUnavailable(f"the broker refused the message ({reply})")
         return int(reply[0])

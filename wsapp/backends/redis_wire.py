@@ -220,6 +220,40 @@ def publish_call(
     )
 
 
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+class PublishCommands:
+    """`EVALSHA` of PUBLISH_SCRIPT for one message, packed as RESP: the same bytes as packing
+    `publish_call`'s keys and args, with what does not change per message (the script, the history
+    length, a room's keys and channel) packed once. A publish's hottest path (docs/SCALING.md)."""
+
+    __slots__ = ("_head", "_history", "_rooms", "_ttl")
+    ROOMS_KEPT = 10000  # rooms whose packed names are kept (forgotten all at once past it)
+
+    def __init__(self, sha: str, history: int) -> None:
+        self._head = b"*13\r\n" + _bulk(b"EVALSHA") + _bulk(sha.encode()) + _bulk(b"2")
+        self._history = _bulk(b"%d" % history)
+        self._ttl = _bulk(b"%d" % ROOM_TTL)
+        self._rooms: dict[str, tuple[str, bytes, bytes, bytes]] = {}
+
+    def command(self, incarnation: str, room: str, head: bytes, tail: bytes, origin: str | None, epoch: str) -> bytes:
+        packed = self._rooms.get(room)
+        if packed is None or packed[0] != incarnation:
+            if len(self._rooms) >= self.ROOMS_KEPT:
+                self._rooms.clear()
+            packed = self._rooms[room] = (
+                incarnation,
+                self._head + _bulk(room_key(room, "ctr").encode()) + _bulk(room_key(room, "log").encode()),
+                _bulk(f"{incarnation} {room} ".encode()) + _bulk(room_channel(room).encode()) + self._ttl,
+                self._history,
+            )
+        _, keys, middle, history = packed
+        return b"".join((keys, _bulk(head), _bulk(tail), history, middle,
+                         _bulk((origin or NO_ORIGIN).encode()), _bulk(epoch.encode())))
+
+
 def join_call(
     incarnation: str,
     room: str,
