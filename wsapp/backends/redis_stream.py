@@ -89,6 +89,9 @@ class CommandStream:
             if greenlet is not None:
                 greenlet.kill(timeout=timeout)
         self._drop_connection(BrokerUnavailable(UNREACHABLE))
+        failure = BrokerUnavailable(UNREACHABLE)
+        while self._queue:  # nobody will send these now
+            self._queue.popleft()[1].set_exception(failure)
 
     def reset(self) -> None:
         """Take a new connection for the next command (the broker was away: the one held may be dead
