@@ -180,16 +180,20 @@ def _make_certificates(directory: Path) -> tuple[Path, Path, Path]:
 
 class RedisClusterProcs:
     """Three masters, no replicas, created with `redis-cli --cluster create`. `stop_node(i)` /
-    `kill_node(i)` take one shard away (its slots fail), `start_node(i)` brings it back with its slots."""
+    `kill_node(i)` take one shard away (its slots fail), `start_node(i)` brings it back with its slots
+    (and no data: nothing is persisted). `full_coverage=False` is `cluster-require-full-coverage no`: the
+    other shards keep serving their slots while one is down (with the default, every node refuses)."""
 
-    def __init__(self, directory: Path, masters: int = 3, node_timeout_ms: int = 1000) -> None:
+    def __init__(self, directory: Path, masters: int = 3, node_timeout_ms: int = 1000,
+                 full_coverage: bool = True) -> None:
         self.nodes: list[RedisProc] = []
         try:
             for _ in range(masters):
                 port = free_port(with_bus=True)
                 args = plain_args(port, "--cluster-enabled", "yes", "--cluster-config-file",
                                   str(directory / f"nodes-{port}.conf"), "--cluster-node-timeout", str(node_timeout_ms),
-                                  "--dir", str(directory))
+                                  "--dir", str(directory), "--cluster-require-full-coverage",
+                                  "yes" if full_coverage else "no")
                 self.nodes.append(RedisProc(args, port))
             subprocess.run(
                 [_binary("redis-cli", "redis-tools"), "--cluster", "create",
@@ -363,12 +367,12 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 
 
 @pytest.fixture
-def make_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], RedisClusterProcs]]:
-    """Private clusters a test may break; all stopped after it."""
+def make_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RedisClusterProcs]]:
+    """Private clusters a test may break (keyword arguments as RedisClusterProcs'); all stopped after it."""
     started: list[RedisClusterProcs] = []
 
-    def start() -> RedisClusterProcs:
-        cluster = RedisClusterProcs(tmp_path_factory.mktemp("cluster"))
+    def start(**options: Any) -> RedisClusterProcs:
+        cluster = RedisClusterProcs(tmp_path_factory.mktemp("cluster"), **options)
         started.append(cluster)
         return cluster
 
