@@ -13,6 +13,7 @@ import websocket
 from tests.clients import TEXT, connect, get_json, recv_json, recv_type, send_json, wait_for
 from tests.harness import ServerProcess
 from tests.redis_topologies import RedisClusterProcs
+from wsapp.emitter import Emitter
 
 pytestmark = pytest.mark.redis
 
@@ -103,7 +104,8 @@ def test_rooms_on_every_shard_share_presence_numbering_and_history_across_proces
         late = client(a, "late")
         joined = join(late, name, since=0, epoch=joined["epoch"])
         assert joined["seq"] == 2 and sorted(joined["members"]) == ["alice", "bob", "late"]
-        assert [(m["seq"], m["data"]) for m in (recv_type(late, "message") for _ in range(2))] == [(1, "one"), (2, "two")]
+        replayed = [recv_type(late, "message") for _ in range(2)]
+        assert [(m["seq"], m["data"]) for m in replayed] == [(1, "one"), (2, "two")]
         assert recv_type(alice, "presence")["who"] == "late"
         bob.close()
         assert recv_type(alice, "presence") == {"type": "presence", "room": name, "event": "leave", "who": "bob"}
@@ -181,3 +183,16 @@ def test_a_shard_lost_and_back_fails_only_its_rooms_which_then_recover_with_a_ne
     # Members were registered again on the restarted shard: a joiner sees everyone.
     assert sorted(join(client(b, "late"), doomed)["members"]) == ["a1", "b1", "late"]
     assert publish(a1, kept, "still", "k9")["seq"] == 5
+
+
+def test_emitter_publishes_into_a_room_on_a_cluster(
+    pair: tuple[ServerProcess, ServerProcess], redis_cluster: RedisClusterProcs, client: Client
+) -> None:
+    _, b = pair
+    (name,) = rooms_on(redis_cluster, redis_cluster.nodes[0].port)
+    member = client(b, "member")
+    join(member, name)
+    with Emitter(f"redis://127.0.0.1:{redis_cluster.nodes[1].port}", history=5) as emitter:  # any node will do
+        assert emitter.publish(name, {"n": 1}, sender="cron") == 1
+    got = recv_type(member, "message")
+    assert (got["seq"], got["data"], got["from"]) == (1, {"n": 1}, "cron")

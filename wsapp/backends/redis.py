@@ -63,6 +63,13 @@ SUBSCRIBED = frozenset({"subscribe", "ssubscribe"})
 MESSAGES = frozenset({"message", "smessage"})
 
 
+def _cluster_settling(exc: BaseException) -> bool:
+    """A Cluster refusing for a while (a shard just back, a failover, slots moving), not a real refusal."""
+    return isinstance(exc, redis.exceptions.ClusterDownError) or any(
+        word in str(exc) for word in ("CLUSTERDOWN", "cluster is down", "TRYAGAIN", "MOVED", "ASK ")
+    )
+
+
 class RedisBackend:
     """Rooms shared through Redis (one server, a Sentinel primary, or a Cluster's shards): numbers,
     epochs, history, members and every room's delivery."""
@@ -624,7 +631,8 @@ class Shard:
             except Exception as exc:  # whatever breaks, the supervisor must carry on
                 if not isinstance(exc, (redis.RedisError, OSError)):
                     log.exception("broker supervisor failed")
-                elif isinstance(exc, redis.ResponseError):  # not an outage: say what Redis refused, every time
+                elif isinstance(exc, redis.ResponseError) and not _cluster_settling(exc):
+                    # not an outage: say what Redis refused, every time
                     log.error("broker: redis %s refused a command (%s); retrying", self.where, exc)
                 elif not self._up and not self.settled.is_set():
                     log.warning(
