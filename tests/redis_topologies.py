@@ -231,6 +231,28 @@ class RedisClusterProcs:
         self.nodes[index].start()
         self.wait_ok()
 
+    def move_slot(self, slot: int, source: int, target: int) -> None:
+        """Reshard one slot, keys included, from node `source` to node `target` (what `redis-cli
+        --cluster reshard` does for each slot), and wait until every node agrees."""
+        src, dst = self.nodes[source].client(), self.nodes[target].client()
+        src_id, dst_id = (c.execute_command("CLUSTER", "MYID").decode() for c in (src, dst))
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", LOOPBACK, self.nodes[target].port, "", 0, 5000, "KEYS", *keys)
+        for client in (dst, src, *(n.client() for i, n in enumerate(self.nodes) if i not in (source, target))):
+            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        poll(lambda: all(n.client().execute_command("CLUSTER", "KEYSLOT", "x") is not None
+                         and self._owner_port(n, slot) == self.nodes[target].port for n in self.nodes),
+             10, f"slot {slot} on node {target} everywhere")
+
+    @staticmethod
+    def _owner_port(node: RedisProc, slot: int) -> int | None:
+        for start, end, (_, port, *_rest), *_ in node.client().execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(port)
+        return None
+
     def port_of_key(self, key: str) -> int:
         slot = int(self.nodes[0].client().execute_command("CLUSTER", "KEYSLOT", key))
         for start, end, (_, port, *_rest), *_ in self.nodes[0].client().execute_command("CLUSTER", "SLOTS"):

@@ -196,3 +196,34 @@ def test_emitter_publishes_into_a_room_on_a_cluster(
         assert emitter.publish(name, {"n": 1}, sender="cron") == 1
     got = recv_type(member, "message")
     assert (got["seq"], got["data"], got["from"]) == (1, {"n": 1}, "cron")
+
+
+def test_a_room_whose_slot_moves_to_another_shard_follows_it_keeping_its_numbering(
+    make_redis_cluster: Callable[..., RedisClusterProcs], make_server: Callable[..., ServerProcess], client: Client
+) -> None:
+    cluster = make_redis_cluster()
+    env = {"REDIS_URL": cluster.url, "WSAPP_REDIS_CLUSTER": "1", "WSAPP_RATE_LIMIT": "0"}
+    a, b = make_server(**env), make_server(**env)
+    (name,) = rooms_on(cluster, cluster.nodes[1].port)
+    channel = f"wsapp:room:{{{name}}}"
+    alice, bob = client(a, "alice"), client(b, "bob")
+    join(alice, name)
+    epoch = join(bob, name)["epoch"]
+    recv_type(alice, "presence")
+    assert publish(alice, name, "before", "m1")["seq"] == 1
+    assert recv_type(bob, "message")["data"] == "before"
+
+    slot = int(cluster.nodes[0].client().execute_command("CLUSTER", "KEYSLOT", channel))
+    cluster.move_slot(slot, source=1, target=0)  # its keys go with it: same counter, same epoch
+
+    def acked() -> dict[str, Any] | None:
+        answer = publish(alice, name, "after", "m2")  # `unavailable` while the room moves
+        return answer if answer["type"] == "ack" else None
+
+    assert wait_for(acked, timeout=10, what="a publish acked after the move")["seq"] == 2
+    got = recv_json(bob)  # next, with no history_gone before it: the room kept its life
+    assert (got["type"], got["seq"], got["data"]) == ("message", 2, "after")
+    wait_for(lambda: cluster.nodes[0].client().execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] == 2,
+             what="both processes subscribed on the new shard")
+    assert join(client(b, "late"), name, since=0, epoch=epoch)["seq"] == 2
+    assert all("rooms move to their new shards" in srv.log_text() for srv in (a, b))

@@ -288,20 +288,26 @@ class RedisBackend:
                 return
 
     def _adopt_masters(self) -> None:
+        """Shards for the slot map's masters; rooms whose slot changed owner are subscribed again on
+        their new shard (the shards they left and joined start over: subscribe, register, catch up)."""
         masters = {node.name: node for node in self._cluster.get_primaries()}
-        moved = [shard for name, shard in self._shards.items() if name not in masters]
+        gone = [shard for name, shard in self._shards.items() if name not in masters]
         for name, node in masters.items():
             if name not in self._shards:
                 shard = Shard(self, name, node_client(self._cluster, node))
                 self._shards[name] = shard
                 shard.start()
-        for shard in moved:  # a master that is no longer one: its rooms now belong to another shard
+        for shard in gone:  # no longer a master (a replica took over): its rooms belong to another shard
             del self._shards[shard.name]
             shard.close()
-        if moved:
-            log.warning("broker: Cluster masters changed (%s gone); rooms resubscribed on their new shards",
-                        ", ".join(shard.name for shard in moved))
-            for shard in self._shards.values():
+        moved = {(shard, self.shard_of(room)) for shard in self._shards.values()
+                 for room in shard.subscribed_rooms() if room in self._members and self.shard_of(room) is not shard}
+        if gone or moved:
+            log.warning("broker: the Cluster's slot map changed (%s); rooms move to their new shards",
+                        ", ".join([f"{shard.name} is no longer a master" for shard in gone]
+                                  + [f"rooms moved from {a.name}" for a, _ in moved]))
+            restart = set(self._shards.values()) if gone else {s for pair in moved for s in pair if s is not None}
+            for shard in restart:
                 shard.restart()
 
     # ---- deliveries -----------------------------------------------------------------------------
@@ -432,6 +438,9 @@ class Shard:
         self._pubsub: Any = None
         self._subscribed: dict[str, Event] = {}
         self._confirming: dict[bytes, deque[Event]] = {}
+        # SUNSUBSCRIBEs sent and not yet confirmed, by channel: any other `sunsubscribe` is Redis
+        # dropping a subscription because the slot moved to another shard.
+        self._unsubscribing: dict[bytes, int] = {}
         # Publishes waiting for the publisher greenlet, which sends all that queued up as one pipeline.
         self._publishes: deque[tuple[wire.ScriptCall, AsyncResult]] = deque()
         self._publish_wake = Event()
@@ -444,6 +453,9 @@ class Shard:
     def start(self) -> None:
         self._supervisor = gevent.spawn(self._supervise)
         self._publisher = gevent.spawn(self._publish_forever)
+
+    def subscribed_rooms(self) -> list[str]:
+        return list(self._subscribed)
 
     def restart(self) -> None:
         """Drop the subscription so the supervisor makes it again (rooms may have changed owner)."""
@@ -491,7 +503,9 @@ class Shard:
         if self._subscribed.pop(room, None) is not None and self._pubsub is not None and self.healthy:
             try:
                 if self._sharded:
-                    self._pubsub.sunsubscribe(wire.room_channel(room))
+                    channel = wire.room_channel(room)
+                    self._unsubscribing[channel.encode()] = self._unsubscribing.get(channel.encode(), 0) + 1
+                    self._pubsub.sunsubscribe(channel)
                 else:
                     self._pubsub.unsubscribe(wire.room_channel(room))
             except (redis.RedisError, OSError) as exc:
@@ -504,6 +518,15 @@ class Shard:
                 pubsub.ssubscribe(channel)
         else:
             pubsub.subscribe(*channels)
+
+    def _on_sunsubscribe(self, channel: bytes) -> None:
+        pending = self._unsubscribing.get(channel, 0)
+        if pending > 1:
+            self._unsubscribing[channel] = pending - 1
+        elif pending:
+            del self._unsubscribing[channel]
+        else:  # not ours: Redis dropped the subscription because the room's slot moved to another shard
+            raise redis.ConnectionError("a room's slot moved to another shard")
 
     def _on_confirmation(self, message: dict[str, Any]) -> None:
         waiting = self._confirming.get(message["channel"])
@@ -657,6 +680,7 @@ class Shard:
         rooms = self.backend.rooms_of(self)
         self._subscribed = {room: Event() for room in rooms}
         self._confirming = {}
+        self._unsubscribing = {}
         channels = [wire.room_channel(room) for room in rooms]
         if self.backend.relay_shard() is self:
             channels.insert(0, wire.RELAY_CHANNEL)
@@ -735,9 +759,8 @@ class Shard:
                     self.backend.on_message(message["data"])
                 elif kind in SUBSCRIBED:
                     self._on_confirmation(message)
-                elif kind == "sunsubscribe" and wire.channel_room(message["channel"]) in self._subscribed:
-                    # Redis dropped a sharded subscription we still hold: its slot moved to another shard.
-                    raise redis.ConnectionError("a room's slot moved to another shard")
+                elif kind == "sunsubscribe":
+                    self._on_sunsubscribe(message["channel"])
             if time.monotonic() >= next_beat:
                 self._heartbeat()
                 next_beat = time.monotonic() + HEARTBEAT_SECONDS
