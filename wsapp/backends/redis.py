@@ -114,7 +114,8 @@ class RedisBackend:
     @property
     def healthy(self) -> bool:
         """Every shard answers (on a Cluster, a shard down makes the process `degraded`)."""
-        return self._mapped.is_set() and all(shard.healthy for shard in list(self._shards.values()))
+        shards = list(self._shards.values())
+        return bool(shards) and all(shard.healthy for shard in shards)
 
     @property
     def counters(self) -> dict[str, int]:
