@@ -655,9 +655,12 @@ class Shard:
             except Exception as exc:  # whatever breaks, the supervisor must carry on
                 if not isinstance(exc, (redis.RedisError, OSError)):
                     log.exception("broker supervisor failed")
-                elif isinstance(exc, redis.ResponseError) and not _cluster_settling(exc):
+                elif isinstance(exc, redis.ResponseError) and not (self._sharded and _cluster_settling(exc)):
                     # not an outage: say what Redis refused, every time
-                    log.error("broker: redis %s refused a command (%s); retrying", self.where, exc)
+                    hint = "" if self._sharded or "MOVED" not in str(exc) else (
+                        ": REDIS_URL is a Redis Cluster node (it did not answer at start-up to be recognised); "
+                        "set WSAPP_REDIS_CLUSTER=1 and restart")
+                    log.error("broker: redis %s refused a command (%s)%s; retrying", self.where, exc, hint)
                 elif not self._up and not self.settled.is_set():
                     log.warning(
                         "broker unreachable (redis %s: %s); serving local members only, retrying", self.where, exc
