@@ -347,28 +347,33 @@ def test_members_die_with_their_process(
     alice, bob = client(a, "alice"), client(doomed, "bob")
     join(alice, r)
     join(bob, r)
-    members_key = f"wsapp:room:{{{r}}}:members"
+    members_key, procs_key = f"wsapp:room:{{{r}}}:members", f"wsapp:room:{{{r}}}:procs"
     redis = redis_server.client()
     owners = {field.decode().split(":")[0]: name.decode() for field, name in redis.hgetall(members_key).items()}
     by_name = {name: owner for owner, name in owners.items()}
-    assert 0 < redis.ttl(f"wsapp:proc:{by_name['bob']}") <= 10
-    doomed.proc.kill()  # no goodbye: its members linger until its liveness key expires
+
+    def alive_for(incarnation: str) -> float:
+        """Seconds the room still counts `incarnation` as alive (Redis's clock)."""
+        seconds, micros = redis.time()
+        score = redis.zscore(procs_key, incarnation)
+        return -1.0 if score is None else (score - (seconds * 1000 + micros // 1000)) / 1000
+
+    assert 0 < alive_for(by_name["bob"]) <= 10  # liveness is kept in the room's own slot
+    doomed.proc.kill()  # no goodbye: its members linger until its liveness in the room lapses
     doomed.wait(5)
     assert sorted(join(client(a, "early"), r)["members"]) == ["alice", "bob", "early"]
-    redis.delete(f"wsapp:proc:{by_name['bob']}")  # what the TTL does a few seconds later
+    redis.zadd(procs_key, {by_name["bob"]: 0})  # what the clock does a few seconds later
     assert sorted(join(client(a, "later"), r)["members"]) == ["alice", "early", "later"]
     assert by_name["bob"] not in {f.decode().split(":")[0] for f in redis.hkeys(members_key)}
-    # A live process whose key lapsed (say it stalled) notices on its next heartbeat and registers its
-    # members again under a new key.
+    assert redis.zscore(procs_key, by_name["bob"]) is None
+    # A live process taken for dead (say it stalled) and whose members another join dropped notices on
+    # its next heartbeat and registers them again.
     lapsed = by_name["alice"]
-    redis.delete(f"wsapp:proc:{lapsed}")
-    process_id = lapsed.split(".")[0]
-    old_key = f"wsapp:proc:{lapsed}".encode()
-    wait_for(
-        lambda: [k for k in redis.keys(f"wsapp:proc:{process_id}.*") if k != old_key], timeout=5, what="a new key"
-    )
-    assert not redis.exists(old_key)
-    assert sorted(join(client(b, "after"), r)["members"]) == ["after", "alice", "early", "later"]
+    redis.zadd(procs_key, {lapsed: 0})
+    assert sorted(join(client(b, "dropper"), r)["members"]) == ["dropper"]  # a's members taken for dead
+    wait_for(lambda: alive_for(lapsed) > 0 and len(redis.hkeys(members_key)) == 4, timeout=5,
+             what="a's members registered again")
+    assert sorted(join(client(b, "after"), r)["members"]) == ["after", "alice", "dropper", "early", "later"]
     redis.close()
 
 

@@ -17,7 +17,10 @@ def test_publish_call_names_the_rooms_keys_and_the_envelope_prefix() -> None:
     assert call.keys == ["wsapp:room:{lobby}:ctr", "wsapp:room:{lobby}:log"]
     new_epoch = call.args[7]
     assert isinstance(new_epoch, str) and len(new_epoch) == 12
-    assert call.args == [head, tail, 50, "p1.3 lobby ", "wsapp:room:{lobby}", wire.ROOM_TTL, "m7", new_epoch]
+    assert call.args == [head, tail, 50, "p1.3 lobby ", "wsapp:room:{lobby}", wire.ROOM_TTL, "m7", new_epoch,
+                         "PUBLISH"]
+    # On a Redis Cluster the script announces on the room's sharded channel (same name, same slot).
+    assert wire.publish_call("p1.3", "lobby", head, tail, 50, "m7", sharded=True).args[8] == "SPUBLISH"
     # What the script publishes (prefix + seq + " " + epoch + " " + origin + " " + payload) is an
     # envelope the subscriber reads back.
     payload = head + b"12" + tail
@@ -32,11 +35,13 @@ def test_publish_call_names_the_rooms_keys_and_the_envelope_prefix() -> None:
 
 def test_join_call_with_and_without_presence_since_and_epoch() -> None:
     call = wire.join_call("p1.0", "r", "m9", "alice", b'{"type":"presence"}', 4, "e1")
-    assert call.keys == ["wsapp:room:{r}:ctr", "wsapp:room:{r}:log", "wsapp:room:{r}:members"]
+    # Every key the script touches is handed to it, all in the room's slot (Redis Cluster).
+    assert call.keys == ["wsapp:room:{r}:ctr", "wsapp:room:{r}:log", "wsapp:room:{r}:members", "wsapp:room:{r}:procs"]
     assert call.args[:7] == [
-        "p1.0:m9", "alice", 4, b'p1.0 r 0 - m9 {"type":"presence"}', "wsapp:room:{r}", "wsapp:proc:", 60
+        "p1.0:m9", "alice", 4, b'p1.0 r 0 - m9 {"type":"presence"}', "wsapp:room:{r}", wire.PROC_TTL * 1000, 60
     ]
-    assert call.args[8] == "e1"
+    assert call.args[8:] == ["e1", "PUBLISH"]
+    assert wire.join_call("p1.0", "r", "m9", "alice", None, None, sharded=True).args[9] == "SPUBLISH"
     again = wire.join_call("p1.0", "r", "m9", "alice", None, None)
     assert again.args[2:4] == [-1, b""]  # no since, no presence on a repeated join
     assert again.args[8] == ""  # no epoch from the client
@@ -46,7 +51,8 @@ def test_channels_and_process_keys() -> None:
     assert wire.channel_room(wire.room_channel("a:b.c-d_e").encode()) == "a:b.c-d_e"
     assert wire.channel_room(wire.RELAY_CHANNEL.encode()) is None
     assert wire.catch_up_call("r", 41) == wire.ScriptCall(["wsapp:room:{r}:ctr", "wsapp:room:{r}:log"], [41])
-    assert wire.proc_key("abc.2") == "wsapp:proc:abc.2"
+    assert wire.heartbeat_call("abc.2", "r") == wire.ScriptCall(
+        ["wsapp:room:{r}:members", "wsapp:room:{r}:procs"], ["abc.2", wire.PROC_TTL * 1000, wire.MEMBERS_TTL])
     assert wire.member_field("abc.2", "m1") == "abc.2:m1"
 
 
@@ -161,3 +167,7 @@ def test_publish_commands_pack_what_publish_call_would() -> None:
         call = wire.publish_call(incarnation, "lobby", head, tail, 50, origin, "e1")
         expected = pack_command((b"EVALSHA", "ab" * 20, 2, *call.keys, *call.args))
         assert commands.command(incarnation, "lobby", head, tail, origin, "e1") == expected
+    sharded = wire.PublishCommands("ab" * 20, 50, sharded=True)  # a Cluster: SPUBLISH from the script
+    call = wire.publish_call("p1.3", "lobby", head, tail, 50, "m7", "e1", sharded=True)
+    expected = pack_command((b"EVALSHA", "ab" * 20, 2, *call.keys, *call.args))
+    assert sharded.command("p1.3", "lobby", head, tail, "m7", "e1") == expected
