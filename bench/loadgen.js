@@ -44,6 +44,8 @@ const DEFAULTS = {
   client: 'raw', // raw | ws (see above)
   mode: 'relay', // relay: raw text frames on `/`; rooms: wsapp's JSON protocol on `/ws`
   room: 'bench',
+  rooms: 1, // rooms mode: clients i*clients/rooms .. (i+1)*clients/rooms-1 share room `<room>-<i>` (1: all in `room`)
+  urls: null, // several servers (processes sharing Redis): client i connects to one of them, spread at random
   clients: 100,
   senders: 1, // the first `senders` clients send; every client (senders too) receives the others'
   pattern: 'closed', // closed: window of outstanding messages per sender; open: fixed rate; idle: none
@@ -67,7 +69,17 @@ if (spec.deflate && spec.client !== 'ws') {
   process.exit(1);
 }
 const N = spec.clients;
-const receiversPerMessage = N - 1;
+if (spec.mode === 'rooms' && N % spec.rooms !== 0) throw new Error('clients must be a multiple of rooms');
+const roomSize = spec.mode === 'rooms' ? N / spec.rooms : N;
+const receiversPerMessage = roomSize - 1;
+const roomOf = (index) => (spec.rooms > 1 ? `${spec.room}-${Math.floor(index / roomSize)}` : spec.room);
+// Client i's server: a fixed pseudo-random spread (like a load balancer's), so members of one room land
+// on the same process 1/len(urls) of the time.
+const urlOf = (index) => {
+  const urls = spec.urls || [spec.url];
+  const mixed = Math.imul(index + 1, 2654435761) >>> 0;
+  return urls[(mixed >>> 8) % urls.length];
+};
 
 const nowUs = () => Math.round(performance.now() * 1000);
 const emit = (obj) => process.stdout.write(`${JSON.stringify(obj)}\n`);
@@ -110,6 +122,7 @@ class Sender {
     this.sent = 0;
     this.completed = 0;
     this.received = new Uint32Array(1024);
+    this.room = roomOf(client.index);
   }
 
   countDelivery(seq) {
@@ -133,7 +146,7 @@ class Sender {
       bigger.set(this.received);
       this.received = bigger;
     }
-    this.client.send(encode(this.index, seq, nowUs()));
+    this.client.send(encode(this.index, seq, nowUs(), this.room));
   }
 }
 
@@ -200,16 +213,16 @@ function jsonPayload(head, bytes) {
 }
 
 let padding = '';
-function encode(sender, seq, t) {
+function encode(sender, seq, t, room) {
   if (spec.payload === 'json') {
     if (spec.mode === 'rooms') {
       const data = jsonPayload(`{"s":${sender},"n":${seq},"t":${t}`, spec.payloadBytes);
-      return `{"type":"publish","room":${JSON.stringify(spec.room)},"data":${data}}`;
+      return `{"type":"publish","room":${JSON.stringify(room)},"data":${data}}`;
     }
     return jsonPayload(`{"s":${sender},"n":${seq},"t":${t}`, spec.payloadBytes);
   }
   if (spec.mode === 'rooms') {
-    return JSON.stringify({ type: 'publish', room: spec.room, data: { s: sender, n: seq, t, p: padding } });
+    return JSON.stringify({ type: 'publish', room, data: { s: sender, n: seq, t, p: padding } });
   }
   const head = `${sender} ${seq} ${t} `;
   return head.length >= spec.payloadBytes ? head : head + 'x'.repeat(spec.payloadBytes - head.length);
@@ -326,11 +339,11 @@ function onRoomsMessage(client, buf, start, end) {
     case 'welcome':
       // Idle connections stay out of rooms: 10,000 joins of one room would flood 50 million presence frames.
       if (spec.pattern === 'idle') client.onReady();
-      else client.send(JSON.stringify({ type: 'join', room: spec.room }));
+      else client.send(JSON.stringify({ type: 'join', room: roomOf(client.index) }));
       break;
     case 'joined':
       // Members already there when we joined; every later joiner will announce itself to us.
-      presenceExpected += N - (Array.isArray(msg.members) ? msg.members.length : 1);
+      presenceExpected += roomSize - (Array.isArray(msg.members) ? msg.members.length : 1);
       client.onReady();
       break;
     case 'error':
@@ -546,7 +559,7 @@ function openClient(index) {
       if (/(^|,)\s*permessage-deflate\b/.test(ext)) stats.deflateNegotiated++;
       resolve(client);
     };
-    const url = spec.mode === 'rooms' ? `${spec.url}?name=b${index}` : spec.url;
+    const url = spec.mode === 'rooms' ? `${urlOf(index)}?name=b${index}` : urlOf(index);
     client.connect(url, () => {
       if (spec.mode === 'relay') client.onReady();
     }, fail);

@@ -18,6 +18,7 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import time  # noqa: E402
 
 import gevent  # noqa: E402
@@ -42,6 +43,24 @@ class Recorder:
         return True
 
 
+def process_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class RedisCpu:
+    """Redis's own CPU seconds (user + system of the server, from INFO cpu)."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self._client = redis.Redis.from_url(url)
+
+    def seconds(self) -> float:
+        info = self._client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--redis", help="REDIS_URL; in-process broker without it")
@@ -52,8 +71,9 @@ def main() -> None:
     args = p.parse_args()
     if args.redis:
         from wsapp.backends.redis import RedisBackend
+        from wsapp.config import Settings
 
-        backend = RedisBackend(args.redis, 100)
+        backend = RedisBackend(Settings.from_env({"REDIS_URL": args.redis, "WSAPP_HISTORY": "100"}))
     else:
         backend = MemoryBackend(100)  # type: ignore[assignment]
     hub = Hub(backend, lambda payload: payload, Stats(), max_rooms=10**6)  # type: ignore[arg-type]
@@ -78,6 +98,9 @@ def main() -> None:
             hub.post(next(order), {"text": "x" * 40}, "bench")
             published += 1
 
+    redis_cpu = RedisCpu(args.redis) if args.redis else None
+    cpu0 = process_cpu()
+    redis0 = redis_cpu.seconds() if redis_cpu else 0.0
     started = time.monotonic()
     gevent.joinall([gevent.spawn(sender) for _ in range(args.senders)])
     elapsed = time.monotonic() - started
@@ -86,11 +109,18 @@ def main() -> None:
     while sum(m.received for m in members) < expected and time.monotonic() < wait_until:
         gevent.sleep(0.01)  # deliveries from the broker's subscription still arriving
     delivered_at = time.monotonic() - started
+    cpu = process_cpu() - cpu0
+    redis_seconds = redis_cpu.seconds() - redis0 if redis_cpu else 0.0
     delivered = sum(m.received for m in members)
     print(json.dumps({
         "broker": backend.name, "rooms": args.rooms, "members": args.members, "senders": args.senders,
         "publishes_per_s": round(published / elapsed), "deliveries_per_s": round(delivered / delivered_at),
         "delivered_all": delivered >= expected,
+        # CPU per publish from the start of sending to the last delivery: this process, and Redis's own
+        # (INFO cpu, so other clients of the same Redis count too: give the bench a Redis of its own).
+        "process_cpu_pct": round(100 * cpu / delivered_at, 1),
+        "process_us_per_publish": round(1e6 * cpu / max(published, 1), 2),
+        "redis_us_per_publish": round(1e6 * redis_seconds / max(published, 1), 2) if redis_cpu else None,
     }))
     backend.close()
 

@@ -180,16 +180,20 @@ def _make_certificates(directory: Path) -> tuple[Path, Path, Path]:
 
 class RedisClusterProcs:
     """Three masters, no replicas, created with `redis-cli --cluster create`. `stop_node(i)` /
-    `kill_node(i)` take one shard away (its slots fail), `start_node(i)` brings it back with its slots."""
+    `kill_node(i)` take one shard away (its slots fail), `start_node(i)` brings it back with its slots
+    (and no data: nothing is persisted). `full_coverage=False` is `cluster-require-full-coverage no`: the
+    other shards keep serving their slots while one is down (with the default, every node refuses)."""
 
-    def __init__(self, directory: Path, masters: int = 3, node_timeout_ms: int = 1000) -> None:
+    def __init__(self, directory: Path, masters: int = 3, node_timeout_ms: int = 1000,
+                 full_coverage: bool = True) -> None:
         self.nodes: list[RedisProc] = []
         try:
             for _ in range(masters):
                 port = free_port(with_bus=True)
                 args = plain_args(port, "--cluster-enabled", "yes", "--cluster-config-file",
                                   str(directory / f"nodes-{port}.conf"), "--cluster-node-timeout", str(node_timeout_ms),
-                                  "--dir", str(directory))
+                                  "--dir", str(directory), "--cluster-require-full-coverage",
+                                  "yes" if full_coverage else "no")
                 self.nodes.append(RedisProc(args, port))
             subprocess.run(
                 [_binary("redis-cli", "redis-tools"), "--cluster", "create",
@@ -226,6 +230,28 @@ class RedisClusterProcs:
     def start_node(self, index: int) -> None:
         self.nodes[index].start()
         self.wait_ok()
+
+    def move_slot(self, slot: int, source: int, target: int) -> None:
+        """Reshard one slot, keys included, from node `source` to node `target` (what `redis-cli
+        --cluster reshard` does for each slot), and wait until every node agrees."""
+        src, dst = self.nodes[source].client(), self.nodes[target].client()
+        src_id, dst_id = (c.execute_command("CLUSTER", "MYID").decode() for c in (src, dst))
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", LOOPBACK, self.nodes[target].port, "", 0, 5000, "KEYS", *keys)
+        for client in (dst, src, *(n.client() for i, n in enumerate(self.nodes) if i not in (source, target))):
+            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        poll(lambda: all(n.client().execute_command("CLUSTER", "KEYSLOT", "x") is not None
+                         and self._owner_port(n, slot) == self.nodes[target].port for n in self.nodes),
+             10, f"slot {slot} on node {target} everywhere")
+
+    @staticmethod
+    def _owner_port(node: RedisProc, slot: int) -> int | None:
+        for start, end, (_, port, *_rest), *_ in node.client().execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(port)
+        return None
 
     def port_of_key(self, key: str) -> int:
         slot = int(self.nodes[0].client().execute_command("CLUSTER", "KEYSLOT", key))
@@ -363,12 +389,12 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 
 
 @pytest.fixture
-def make_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], RedisClusterProcs]]:
-    """Private clusters a test may break; all stopped after it."""
+def make_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RedisClusterProcs]]:
+    """Private clusters a test may break (keyword arguments as RedisClusterProcs'); all stopped after it."""
     started: list[RedisClusterProcs] = []
 
-    def start() -> RedisClusterProcs:
-        cluster = RedisClusterProcs(tmp_path_factory.mktemp("cluster"))
+    def start(**options: Any) -> RedisClusterProcs:
+        cluster = RedisClusterProcs(tmp_path_factory.mktemp("cluster"), **options)
         started.append(cluster)
         return cluster
 

@@ -73,6 +73,59 @@ def test_own_websocket_route_with_a_room(app_server: ServerProcess) -> None:
         member.close()
 
 
+def test_ws_join_with_since_and_epoch_through_the_public_api(app_server: ServerProcess) -> None:
+    """ws.join(room, since, epoch=...) resumes like /ws's join: a replay after `since` in the same
+    epoch, `history_gone` (carrying the room's epoch) for another epoch; it returns the seq and epoch."""
+    room = "user:carol"
+    publisher = as_user(app_server.ws("/ws"), "carol")
+    clients = [publisher]
+
+    def resume(line: str) -> tuple[list[dict[str, object]], dict[str, object]]:
+        """Frames before the handler's answer (which it sends once ws.join has returned), and the answer."""
+        ws = as_user(app_server.ws("/resume"), "carol")
+        clients.append(ws)
+        ws.send(line)
+        frames: list[dict[str, object]] = []
+        while True:
+            frame = json.loads(ws.recv())
+            if frame.get("api") == "joined":
+                return frames, frame
+            frames.append(frame)
+
+    try:
+        base = joined(publisher, room)
+        for n in range(5):
+            send_json(publisher, type="publish", room=room, data={"text": str(n)}, id=n)
+            ack = recv_type(publisher, "ack")
+            assert ack["seq"] == base + n + 1
+        # The epoch from a plain join through the API, then a resume in it: the messages after since.
+        frames, answer = resume(room)
+        assert frames == [] and answer["int"] == answer["seq"] == base + 5 and answer["history_gone"] is False
+        assert answer["members"] == ["carol", "carol"]
+        epoch = answer["epoch"]
+        assert isinstance(epoch, str) and epoch
+        frames, answer = resume(f"{room} {base + 2} {epoch}")
+        assert [f["seq"] for f in frames] == [base + 3, base + 4, base + 5]
+        assert all(f["type"] == "message" and f["room"] == room for f in frames)
+        assert (answer["seq"], answer["epoch"], answer["history_gone"]) == (base + 5, epoch, False)
+        # Another epoch (the room's history belonged to another life): history_gone, nothing replayed.
+        frames, answer = resume(f"{room} {base + 2} 0123abcd")
+        assert frames == [{"type": "error", "code": "history_gone", "room": room, "epoch": epoch,
+                           "message": "not every message after 'since' is kept"}]
+        assert (answer["epoch"], answer["history_gone"]) == (epoch, True)
+        # `since` alone keeps the by-number resume of older callers.
+        frames, answer = resume(f"{room} {base + 4}")
+        assert [f["seq"] for f in frames] == [base + 5] and answer["history_gone"] is False
+        # And the joined connection is live: the next message reaches it once, after the answer.
+        live = clients[-1]
+        send_json(publisher, type="publish", room=room, data={"text": "live"})
+        got = json.loads(live.recv())
+        assert got["type"] == "message" and got["seq"] == base + 6
+    finally:
+        for ws in clients:
+            ws.close()
+
+
 def test_authenticate_refuses_before_the_101(app_server: ServerProcess, raw: RawFactory) -> None:
     missing = raw(app_server.ws("/shout"))
     assert missing.status == 401 and missing.response_body == b"log in first\n"

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -238,6 +239,67 @@ def test_broker_loss_keeps_local_rooms_and_recovers(
         assert log_text.count("broker back") == 1, log_text
 
 
+class Roster:
+    """A client's view of a room's members as the protocol lets it keep one: `joined`'s list, then
+    each `presence` join and leave (a multiset: two members may share a name)."""
+
+    def __init__(self, ws: websocket.WebSocket, joined: dict[str, Any]) -> None:
+        self.ws = ws
+        self.names = Counter(joined["members"])
+
+    def until(self, want: list[str], timeout: float = 10.0) -> None:
+        """Read frames (presence changes the view; other frames pass) until the view is `want`."""
+        self.ws.settimeout(timeout)
+        seen: list[tuple[str, str]] = []
+        while self.names != Counter(want):
+            try:
+                msg = recv_json(self.ws)
+            except websocket.WebSocketTimeoutException:
+                raise AssertionError(f"view {sorted(self.names.elements())}, want {want}, after {seen}") from None
+            if msg["type"] == "presence":
+                seen.append((msg["event"], msg["who"]))
+                self.names[msg["who"]] += 1 if msg["event"] == "join" else -1
+                assert self.names[msg["who"]] >= 0, f"a leave of someone not listed: {seen}"
+                self.names += Counter()  # drop zero counts
+        assert_nothing_pending(self.ws)  # and no presence event after it
+
+
+def test_presence_made_consistent_after_a_broker_outage(
+    make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess], client: Client
+) -> None:
+    """Joins and leaves on one process while Redis is away never reach the other as events; after
+    the reconnection each process re-reads the room's members and sends the differences as presence,
+    so every client's view (joined + presence) ends as the room's real members."""
+    broker = make_redis()
+    env = {"REDIS_URL": broker.url, "WSAPP_RATE_LIMIT": "0"}
+    a, b = make_server(**env), make_server(**env)
+    r = room()
+    alice, carol = client(a, "alice"), client(b, "carol")
+    views = {"alice": Roster(alice, join(alice, r))}
+    join(carol, r)
+    views["alice"].until(["alice", "carol"])
+    broker.stop()
+    for srv in (a, b):
+        wait_for(lambda srv=srv: health(srv)[0] == 503, what="healthz 503")
+    bob, dave = client(b, "bob"), client(a, "dave")
+    views["bob"] = Roster(bob, join(bob, r))
+    assert views["bob"].names == Counter(["alice", "carol", "bob"])  # what b knew, not only its own
+    views["dave"] = Roster(dave, join(dave, r))
+    send_json(carol, type="leave", room=r)
+    recv_type(carol, "left")
+    broker.start()
+    for srv in (a, b):
+        wait_for(lambda srv=srv: health(srv)[0] == 200, timeout=10, what="healthz 200")
+    everyone = ["alice", "bob", "dave"]
+    for view in views.values():
+        view.until(everyone)
+    # A newcomer on either process is told the same list.
+    for srv, name in ((a, "e1"), (b, "e2")):
+        newcomer = client(srv, name)
+        everyone.append(name)
+        assert Counter(join(newcomer, r)["members"]) == Counter(everyone)
+
+
 def test_hung_broker_costs_at_most_one_timeout(
     make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess], client: Client
 ) -> None:
@@ -285,28 +347,33 @@ def test_members_die_with_their_process(
     alice, bob = client(a, "alice"), client(doomed, "bob")
     join(alice, r)
     join(bob, r)
-    members_key = f"wsapp:room:{{{r}}}:members"
+    members_key, procs_key = f"wsapp:room:{{{r}}}:members", f"wsapp:room:{{{r}}}:procs"
     redis = redis_server.client()
     owners = {field.decode().split(":")[0]: name.decode() for field, name in redis.hgetall(members_key).items()}
     by_name = {name: owner for owner, name in owners.items()}
-    assert 0 < redis.ttl(f"wsapp:proc:{by_name['bob']}") <= 10
-    doomed.proc.kill()  # no goodbye: its members linger until its liveness key expires
+
+    def alive_for(incarnation: str) -> float:
+        """Seconds the room still counts `incarnation` as alive (Redis's clock)."""
+        seconds, micros = redis.time()
+        score = redis.zscore(procs_key, incarnation)
+        return -1.0 if score is None else (score - (seconds * 1000 + micros // 1000)) / 1000
+
+    assert 0 < alive_for(by_name["bob"]) <= 10  # liveness is kept in the room's own slot
+    doomed.proc.kill()  # no goodbye: its members linger until its liveness in the room lapses
     doomed.wait(5)
     assert sorted(join(client(a, "early"), r)["members"]) == ["alice", "bob", "early"]
-    redis.delete(f"wsapp:proc:{by_name['bob']}")  # what the TTL does a few seconds later
+    redis.zadd(procs_key, {by_name["bob"]: 0})  # what the clock does a few seconds later
     assert sorted(join(client(a, "later"), r)["members"]) == ["alice", "early", "later"]
     assert by_name["bob"] not in {f.decode().split(":")[0] for f in redis.hkeys(members_key)}
-    # A live process whose key lapsed (say it stalled) notices on its next heartbeat and registers its
-    # members again under a new key.
+    assert redis.zscore(procs_key, by_name["bob"]) is None
+    # A live process taken for dead (say it stalled) and whose members another join dropped notices on
+    # its next heartbeat and registers them again.
     lapsed = by_name["alice"]
-    redis.delete(f"wsapp:proc:{lapsed}")
-    process_id = lapsed.split(".")[0]
-    old_key = f"wsapp:proc:{lapsed}".encode()
-    wait_for(
-        lambda: [k for k in redis.keys(f"wsapp:proc:{process_id}.*") if k != old_key], timeout=5, what="a new key"
-    )
-    assert not redis.exists(old_key)
-    assert sorted(join(client(b, "after"), r)["members"]) == ["after", "alice", "early", "later"]
+    redis.zadd(procs_key, {lapsed: 0})
+    assert sorted(join(client(b, "dropper"), r)["members"]) == ["dropper"]  # a's members taken for dead
+    wait_for(lambda: alive_for(lapsed) > 0 and len(redis.hkeys(members_key)) == 4, timeout=5,
+             what="a's members registered again")
+    assert sorted(join(client(b, "after"), r)["members"]) == ["after", "alice", "dropper", "early", "later"]
     redis.close()
 
 

@@ -337,3 +337,33 @@ def test_publish_api_answers_503_unavailable_while_redis_is_away(
     wait_for(lambda: get_json(srv.http("/healthz"))[0] == 503, what="degraded")
     status, headers, body = post(srv, {"room": r, "data": 2}, AUTH)
     assert (status, body["error"], headers.get("Retry-After")) == (503, "unavailable", "1")
+
+
+def test_script_cache_lost_under_traffic_on_many_rooms_runs_each_publish_once(
+    two: tuple[RedisServer, ServerProcess, ServerProcess],
+) -> None:
+    """Publishes of many rooms share one stream of script calls; SCRIPT FLUSH while they are in flight
+    makes some fail NOSCRIPT (they did not run). Each is sent again once the script is loaded: every
+    publish acked, each room numbered 1, 2, 3... (a call run twice would skip a number), none refused."""
+    broker, a, b = two
+    admin = broker.client()
+    rooms = [room() for _ in range(6)]
+    listeners = [Listener(b, r, f"l{i}") for i, r in enumerate(rooms)]
+    for w in listeners:
+        w.start()
+    publishers = [Publisher(a, r, f"p{i}") for i, r in enumerate(rooms)]
+    for p in publishers:
+        p.start()
+    for flush in range(5):
+        wait_for(lambda flush=flush: all(len(p.acked) >= 20 * (flush + 1) for p in publishers), timeout=10,
+                 what="traffic between flushes")
+        admin.script_flush()
+    acked = [p.finish() for p in publishers]
+    for p, mine in zip(publishers, acked, strict=True):
+        assert p.refused == 0
+        assert mine == list(range(1, len(mine) + 1))
+    for w, mine in zip(listeners, acked, strict=True):
+        wait_for(lambda w=w, mine=mine: len(w.seqs) >= len(mine), what="every message delivered")
+        w.close()
+        assert w.error is None and w.seqs == mine
+    admin.close()

@@ -13,12 +13,14 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "ConnectionClosed", "Emitter", "Identity", "Realtime", "Refuse", "Reject", "Settings", "WebSocket", "create_app",
+    "ConnectionClosed", "Emitter", "Identity", "JoinedRoom", "Realtime", "Refuse", "Reject", "Settings", "WebSocket",
+    "create_app",
 ]
 
 _WHERE = {
     "Realtime": "wsapp.extension",
     "WebSocket": "wsapp.websocket",
+    "JoinedRoom": "wsapp.websocket",
     "Refuse": "wsapp.exceptions",
     "Reject": "wsapp.exceptions",
     "ConnectionClosed": "wsapp.exceptions",

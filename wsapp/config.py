@@ -80,6 +80,9 @@ class Settings:
     deflate: bool = True
     deflate_min_bytes: int = 256
     deflate_level: int = 6
+    # The cyclic garbage collector's first threshold in a server process (0: Python's, 700). Python's
+    # makes full collections of every connection's objects frequent under load (docs/SCALING.md).
+    gc_threshold: int = 50000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -128,6 +131,7 @@ class Settings:
             deflate=reader.get("WSAPP_DEFLATE", True, _bool),
             deflate_min_bytes=reader.get("WSAPP_DEFLATE_MIN_BYTES", 256, _int_range(0, 2**40)),
             deflate_level=reader.get("WSAPP_DEFLATE_LEVEL", 6, _int_range(0, 9)),
+            gc_threshold=reader.get("WSAPP_GC_THRESHOLD", 50000, _int_range(0, 10**8)),
         )
         if settings.ping_timeout <= settings.ping_interval:
             raise ConfigError("WSAPP_PING_TIMEOUT must be longer than WSAPP_PING_INTERVAL")

@@ -14,9 +14,9 @@ from typing import Any
 
 from wsapp import protocol
 from wsapp.backends import redis_wire as wire
-from wsapp.backends.redis_connect import make_client
+from wsapp.backends.redis_connect import detect_cluster, make_client
 from wsapp.config import Settings
-from wsapp.exceptions import ConfigError, MessageError
+from wsapp.exceptions import MessageError
 
 
 class Emitter:
@@ -25,7 +25,8 @@ class Emitter:
     `history` must be the servers' WSAPP_HISTORY (default 100 on both sides): every publish trims the
     room's log to that length, so a different value changes how much a `join` with `since` can replay.
     Thread-safe (redis-py's connection pool); create it after forking, as any Redis client. It reads
-    the servers' WSAPP_REDIS_* settings (Sentinel, TLS) from the environment too.
+    the servers' WSAPP_REDIS_* settings (Cluster, Sentinel, TLS) from the environment too; a Redis
+    Cluster node is recognised without WSAPP_REDIS_CLUSTER, as in the servers.
     """
 
     def __init__(self, redis_url: str, history: int = 100, timeout: float = 5.0) -> None:
@@ -35,9 +36,9 @@ class Emitter:
         # The servers' connection rules (redis_connect): Sentinel and TLS as WSAPP_REDIS_* say, no
         # automatic retry (a reply lost after the script ran would publish the message twice; a
         # connection Redis closed while idle is replaced by the pool before use, not retried).
-        settings = replace(Settings.from_env(), redis_url=redis_url)
-        if settings.redis_cluster:
-            raise ConfigError("WSAPP_REDIS_CLUSTER=1: rooms on a Redis Cluster are not supported yet")
+        settings = detect_cluster(replace(Settings.from_env(), redis_url=redis_url), timeout)
+        # On a Redis Cluster the script runs on the shard owning the room's slot and SPUBLISHes there.
+        self._sharded = settings.redis_cluster
         self._client = make_client(settings, timeout, name="wsapp-emitter")
         self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
         # A process id of its own: every server delivers what it publishes (none takes it for its echo).
@@ -58,7 +59,7 @@ class Emitter:
             head, tail = protocol.message_parts(room, sender, int(time.time() * 1000), data)
         except TypeError as exc:  # orjson.JSONEncodeError
             raise TypeError(f"data is not JSON-serializable: {exc}") from None
-        call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history)
+        call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history, sharded=self._sharded)
         seq, _epoch = self._publish_script(keys=call.keys, args=call.args)
         return int(seq)
 

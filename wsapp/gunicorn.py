@@ -29,7 +29,7 @@ from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import VERSION, GeventPyWSGIWorker
 
 from wsapp import logs
-from wsapp.cli import PYWSGI_ERRORS, drain_services, load_app, setup_logging, tune_gevent
+from wsapp.cli import PYWSGI_ERRORS, drain_services, load_app, setup_logging, tune_gc, tune_gevent
 from wsapp.config import Settings
 from wsapp.exceptions import ConfigError
 from wsapp.metrics_share import ENV_DIR, prepare_dir, remove_dir
@@ -134,6 +134,7 @@ class Worker(GeventPyWSGIWorker):
         if not logging.getLogger().handlers:  # run by the gunicorn command, not by wsapp.cli
             setup_logging(settings, self.cfg.workers)
         logs.route_gevent_errors()
+        tune_gc(settings)
         if self.cfg.workers > 1 and not settings.redis_url:
             log.warning("%d workers without REDIS_URL: each keeps its own rooms and relay clients, so users "
                         "split between workers; set REDIS_URL to share them", self.cfg.workers)

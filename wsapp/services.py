@@ -15,7 +15,6 @@ from wsapp.backends import HistoryBackend
 from wsapp.backends.memory import MemoryBackend
 from wsapp.config import Settings
 from wsapp.connection import Outbox
-from wsapp.exceptions import ConfigError
 from wsapp.frames import OP_TEXT, encode_frame
 from wsapp.hub import Hub
 from wsapp.metrics import Snapshot, Stats, prometheus_registry
@@ -56,11 +55,6 @@ def build_services(settings: Settings) -> Services:
     if settings.redis_url:
         from wsapp.backends.redis import RedisBackend
 
-        if settings.redis_cluster:
-            # The connection and its checks know Cluster (redis_connect); the room scripts and the
-            # subscriber do not yet use sharded pub/sub, so refuse rather than half-work.
-            raise ConfigError("WSAPP_REDIS_CLUSTER=1: rooms and the relay on a Redis Cluster are not supported "
-                              "yet; use one Redis server or Sentinel (WSAPP_REDIS_SENTINEL_MASTER)")
         backend = RedisBackend(settings)
     else:
         backend = MemoryBackend(settings.history)

@@ -39,6 +39,30 @@ BINARY = OP_BINARY
 INBOX_MESSAGES = 64
 
 
+class JoinedRoom(int):
+    """What `ws.join` returns: the room's seq at the join (an int, so `seq = ws.join(room)` works as
+    before), with the room's `epoch` (give it back with `since` on a later join), whether
+    `history_gone` was sent instead of a replay, and the room's `members` (display names)."""
+
+    epoch: str
+    history_gone: bool
+    members: list[str]
+
+    def __new__(cls, seq: int, epoch: str, history_gone: bool = False, members: list[str] | None = None) -> JoinedRoom:
+        joined = super().__new__(cls, seq)
+        joined.epoch = epoch
+        joined.history_gone = history_gone
+        joined.members = list(members or ())
+        return joined
+
+    @property
+    def seq(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"JoinedRoom(seq={int(self)}, epoch={self.epoch!r}, history_gone={self.history_gone})"
+
+
 class WebSocket:
     """One upgraded connection as a route handler sees it: send, receive, rooms, who it is."""
 
@@ -185,20 +209,27 @@ class WebSocket:
 
     # ---- rooms ----------------------------------------------------------------------------------
 
-    def join(self, room: str, since: int | None = None, echo: bool = False) -> int:
-        """Get `room`'s messages and presence (rooms-protocol frames) from now on; returns its seq.
+    def join(
+        self, room: str, since: int | None = None, echo: bool = False, *, epoch: str | None = None
+    ) -> JoinedRoom:
+        """Get `room`'s messages and presence (rooms-protocol frames) from now on; returns its seq
+        (a `JoinedRoom`: an int that also carries the room's `epoch`).
 
-        With `since`, first the messages after it from history. Goes through `authorize`
-        (Reject `forbidden`); a bad name is Reject `bad_room`."""
+        With `since`, first the messages after it from history; with `epoch` too (what an earlier
+        join returned), only if the room is still in that epoch: otherwise, or when not every message
+        after `since` is kept, an `error` `history_gone` frame (with the room's epoch) instead of a
+        replay, as on /ws. Goes through `authorize` (Reject `forbidden`); a bad name is Reject `bad_room`."""
         self._policy.check(self.identity, JOIN, _valid_room(room), None)
+
         def announce(result: JoinResult) -> None:  # before the room's live messages (the hub holds them)
             if result.history_gone:
                 self._conn.send_text(protocol.error(protocol.HISTORY_GONE, "not every message after 'since' is kept",
-                                                    room=room))
+                                                    room=room, epoch=result.epoch))
             for payload in result.replay:
                 self._conn.send_text(payload)
 
-        return self._services.hub.join(self._conn, room, since, echo, None, announce).seq
+        result = self._services.hub.join(self._conn, room, since, echo, epoch, announce)
+        return JoinedRoom(result.seq, result.epoch, result.history_gone, result.members)
 
     def leave(self, room: str) -> bool:
         """Stop getting `room`'s messages; False if this connection was not in it."""

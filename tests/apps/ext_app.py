@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import gevent
 from flask import Flask, request
 
@@ -21,6 +23,20 @@ def shout(ws):  # type: ignore[no-untyped-def]
     ws.join("shouts")
     for message in ws:
         ws.send(message.upper() if isinstance(message, str) else message[::-1])
+
+
+@rt.route("/resume")
+def resume(ws):  # type: ignore[no-untyped-def]
+    """`<room> [since [epoch]]` joins with ws.join(room, since, epoch=...) and answers with what it returned
+    (after the replay, which join sends first); the room's frames follow as they come."""
+    room, *rest = ws.receive(timeout=5).split()
+    since = int(rest[0]) if rest else None
+    epoch = rest[1] if len(rest) > 1 else None
+    joined = ws.join(room, since, epoch=epoch)
+    ws.send(json.dumps({"api": "joined", "int": int(joined), "seq": joined.seq, "epoch": joined.epoch,
+                        "history_gone": joined.history_gone, "members": joined.members}))
+    for _ in ws:
+        pass
 
 
 @rt.route("/about/<tag>", subprotocols=["v2", "v1"])

@@ -96,3 +96,21 @@ def test_client_ip_behind_trusted_proxies() -> None:
     assert client_ip("10.0.0.1", "forged, 1.2.3.4", 1) == "1.2.3.4"
     assert client_ip("10.0.0.1", "1.2.3.4, 10.9.9.9", 2) == "1.2.3.4"
     assert client_ip("10.0.0.1", "1.2.3.4", 2) == "10.0.0.1"  # fewer hops than promised: do not trust it
+
+
+def test_gc_threshold_is_set_for_a_serving_process_and_0_leaves_pythons() -> None:
+    import gc
+
+    from wsapp.cli import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(Settings.from_env({"WSAPP_GC_THRESHOLD": "0"}))
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+        tune_gc(Settings.from_env({}))
+        assert gc.get_threshold() == (50000, before[1], before[2]) and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    with pytest.raises(ConfigError, match="WSAPP_GC_THRESHOLD"):
+        Settings.from_env({"WSAPP_GC_THRESHOLD": "-1"})

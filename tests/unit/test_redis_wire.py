@@ -17,7 +17,10 @@ def test_publish_call_names_the_rooms_keys_and_the_envelope_prefix() -> None:
     assert call.keys == ["wsapp:room:{lobby}:ctr", "wsapp:room:{lobby}:log"]
     new_epoch = call.args[7]
     assert isinstance(new_epoch, str) and len(new_epoch) == 12
-    assert call.args == [head, tail, 50, "p1.3 lobby ", "wsapp:room:{lobby}", wire.ROOM_TTL, "m7", new_epoch]
+    assert call.args == [head, tail, 50, "p1.3 lobby ", "wsapp:room:{lobby}", wire.ROOM_TTL, "m7", new_epoch,
+                         "PUBLISH"]
+    # On a Redis Cluster the script announces on the room's sharded channel (same name, same slot).
+    assert wire.publish_call("p1.3", "lobby", head, tail, 50, "m7", sharded=True).args[8] == "SPUBLISH"
     # What the script publishes (prefix + seq + " " + epoch + " " + origin + " " + payload) is an
     # envelope the subscriber reads back.
     payload = head + b"12" + tail
@@ -32,11 +35,13 @@ def test_publish_call_names_the_rooms_keys_and_the_envelope_prefix() -> None:
 
 def test_join_call_with_and_without_presence_since_and_epoch() -> None:
     call = wire.join_call("p1.0", "r", "m9", "alice", b'{"type":"presence"}', 4, "e1")
-    assert call.keys == ["wsapp:room:{r}:ctr", "wsapp:room:{r}:log", "wsapp:room:{r}:members"]
+    # Every key the script touches is handed to it, all in the room's slot (Redis Cluster).
+    assert call.keys == ["wsapp:room:{r}:ctr", "wsapp:room:{r}:log", "wsapp:room:{r}:members", "wsapp:room:{r}:procs"]
     assert call.args[:7] == [
-        "p1.0:m9", "alice", 4, b'p1.0 r 0 - m9 {"type":"presence"}', "wsapp:room:{r}", "wsapp:proc:", 60
+        "p1.0:m9", "alice", 4, b'p1.0 r 0 - m9 {"type":"presence"}', "wsapp:room:{r}", wire.PROC_TTL * 1000, 60
     ]
-    assert call.args[8] == "e1"
+    assert call.args[8:] == ["e1", "PUBLISH"]
+    assert wire.join_call("p1.0", "r", "m9", "alice", None, None, sharded=True).args[9] == "SPUBLISH"
     again = wire.join_call("p1.0", "r", "m9", "alice", None, None)
     assert again.args[2:4] == [-1, b""]  # no since, no presence on a repeated join
     assert again.args[8] == ""  # no epoch from the client
@@ -46,7 +51,8 @@ def test_channels_and_process_keys() -> None:
     assert wire.channel_room(wire.room_channel("a:b.c-d_e").encode()) == "a:b.c-d_e"
     assert wire.channel_room(wire.RELAY_CHANNEL.encode()) is None
     assert wire.catch_up_call("r", 41) == wire.ScriptCall(["wsapp:room:{r}:ctr", "wsapp:room:{r}:log"], [41])
-    assert wire.proc_key("abc.2") == "wsapp:proc:abc.2"
+    assert wire.heartbeat_call("abc.2", "r") == wire.ScriptCall(
+        ["wsapp:room:{r}:members", "wsapp:room:{r}:procs"], ["abc.2", wire.PROC_TTL * 1000, wire.MEMBERS_TTL])
     assert wire.member_field("abc.2", "m1") == "abc.2:m1"
 
 
@@ -109,3 +115,59 @@ def test_imports_neither_gevent_nor_redis() -> None:
     code = "import sys, wsapp.backends.redis_wire; print(sorted(m for m in ('gevent', 'redis') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert out.stdout.strip() == "[]"
+
+
+
+def test_pack_command_sends_what_redis_py_would() -> None:
+    from redis._parsers.encoders import Encoder
+    from redis.connection import PythonRespSerializer
+
+    from wsapp.backends.redis_stream import pack_command
+
+    serializer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+    for args in [("PING",), (b"EVALSHA", "abc", 2, "k1", "k{é}", b"\x00\r\n", 0, -5, b"x" * 70000, "")]:
+        assert pack_command(args) == b"".join(serializer.pack(*args))
+
+
+def test_epoch_proposals_never_repeat_within_or_across_processes() -> None:
+    first, second = wire.EpochProposals(), wire.EpochProposals()
+    proposed = [first.propose() for _ in range(1000)] + [second.propose() for _ in range(1000)]
+    assert len(set(proposed)) == len(proposed)
+    call = wire.publish_call("p1.3", "lobby", b"h", b"t", 50, None, proposed[0])
+    assert call.args[7] == proposed[0]
+
+
+def test_rosters_deliver_only_news_and_resync_to_the_broker_list() -> None:
+    rosters = wire.Rosters()
+    assert rosters.apply("r", "join", "m1", "ann")  # a room not followed: everything is delivered
+    rosters.start("r", {"m1": "ann", "m2": "bob"})
+    rosters.start("r", {"m9": "other"})  # already followed: the first list stays
+    assert not rosters.apply("r", "join", "m1", "ann")  # listed already (the join's own list had it)
+    assert rosters.apply("r", "join", "m3", "ann")  # same name, another member
+    assert rosters.apply("r", "leave", "m2", "bob")
+    assert not rosters.apply("r", "leave", "m2", "bob")  # twice: nothing new
+    assert sorted(rosters.names("r") or []) == ["ann", "ann"]
+    # The broker's list after a reconnection: m3 left and cid joined meanwhile; leaves come first.
+    assert rosters.resync("r", {"m1": "ann", "m4": "cid"}) == [("leave", "ann"), ("join", "cid")]
+    # The same period's events, arriving afterwards on the subscription, tell nothing twice.
+    assert not rosters.apply("r", "leave", "m3", "ann")
+    assert not rosters.apply("r", "join", "m4", "cid")
+    assert rosters.resync("unfollowed", {"m1": "ann"}) == []
+    rosters.forget("r")
+    assert rosters.names("r") is None and rosters.rooms() == []
+    assert wire.field_member(b"p1.3:m7") == (b"p1.3", "m7")
+
+
+def test_publish_commands_pack_what_publish_call_would() -> None:
+    from wsapp.backends.redis_stream import pack_command
+
+    commands = wire.PublishCommands("ab" * 20, 50)
+    head, tail = message_parts("lobby", "server", 7, {"a": "é"})
+    for incarnation, origin in (("p1.3", "m7"), ("p1.3", None), ("p1.4", "m7")):  # a new incarnation, too
+        call = wire.publish_call(incarnation, "lobby", head, tail, 50, origin, "e1")
+        expected = pack_command((b"EVALSHA", "ab" * 20, 2, *call.keys, *call.args))
+        assert commands.command(incarnation, "lobby", head, tail, origin, "e1") == expected
+    sharded = wire.PublishCommands("ab" * 20, 50, sharded=True)  # a Cluster: SPUBLISH from the script
+    call = wire.publish_call("p1.3", "lobby", head, tail, 50, "m7", "e1", sharded=True)
+    expected = pack_command((b"EVALSHA", "ab" * 20, 2, *call.keys, *call.args))
+    assert sharded.command("p1.3", "lobby", head, tail, "m7", "e1") == expected

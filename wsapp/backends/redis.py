@@ -9,12 +9,21 @@ the subscription, so all processes deliver a room in the same order. A process s
 channel when its first local member joins (before the join script runs, so nothing after the join is
 missed) and unsubscribes when the last one leaves; the relay `/` has a channel of its own.
 
-Publishes are pipelined by one greenlet (all that queued during a round trip go in the next), so
-many are in flight at once without a lock; joins, leaves and the heartbeat share one lock so a
-re-registration after a reconnect lists exactly this process's members. While Redis is unreachable
-or stalled a publish is refused (`BrokerUnavailable`, never a locally invented number); joins list
-local members and report `history_gone` for any `since` they cannot serve; a
-supervisor greenlet reconnects with capped backoff, then catches each room up from its log.
+The work is split by **shard**: one Redis primary and everything this process does on it (its
+subscription connection, its pipelined publishes, the registration of the members of the rooms whose
+slot it owns, its health, its reconnection). One server or a Sentinel-watched primary is one shard
+holding every room; a Redis Cluster has one per master, each room living on the shard that owns its
+hash slot (sharded pub/sub: SPUBLISH from the scripts, SSUBSCRIBE on that shard). A shard that goes
+away makes only its own rooms `unavailable`; the others keep working.
+
+Publishes, joins and leaves go as a stream of commands on one connection per shard (redis_stream:
+a writer greenlet and a reply reader), so many are in flight at once without a lock; joins and leaves
+hold a shard's members lock shared, the heartbeat and re-registration exclusive, so a re-registration
+after a reconnect lists exactly this process's members. While a shard
+is unreachable or stalled a publish into one of its rooms is refused (`BrokerUnavailable`, never a
+locally invented number); joins list local members and report `history_gone` for any `since` they
+cannot serve; the shard's supervisor greenlet reconnects with capped backoff, then catches each of its
+rooms up from its log.
 """
 
 from __future__ import annotations
@@ -27,15 +36,18 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import gevent
+import orjson
 import redis
-from gevent.event import AsyncResult, Event
+from gevent.event import Event
 from gevent.lock import Semaphore
 from redis.commands.core import Script
 
 from wsapp import protocol
 from wsapp.backends import BrokerUnavailable, Deliver, RelayFrames, RoomView
+from wsapp.backends import redis_stream as stream
 from wsapp.backends import redis_wire as wire
-from wsapp.backends.redis_connect import make_client, where
+from wsapp.backends.redis_connect import detect_cluster, make_client, node_client, where
+from wsapp.backends.redis_stream import pack_command
 from wsapp.config import Settings
 
 log = logging.getLogger(__name__)
@@ -46,50 +58,91 @@ HEARTBEAT_SECONDS = 2.0
 LISTEN_POLL = 0.25  # how long the subscriber waits for a message before looking at its own state
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
-PUBLISH_BATCH = 512  # publishes per pipeline: everything queued meanwhile goes in one round trip
+PUBLISH_BATCH = 512  # rooms per pipeline when registering or keeping members alive
 RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
 RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this the sender waits (pacing) until half have gone
 RESTARTED_TEXT = "the room's numbering restarted (its counter was lost in the broker): new epoch"
 GAP_TEXT = "some messages were missed while the broker was away and are no longer kept"
+SUBSCRIBED = frozenset({"subscribe", "ssubscribe"})
+MESSAGES = frozenset({"message", "smessage"})
+
+
+def _cluster_settling(exc: BaseException) -> bool:
+    """A Cluster refusing for a while (a shard just back, a failover, slots moving), not a real refusal."""
+    return isinstance(exc, redis.exceptions.ClusterDownError) or any(
+        word in str(exc) for word in ("CLUSTERDOWN", "cluster is down", "TRYAGAIN", "MOVED", "ASK ")
+    )
+
+
+class SharedLock:
+    """Many holders at once (`shared`: joins, leaves) or one alone (`exclusive`: re-registration, the
+    heartbeat). A waiting exclusive holder stops new shared ones, so a stream of joins cannot starve
+    the heartbeat; every wait is bounded (redis.TimeoutError: treated as a stuck broker)."""
+
+    def __init__(self) -> None:
+        self._gate = Semaphore()  # held by an exclusive holder for its whole turn
+        self._shared = 0
+        self._idle = Event()  # no shared holder
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def shared(self, timeout: float) -> Iterator[None]:
+        if not self._gate.acquire(timeout=timeout):
+            raise redis.TimeoutError("another Redis call is stuck")
+        self._gate.release()
+        self._shared += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._shared -= 1
+            if not self._shared:
+                self._idle.set()
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float) -> Iterator[None]:
+        deadline = time.monotonic() + timeout
+        if not self._gate.acquire(timeout=timeout):
+            raise redis.TimeoutError("another Redis call is stuck")
+        try:
+            if not self._idle.wait(max(0.0, deadline - time.monotonic())):
+                raise redis.TimeoutError("another Redis call is stuck")
+            yield
+        finally:
+            self._gate.release()
 
 
 class RedisBackend:
-    """Rooms shared through one Redis: numbers, epochs, history, members and every room's delivery."""
+    """Rooms shared through Redis (one server, a Sentinel primary, or a Cluster's shards): numbers,
+    epochs, history, members and every room's delivery."""
 
     name = "redis"
     inline = False
 
     def __init__(self, settings: Settings, timeout: float = 1.0) -> None:
+        self._settings = settings
         self._history = settings.history
         self._timeout = timeout
-        # One server or the Sentinel-watched primary, TLS as configured (redis_connect): fail-fast
-        # timeouts and no redis-py retries, which would hold a reader, and a retried script could
-        # number a message twice.
-        self._client = make_client(settings, timeout)
         self._where = where(settings)
-        self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
-        self._join_script = self._client.register_script(wire.JOIN_SCRIPT)
-        self._catch_up_script = self._client.register_script(wire.CATCH_UP_SCRIPT)
         self._bus = wire.BusIdentity()
-        # Joins, leaves, heartbeats and re-registration: members in Redis are exactly the local ones.
-        self._members_lock = Semaphore()
-        self._healthy = False
-        self._up = False  # what the log last said
-        self._down_since = time.monotonic()
-        self._backoff = MIN_BACKOFF
         self._closing = Event()
-        self._settled = Event()
         self._deliver: Deliver | None = None
-        self._supervisor: gevent.Greenlet | None = None
-        # The live subscription: rooms subscribed (set once Redis confirmed) and confirmations awaited.
-        self._pubsub: Any = None
-        self._subscribed: dict[str, Event] = {}
-        self._confirming: dict[bytes, deque[Event]] = {}
+        # Single server or Sentinel: one shard, made in attach(). Cluster: one per master, made once the
+        # Cluster's slot map is known (the topology greenlet), by node name.
+        self._cluster: Any = None
+        self._shards: dict[str, Shard] = {}
+        self._topology: gevent.Greenlet | None = None
+        self._topology_wake = Event()
+        self._mapped = Event()  # the shards exist (at once on one server; after CLUSTER SLOTS on a Cluster)
         self._cursors = wire.Cursors()
-        # Publishes waiting for the publisher greenlet, which sends all that queued up as one pipeline.
-        self._publishes: deque[tuple[wire.ScriptCall, AsyncResult]] = deque()
-        self._publish_wake = Event()
-        self._publisher: gevent.Greenlet | None = None
+        # Who each local room's members have been told is in it: presence made consistent after a reconnect.
+        self.rosters = wire.Rosters()
+        # Local members whose join script ran and whose own presence event has not come back yet:
+        # that event marks the join's place in the room's stream (JoinGate) and is always delivered.
+        self._marking: set[str] = set()
+        self.epochs = wire.EpochProposals()
+        # Local rooms and their members (for re-registering after a reconnect).
+        self._members: dict[str, dict[str, str]] = {}
         # Relay frames on their way to Redis, in the order this process's clients sent them.
         self._relay_deliver: RelayFrames | None = None
         self._relay_queue: deque[bytes] = deque()
@@ -97,24 +150,29 @@ class RedisBackend:
         self._relay_publisher: gevent.Greenlet | None = None
         self._relay_drained = Event()
         # What /stats and /metrics show of the broker (see `counters`).
-        self._reconnects = 0
+        self.reconnects = 0
         self._relay_waits = 0
         self._messages_in = 0
-        # Local rooms and their members (for re-registering after a reconnect).
-        self._members: dict[str, dict[str, str]] = {}
+
+    @property
+    def sharded(self) -> bool:
+        """True on a Redis Cluster (sharded pub/sub, one shard per master)."""
+        return self._settings.redis_cluster
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        """Every shard answers (on a Cluster, a shard down makes the process `degraded`)."""
+        shards = list(self._shards.values())
+        return bool(shards) and all(shard.healthy for shard in shards)
 
     @property
     def counters(self) -> dict[str, int]:
-        """`broker_reconnects`: times the subscription was lost and made again (Redis restarted, or cut
-        off a subscriber that fell behind past its client-output-buffer-limit); `broker_relay_waits`:
-        times a relay sender waited for Redis to take its backlog; `broker_messages_in`: messages this
-        process received from the broker (its rooms' and the relay's)."""
+        """`broker_reconnects`: times a subscription was lost and made again (Redis restarted, a shard
+        came back, or Redis cut off a subscriber that fell behind past its client-output-buffer-limit);
+        `broker_relay_waits`: times a relay sender waited for Redis to take its backlog;
+        `broker_messages_in`: messages this process received from the broker (its rooms' and the relay's)."""
         return {
-            "broker_reconnects": self._reconnects,
+            "broker_reconnects": self.reconnects,
             "broker_relay_waits": self._relay_waits,
             "broker_messages_in": self._messages_in,
         }
@@ -123,10 +181,20 @@ class RedisBackend:
 
     def attach(self, deliver: Deliver) -> None:
         self._deliver = deliver
-        self._supervisor = gevent.spawn(self._supervise)
-        self._publisher = gevent.spawn(self._publish_forever)
+        if self._settings.redis_url and not self.sharded:
+            self._settings = detect_cluster(self._settings, self._timeout)
+        if self.sharded:
+            self._topology = gevent.spawn(self._map_cluster)
+            self._mapped.wait(3 * self._timeout)
+        else:
+            shard = Shard(self, "primary", make_client(self._settings, self._timeout))
+            self._shards[shard.name] = shard
+            self._mapped.set()
+            shard.start()
         # Start serving with the broker's real state when it answers promptly; never wait long for it.
-        self._settled.wait(3 * self._timeout)
+        deadline = time.monotonic() + 3 * self._timeout
+        for shard in list(self._shards.values()):
+            shard.settled.wait(max(0.0, deadline - time.monotonic()))
 
     def attach_relay(self, deliver: RelayFrames) -> RelayFrames | None:
         self._relay_deliver = deliver
@@ -134,58 +202,79 @@ class RedisBackend:
         return self._share_relay
 
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
-        if not self._healthy:
+        shard = self.shard_of(room)
+        if shard is None or not shard.healthy:
             raise BrokerUnavailable("the broker is unreachable")
-        call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history, origin)
-        result: AsyncResult = AsyncResult()
-        self._publishes.append((call, result))
-        if len(self._publishes) == 1:
-            self._publish_wake.set()
-        try:
-            # The publisher always answers (its own calls time out); this bound only guards against a bug.
-            return int(result.get(timeout=4 * self._timeout))
-        except gevent.Timeout:
-            raise BrokerUnavailable("the broker did not answer in time (the message may still be delivered)") from None
+        return shard.publish(room, head, tail, origin)
 
     def join(
         self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None, epoch: str | None
     ) -> RoomView:
         self._members.setdefault(room, {})[member_id] = name
-        if self._healthy:
+        shard = self.shard_of(room)
+        if shard is not None and shard.healthy:
             try:
-                self._subscribe(room)
-                with self._members_locked():
-                    call = wire.join_call(self._bus.incarnation, room, member_id, name, presence, since, epoch)
-                    seq, names, replay, gone, room_epoch = self._run(self._join_script, call)
+                shard.subscribe(room)
+                if presence is not None:
+                    self._marking.add(member_id)
+                with shard.members_lock.shared(self._timeout):
+                    call = wire.join_call(shard.incarnation, room, member_id, name, presence, since, epoch,
+                                          self.sharded)
+                    reply = shard.stream_call(shard.script_command(shard.join_script, call))
+                if isinstance(reply, Exception):
+                    raise reply
+                seq, names, replay, gone, room_epoch, fields = reply
                 room_epoch = room_epoch.decode()
                 self._cursors.start(room, room_epoch, int(seq))
+                listed = {wire.field_member(f)[1]: n.decode() for f, n in zip(fields, names, strict=True)}
+                self.rosters.start(room, listed)
                 return RoomView(int(seq), [n.decode() for n in names], list(replay), bool(gone), room_epoch)
-            except (redis.RedisError, OSError) as exc:
-                self._lost(exc)
+            except (redis.RedisError, OSError, BrokerUnavailable) as exc:
+                self._marking.discard(member_id)
+                shard.lost(exc)
         # Without the broker: what this process last saw, nothing replayed, and said so if anything is missed.
+        # The member list is what this process's members were told (its roster), joiner included.
         known_epoch, seq = self._cursors.position(room) or ("", 0)
         gone = since is not None and (since != seq or (epoch is not None and epoch != known_epoch))
-        return RoomView(seq, None, [], gone, known_epoch, delivered=False)
+        self.rosters.start(room, self._members[room])
+        self.rosters.apply(room, "join", member_id, name)
+        return RoomView(seq, self.rosters.names(room), [], gone, known_epoch, delivered=False)
 
     def leave(self, room: str, member_id: str, presence: bytes) -> bool:
+        self._marking.discard(member_id)
+        shard = self.shard_of(room)
+        if shard is None or not shard.healthy:
+            self.rosters.apply(room, "leave", member_id, "")  # the hub tells local members itself
         local = self._members.get(room)
+        emptied = False
         if local is not None:
             local.pop(member_id, None)
             if not local:
+                emptied = True
                 del self._members[room]
-                self._unsubscribe(room)
-        if not self._healthy:
+                self._cursors.forget(room)
+                self.rosters.forget(room)
+        if shard is None:
+            return False
+        if emptied:
+            shard.unsubscribe(room)
+        if not shard.healthy:
             return False
         try:
-            with self._members_locked():
-                incarnation = self._bus.incarnation
-                pipe = self._client.pipeline(transaction=False)
-                pipe.hdel(wire.room_key(room, "members"), wire.member_field(incarnation, member_id))
-                pipe.publish(wire.room_channel(room), wire.envelope(incarnation, room, 0, presence, origin=member_id))
-                pipe.execute()
+            with shard.members_lock.shared(self._timeout):
+                incarnation = shard.incarnation
+                commands = [pack_command((b"HDEL", wire.room_key(room, "members"),
+                                          wire.member_field(incarnation, member_id)))]
+                if emptied:  # this process no longer needs to count as alive in the room
+                    commands.append(pack_command((b"ZREM", wire.room_key(room, "procs"), incarnation)))
+                commands.append(pack_command((wire.publish_command(self.sharded), wire.room_channel(room),
+                                              wire.envelope(incarnation, room, 0, presence, origin=member_id))))
+                reply = shard.stream_call(*commands)
+            if isinstance(reply, Exception):
+                raise reply
             return True
-        except (redis.RedisError, OSError) as exc:
-            self._lost(exc)
+        except (redis.RedisError, OSError, BrokerUnavailable) as exc:
+            shard.lost(exc)
             return False
 
     def room_emptied(self, room: str) -> None:
@@ -193,301 +282,102 @@ class RedisBackend:
 
     def close(self) -> None:
         self._closing.set()
-        if self._supervisor is not None:
-            self._supervisor.kill(timeout=self._timeout)
-        for greenlet in (self._relay_publisher, self._publisher):
+        for greenlet in (self._topology, self._relay_publisher):
             if greenlet is not None:
                 greenlet.kill(timeout=self._timeout)
-        # Members of this process stop being listed now rather than PROC_TTL from now.
-        self._call(lambda: self._client.delete(wire.proc_key(self._bus.incarnation)))
-        self._healthy = False
-        self._client.close()
+        for shard in list(self._shards.values()):
+            shard.close()
+        if self._cluster is not None:
+            with contextlib.suppress(Exception):
+                self._cluster.close()
 
-    # ---- per-room subscriptions -----------------------------------------------------------------
+    # ---- rooms and shards -----------------------------------------------------------------------
 
-    def _subscribe(self, room: str) -> None:
-        """Make sure the room's channel is subscribed, waiting for Redis to confirm it (so the join
-        script, which runs after, can miss nothing)."""
-        confirmed = self._subscribed.get(room)
-        if confirmed is None:
-            if self._pubsub is None:
-                raise redis.ConnectionError("not subscribed to the broker")
-            confirmed = self._subscribed[room] = Event()
-            channel = wire.room_channel(room)
-            self._confirming.setdefault(channel.encode(), deque()).append(confirmed)
-            self._pubsub.subscribe(channel)
-        if not confirmed.wait(self._timeout):
-            raise redis.TimeoutError("no subscribe confirmation")
+    def shard_of(self, room: str) -> Shard | None:
+        """The shard that owns `room`'s slot; None while a Cluster's slot map is unknown."""
+        return self._shard_of_channel(wire.room_channel(room))
 
-    def _unsubscribe(self, room: str) -> None:
-        self._cursors.forget(room)
-        if self._subscribed.pop(room, None) is not None and self._pubsub is not None and self._healthy:
-            try:
-                self._pubsub.unsubscribe(wire.room_channel(room))
-            except (redis.RedisError, OSError) as exc:
-                self._lost(exc)
-
-    def _on_confirmation(self, message: dict[str, Any]) -> None:
-        waiting = self._confirming.get(message["channel"])
-        if waiting:
-            waiting.popleft().set()
-            if not waiting:
-                del self._confirming[message["channel"]]
-
-    # ---- room publishes: pipelined from one greenlet --------------------------------------------
-
-    def _publish_forever(self) -> None:
-        """Send every queued publish as one pipeline of EVALSHAs: many in flight per round trip (no
-        lock held across one), executed by Redis in queue order; each caller gets its own reply."""
-        queue = self._publishes
-        while True:
-            if not queue:
-                self._publish_wake.clear()
-                self._publish_wake.wait()
-                continue
-            batch = [queue.popleft() for _ in range(min(len(queue), PUBLISH_BATCH))]
-            if not self._healthy:
-                for _, result in batch:
-                    result.set_exception(BrokerUnavailable("the broker is unreachable"))
-                continue
-            try:
-                replies = self._evalsha_pipeline(batch)
-            except redis.TimeoutError as exc:
-                self._lost(exc)
-                failure = BrokerUnavailable("the broker did not answer in time (the message may still be delivered)")
-                for _, result in batch:
-                    result.set_exception(failure)
-                continue
-            except (redis.RedisError, OSError) as exc:
-                self._lost(exc)
-                for _, result in batch:
-                    result.set_exception(BrokerUnavailable("the broker is unreachable"))
-                continue
-            for (_, result), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, Exception):  # refused (out of memory, a read-only replica): it did not run
-                    result.set_exception(BrokerUnavailable(f"the broker refused the message ({reply})"))
-                else:
-                    result.set(reply[0])
-
-    def _evalsha_pipeline(self, batch: list[tuple[wire.ScriptCall, AsyncResult]]) -> list[Any]:
-        script = self._publish_script
-        for attempt in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            for call, _ in batch:
-                pipe.execute_command("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
-            replies = pipe.execute(raise_on_error=False)
-            if attempt or not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-                return replies  # type: ignore[no-any-return]
-            # Redis lost its script cache (a restart, SCRIPT FLUSH): nothing ran. Load it, send again.
-            self._client.script_load(wire.PUBLISH_SCRIPT)
-        raise AssertionError("unreachable")
-
-    # ---- the relay: one PUBLISH per message, sent from one greenlet -----------------------------
-
-    def _share_relay(self, frame: bytes) -> None:
-        """Queue one of this process's relay frames for the others. The sender's reader does not wait
-        on Redis round trips, only when Redis falls RELAY_BACKLOG frames behind: then it waits (pacing
-        its client, as for a slow local reader) until half of them have gone."""
-        if not self._healthy:
-            return  # like rooms: while the broker is away, local clients only
-        queue = self._relay_queue
-        if len(queue) >= RELAY_BACKLOG:
-            self._relay_waits += 1
-            while len(queue) >= RELAY_BACKLOG // 2 and self._healthy:
-                self._relay_drained.clear()
-                self._relay_drained.wait(self._timeout)
-            if not self._healthy:
-                return
-        queue.append(frame)
-        if len(queue) == 1:
-            self._relay_wake.set()
-
-    def _publish_relay_forever(self) -> None:
-        queue = self._relay_queue
-        while True:
-            if len(queue) < RELAY_BACKLOG // 2:
-                self._relay_drained.set()
-            if not queue:
-                self._relay_wake.clear()
-                self._relay_wake.wait()
-                continue
-            batch = [queue.popleft() for _ in range(min(len(queue), RELAY_BATCH))]
-            prefix = wire.relay_prefix(self._bus.incarnation)
-
-            def send(batch: list[bytes] = batch, prefix: bytes = prefix) -> None:
-                pipe = self._client.pipeline(transaction=False)
-                for frame in batch:
-                    pipe.publish(wire.RELAY_CHANNEL, prefix + frame)
-                pipe.execute()
-
-            # Broker down: the batch is dropped (the relay keeps nothing) and _share_relay stops queueing.
-            if self._call(send) is None and not self._healthy:
-                queue.clear()
-                self._relay_drained.set()
-
-    # ---- Redis calls ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _run(script: Script, call: wire.ScriptCall, client: Any = None) -> Any:
-        return script(keys=call.keys, args=call.args, client=client)
-
-    @contextlib.contextmanager
-    def _members_locked(self) -> Iterator[None]:
-        if self._members_lock.linkcount():
-            # Others are waiting: let them go first (gevent's Semaphore is not fair, and a burst of
-            # joins could otherwise starve the heartbeat past its timeout).
-            gevent.sleep(0)
-        if not self._members_lock.acquire(timeout=self._timeout):
-            raise redis.TimeoutError("another Redis call is stuck")
-        try:
-            yield
-        finally:
-            self._members_lock.release()
-
-    def _call(self, fn: Callable[[], T]) -> T | None:
-        """`fn()` against Redis, or None at once while the broker is down (or when this call finds it down)."""
-        if not self._healthy:
+    def _shard_of_channel(self, channel: str) -> Shard | None:
+        if not self.sharded:
+            return self._shards.get("primary")
+        if self._cluster is None:
             return None
         try:
-            return fn()
-        except (redis.RedisError, OSError) as exc:
-            self._lost(exc)
+            node = self._cluster.nodes_manager.get_node_from_slot(self._cluster.keyslot(channel))
+        except redis.RedisError:  # SlotNotCoveredError: a slot no master serves (being resharded)
             return None
+        return self._shards.get(node.name)
 
-    def _lost(self, exc: BaseException) -> None:
-        self._healthy = False
-        if self._up:
-            self._up = False
-            self._down_since = time.monotonic()
-            log.warning(
-                "broker lost (redis %s: %s); serving local members only, reconnecting", self._where, exc
-            )
+    def relay_shard(self) -> Shard | None:
+        return self._shard_of_channel(wire.RELAY_CHANNEL)
 
-    # ---- the supervisor: subscriber, heartbeat, reconnection ------------------------------------
+    def rooms_of(self, shard: Shard) -> list[str]:
+        """The local rooms whose slot `shard` owns."""
+        if not self.sharded:
+            return list(self._members)
+        return [room for room in list(self._members) if self.shard_of(room) is shard]
 
-    def _supervise(self) -> None:
+    def members_of(self, room: str) -> dict[str, str]:
+        return self._members.get(room, {})
+
+    def topology_changed(self) -> None:
+        """A shard could not be reached: ask the Cluster for its slot map again (a replica may have been
+        promoted, slots moved); rooms that changed owner are taken up by their new shard."""
+        self._topology_wake.set()
+
+    def _map_cluster(self) -> None:
+        """Build the Cluster client (retrying until a node answers), make a shard per master, and make
+        them again whenever the slot map's masters change."""
+        backoff = MIN_BACKOFF
         while not self._closing.is_set():
-            pubsub = self._client.pubsub()
             try:
-                early = self._subscribe_all(pubsub)
-                with self._members_locked():
-                    # From here joins and leaves wait for this lock instead of skipping Redis, so the
-                    # members registered below are exactly this process's members.
-                    self._healthy = True
-                    self._register_again()
-                self._catch_up()
-                for data in early:
-                    self._on_message(data)
-                self._announce_up()
-                self._listen(pubsub)
-            except Exception as exc:  # whatever breaks, the supervisor must carry on
-                if not isinstance(exc, (redis.RedisError, OSError)):
-                    log.exception("broker supervisor failed")
-                elif not self._up and not self._settled.is_set():
-                    log.warning(
-                        "broker unreachable (redis %s: %s); serving local members only, retrying", self._where, exc
-                    )
-                self._lost(exc)
-            finally:
-                self._settled.set()
-                self._pubsub = None
-                with contextlib.suppress(redis.RedisError, OSError):
-                    pubsub.close()
-            if self._closing.wait(self._backoff):
-                break
-            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
-
-    def _subscribe_all(self, pubsub: Any) -> list[bytes]:
-        """Subscribe to the relay and every local room, and wait for Redis to confirm all of them.
-        Returns the room messages that came meanwhile (delivered after the catch-up)."""
-        rooms = list(self._members)
-        self._subscribed = {room: Event() for room in rooms}
-        self._confirming = {}
-        channels = [wire.RELAY_CHANNEL, *(wire.room_channel(room) for room in rooms)]
-        pubsub.subscribe(*channels)
-        self._pubsub = pubsub
-        early: list[bytes] = []
-        pending = len(channels)
-        deadline = time.monotonic() + self._timeout * (1 + len(channels) // 1000)
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise redis.TimeoutError("no subscribe confirmation")
-            message = pubsub.get_message(timeout=left)
-            if message is None:
+                if self._cluster is None:
+                    self._cluster = make_client(self._settings, self._timeout)
+                else:
+                    self._cluster.nodes_manager.initialize()
+                self._adopt_masters()
+                backoff = MIN_BACKOFF
+                self._mapped.set()
+            except Exception as exc:  # redis-py raises RedisClusterException (not a RedisError) too
+                if not self._mapped.is_set():
+                    log.warning("broker unreachable (redis %s: %s); serving local members only, retrying",
+                                self._where, exc)
+                    self._mapped.set()  # nothing to wait for: serve degraded at once
+                if self._closing.wait(backoff):
+                    return
+                backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
-            if message["type"] == "subscribe":
-                room = wire.channel_room(message["channel"])
-                if room is not None and room in self._subscribed:
-                    self._subscribed[room].set()
-                pending -= 1
-            elif message["type"] == "message":
-                early.append(message["data"])
-        return early
+            self._topology_wake.clear()
+            self._topology_wake.wait()
+            if self._closing.wait(MIN_BACKOFF):  # several shards may report at once
+                return
 
-    def _register_again(self) -> None:
-        """Start a new incarnation holding every local member; retire the previous one."""
-        previous = self._bus.incarnation
-        incarnation = self._bus.next_incarnation()
-        pipe = self._client.pipeline(transaction=False)
-        pipe.delete(wire.proc_key(previous))
-        pipe.set(wire.proc_key(incarnation), 1, ex=wire.PROC_TTL)
-        for room, members in self._members.items():
-            key = wire.room_key(room, "members")
-            pipe.hset(key, mapping={wire.member_field(incarnation, m): n for m, n in members.items()})
-            pipe.expire(key, wire.MEMBERS_TTL)
-        pipe.execute()
+    def _adopt_masters(self) -> None:
+        """Shards for the slot map's masters; rooms whose slot changed owner are subscribed again on
+        their new shard (the shards they left and joined start over: subscribe, register, catch up)."""
+        masters = {node.name: node for node in self._cluster.get_primaries()}
+        gone = [shard for name, shard in self._shards.items() if name not in masters]
+        for name, node in masters.items():
+            if name not in self._shards:
+                shard = Shard(self, name, node_client(self._cluster, node))
+                self._shards[name] = shard
+                shard.start()
+        for shard in gone:  # no longer a master (a replica took over): its rooms belong to another shard
+            del self._shards[shard.name]
+            shard.close()
+        moved = {(shard, self.shard_of(room)) for shard in self._shards.values()
+                 for room in shard.subscribed_rooms() if room in self._members and self.shard_of(room) is not shard}
+        if gone or moved:
+            log.warning("broker: the Cluster's slot map changed (%s); rooms move to their new shards",
+                        ", ".join([f"{shard.name} is no longer a master" for shard in gone]
+                                  + [f"rooms moved from {a.name}" for a, _ in moved]))
+            restart = set(self._shards.values()) if gone else {s for pair in moved for s in pair if s is not None}
+            for shard in restart:
+                shard.restart()
 
-    def _catch_up(self) -> None:
-        """After a reconnection: deliver what each room's members missed meanwhile, from its log."""
-        for room, epoch, last in self._cursors.rooms():
-            current_epoch, current, missed = self._run(self._catch_up_script, wire.catch_up_call(room, last))
-            if current_epoch is None or current_epoch.decode() != epoch:
-                continue  # a new life: the room's next message tells its members (RESTARTED)
-            if current > last and (not missed or int(wire.message_seq(missed[0])) > last + 1):
-                self._notify(room, protocol.error(protocol.HISTORY_GONE, GAP_TEXT, room=room, epoch=epoch))
-            for payload in missed:
-                self._on_room_event(room, wire.message_seq(payload), epoch, None, payload)
+    # ---- deliveries -----------------------------------------------------------------------------
 
-    def _announce_up(self) -> None:
-        if not self._up:
-            if self._settled.is_set():
-                self._reconnects += 1
-                log.warning("broker back (redis %s) after %.1fs", self._where, time.monotonic() - self._down_since)
-            else:
-                log.info("broker connected (redis %s)", self._where)
-            self._up = True
-
-    def _listen(self, pubsub: Any) -> None:
-        self._settled.set()
-        next_beat = time.monotonic() + HEARTBEAT_SECONDS
-        while self._healthy and not self._closing.is_set():
-            message = pubsub.get_message(timeout=LISTEN_POLL)
-            if message is not None:
-                kind = message["type"]
-                if kind == "message":
-                    self._on_message(message["data"])
-                elif kind == "subscribe":
-                    self._on_confirmation(message)
-            if time.monotonic() >= next_beat:
-                self._heartbeat()
-                next_beat = time.monotonic() + HEARTBEAT_SECONDS
-
-    def _heartbeat(self) -> None:
-        with self._members_locked():
-            pipe = self._client.pipeline(transaction=False)
-            pipe.set(wire.proc_key(self._bus.incarnation), 1, ex=wire.PROC_TTL, get=True)
-            for room in self._members:
-                pipe.expire(wire.room_key(room, "members"), wire.MEMBERS_TTL)
-            alive = pipe.execute()[0]
-            if alive is None:
-                # Our key expired (this process stalled past PROC_TTL, or Redis lost it) and others may
-                # have dropped our members as dead: register them again.
-                log.warning("broker: liveness key had expired; registering local members again")
-                self._register_again()
-        self._backoff = MIN_BACKOFF
-
-    def _on_message(self, data: bytes) -> None:
+    def on_message(self, data: bytes) -> None:
         self._messages_in += 1
         try:
             message = wire.parse_envelope(data)
@@ -499,24 +389,42 @@ class RedisBackend:
             if not own:
                 self._on_relay(message.payload)
             return
-        self._on_room_event(message.room, message.seq, message.epoch, message.origin if own else None, message.payload)
+        if not message.seq and message.origin is not None and message.room in self._members:
+            try:
+                event = orjson.loads(message.payload)
+                news = self.rosters.apply(message.room, event["event"], message.origin, event["who"])
+            except (ValueError, KeyError, TypeError):
+                news = True  # not a presence event this version knows: deliver it as before
+            if own and message.origin in self._marking:
+                self._marking.discard(message.origin)
+                news = True
+            if not news:
+                return
+        self.on_room_event(message.room, message.seq, message.epoch, message.origin if own else None, message.payload)
 
-    def _on_room_event(self, room: str, seq: int, epoch: str, origin: str | None, payload: bytes) -> None:
+    def on_room_event(self, room: str, seq: int, epoch: str, origin: str | None, payload: bytes) -> None:
         if room not in self._members:
             return  # in flight when the last local member left
         verdict = self._cursors.offer(room, seq, epoch)
         if verdict is wire.Verdict.REPEAT:
             return
         if verdict is wire.Verdict.RESTARTED:
-            self._notify(room, protocol.error(protocol.HISTORY_GONE, RESTARTED_TEXT, room=room, epoch=epoch))
-        self._notify(room, payload, seq, origin)
+            self.notify(room, protocol.error(protocol.HISTORY_GONE, RESTARTED_TEXT, room=room, epoch=epoch))
+        self.notify(room, payload, seq, origin)
 
-    def _notify(self, room: str, payload: bytes, seq: int = 0, origin: str | None = None) -> None:
+    def notify(self, room: str, payload: bytes, seq: int = 0, origin: str | None = None) -> None:
         if self._deliver is not None:
             try:
                 self._deliver(room, seq, origin, payload)
             except Exception:
                 log.exception("broker: delivering a room event failed")
+
+    def cursor_rooms(self, shard: Shard) -> list[tuple[str, str, int]]:
+        """(room, epoch, last seq delivered) of the local rooms `shard` owns."""
+        return [entry for entry in self._cursors.rooms() if self.shard_of(entry[0]) is shard]
+
+    def forget_cursor(self, room: str) -> None:
+        self._cursors.forget(room)
 
     def _on_relay(self, frame: bytes) -> None:
         if self._relay_deliver is not None:
@@ -524,3 +432,442 @@ class RedisBackend:
                 self._relay_deliver(frame)
             except Exception:
                 log.exception("broker: delivering a relay message from another process failed")
+
+    # ---- the relay: one PUBLISH per message, sent from one greenlet -----------------------------
+
+    def _share_relay(self, frame: bytes) -> None:
+        """Queue one of this process's relay frames for the others. The sender's reader does not wait
+        on Redis round trips, only when Redis falls RELAY_BACKLOG frames behind: then it waits (pacing
+        its client, as for a slow local reader) until half of them have gone."""
+        shard = self.relay_shard()
+        if shard is None or not shard.healthy:
+            return  # like rooms: while the broker is away, local clients only
+        queue = self._relay_queue
+        if len(queue) >= RELAY_BACKLOG:
+            self._relay_waits += 1
+            while len(queue) >= RELAY_BACKLOG // 2 and shard.healthy:
+                self._relay_drained.clear()
+                self._relay_drained.wait(self._timeout)
+            if not shard.healthy:
+                return
+        queue.append(frame)
+        if len(queue) == 1:
+            self._relay_wake.set()
+
+    def _publish_relay_forever(self) -> None:
+        queue = self._relay_queue
+        command = wire.publish_command(self.sharded)
+        while True:
+            if len(queue) < RELAY_BACKLOG // 2:
+                self._relay_drained.set()
+            if not queue:
+                self._relay_wake.clear()
+                self._relay_wake.wait()
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), RELAY_BATCH))]
+            shard = self.relay_shard()
+            if shard is None:
+                queue.clear()
+                continue
+            prefix = wire.relay_prefix(shard.incarnation)
+
+            def send(batch: list[bytes] = batch, prefix: bytes = prefix, shard: Shard = shard) -> None:
+                pipe = shard.client.pipeline(transaction=False)
+                for frame in batch:
+                    pipe.execute_command(command, wire.RELAY_CHANNEL, prefix + frame)
+                pipe.execute()
+
+            # Broker down: the batch is dropped (the relay keeps nothing) and _share_relay stops queueing.
+            if shard.call(send) is None and not shard.healthy:
+                queue.clear()
+                self._relay_drained.set()
+
+
+class Shard:
+    """One Redis primary and this process's work on it: the subscription to its rooms' channels (and
+    the relay's, if its slot is here), their members' registration and heartbeat, their publishes,
+    health and reconnection. A shard's failure makes only its own rooms unavailable."""
+
+    def __init__(self, backend: RedisBackend, name: str, client: Any) -> None:
+        self.backend = backend
+        self.name = name
+        # Fail-fast timeouts and no redis-py retries (redis_connect): a retry would hold a reader, and a
+        # retried script could number a message twice.
+        self.client = client
+        self._timeout = backend._timeout
+        self._sharded = backend.sharded
+        self.publish_script: Script = client.register_script(wire.PUBLISH_SCRIPT)
+        self.join_script: Script = client.register_script(wire.JOIN_SCRIPT)
+        self._catch_up_script: Script = client.register_script(wire.CATCH_UP_SCRIPT)
+        self._heartbeat_script: Script = client.register_script(wire.HEARTBEAT_SCRIPT)
+        self.incarnation = backend._bus.next_incarnation()
+        # Joins and leaves (shared) against heartbeats and re-registration (exclusive): members in Redis
+        # are exactly the local ones, and joins of many members run at once.
+        self.members_lock = SharedLock()
+        self.healthy = False
+        self._up = False  # what the log last said
+        self._down_since = time.monotonic()
+        self._backoff = MIN_BACKOFF
+        self._closing = Event()
+        self.settled = Event()
+        self._supervisor: gevent.Greenlet | None = None
+        # The live subscription: rooms subscribed (set once Redis confirmed) and confirmations awaited.
+        self._pubsub: Any = None
+        self._subscribed: dict[str, Event] = {}
+        self._confirming: dict[bytes, deque[Event]] = {}
+        # SUNSUBSCRIBEs sent and not yet confirmed, by channel: any other `sunsubscribe` is Redis
+        # dropping a subscription because the slot moved to another shard.
+        self._unsubscribing: dict[bytes, int] = {}
+        # Room publishes, joins and leaves: written to one connection as they come, replies read as they arrive.
+        pool = client.connection_pool
+        self._stream = stream.CommandStream(pool.get_connection, pool.release, self.lost, lambda: self.healthy,
+                                            self._retry_script)
+        self._publish_commands = wire.PublishCommands(self.publish_script.sha, backend._history, self._sharded)
+
+    @property
+    def where(self) -> str:
+        return self.backend._where if not self._sharded else f"{self.backend._where}, shard {self.name}"
+
+    def start(self) -> None:
+        self._supervisor = gevent.spawn(self._supervise)
+        self._stream.start()
+
+    def subscribed_rooms(self) -> list[str]:
+        return list(self._subscribed)
+
+    def restart(self) -> None:
+        """Drop the subscription so the supervisor makes it again (rooms may have changed owner)."""
+        if self.healthy:
+            self.lost(redis.ConnectionError("the Cluster's slot map changed"))
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._supervisor is not None:
+            self._supervisor.kill(timeout=self._timeout)
+        self._stream.close(self._timeout)
+
+        def withdraw() -> None:
+            # Members of this process stop being listed now rather than PROC_TTL from now.
+            pipe = self.client.pipeline(transaction=False)
+            for room in self.backend.rooms_of(self):
+                pipe.zrem(wire.room_key(room, "procs"), self.incarnation)
+                fields = [wire.member_field(self.incarnation, m) for m in self.backend.members_of(room)]
+                if fields:
+                    pipe.hdel(wire.room_key(room, "members"), *fields)
+            pipe.execute()
+
+        self.call(withdraw)
+        self.healthy = False
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+    # ---- per-room subscriptions -----------------------------------------------------------------
+
+    def subscribe(self, room: str) -> None:
+        """Make sure the room's channel is subscribed, waiting for Redis to confirm it (so the join
+        script, which runs after, can miss nothing)."""
+        confirmed = self._subscribed.get(room)
+        if confirmed is None:
+            if self._pubsub is None:
+                raise redis.ConnectionError("not subscribed to the broker")
+            confirmed = self._subscribed[room] = Event()
+            channel = wire.room_channel(room)
+            self._confirming.setdefault(channel.encode(), deque()).append(confirmed)
+            self._send_subscribe(self._pubsub, [channel])
+        if not confirmed.wait(self._timeout):
+            raise redis.TimeoutError("no subscribe confirmation")
+
+    def unsubscribe(self, room: str) -> None:
+        if self._subscribed.pop(room, None) is not None and self._pubsub is not None and self.healthy:
+            try:
+                if self._sharded:
+                    channel = wire.room_channel(room)
+                    self._unsubscribing[channel.encode()] = self._unsubscribing.get(channel.encode(), 0) + 1
+                    self._pubsub.sunsubscribe(channel)
+                else:
+                    self._pubsub.unsubscribe(wire.room_channel(room))
+            except (redis.RedisError, OSError) as exc:
+                self.lost(exc)
+
+    def _send_subscribe(self, pubsub: Any, channels: list[str]) -> None:
+        if self._sharded:
+            # One SSUBSCRIBE per channel: channels of different slots cannot share one (CROSSSLOT).
+            for channel in channels:
+                pubsub.ssubscribe(channel)
+        else:
+            pubsub.subscribe(*channels)
+
+    def _on_sunsubscribe(self, channel: bytes) -> None:
+        pending = self._unsubscribing.get(channel, 0)
+        if pending > 1:
+            self._unsubscribing[channel] = pending - 1
+        elif pending:
+            del self._unsubscribing[channel]
+        else:  # not ours: Redis dropped the subscription because the room's slot moved to another shard
+            raise redis.ConnectionError("a room's slot moved to another shard")
+
+    def _on_confirmation(self, message: dict[str, Any]) -> None:
+        waiting = self._confirming.get(message["channel"])
+        if waiting:
+            waiting.popleft().set()
+            if not waiting:
+                del self._confirming[message["channel"]]
+
+    # ---- room publishes, joins and leaves: a stream of commands on one connection (redis_stream) --
+
+    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
+        command = self._publish_commands.command(self.incarnation, room, head, tail, origin,
+                                                 self.backend.epochs.propose())
+        reply = self.stream_call(command)
+        if isinstance(reply, Exception):  # refused (out of memory, a read-only replica, MOVED): it did not run
+            if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
+                self.backend.topology_changed()
+            raise BrokerUnavailable(f"the broker refused the message ({reply})")
+        return int(reply[0])
+
+    @staticmethod
+    def script_command(script: Script, call: wire.ScriptCall) -> bytes:
+        return pack_command((b"EVALSHA", script.sha, len(call.keys), *call.keys, *call.args))
+
+    def stream_call(self, *commands: bytes) -> Any:
+        """Send commands on the stream (publishes, joins, leaves: many in flight on one connection,
+        however many callers); the last one's reply (an error reply as an exception value)."""
+        results = [self._stream.submit(command) for command in commands]
+        # No timeout of our own (a gevent Timeout per publish cost 5% of its CPU): the stream answers
+        # every command, its socket reads and writes time out, and closing it fails what is left.
+        return [result.get() for result in results][-1]
+
+    def _retry_script(self, error: Exception) -> bool:
+        """NOSCRIPT: Redis lost its script cache (a restart, SCRIPT FLUSH) and the call did not run.
+        Load the scripts; the stream sends the call again."""
+        if not isinstance(error, redis.exceptions.NoScriptError):
+            return False
+        for script in (wire.PUBLISH_SCRIPT, wire.JOIN_SCRIPT):
+            self.client.script_load(script)
+        return True
+
+    # ---- Redis calls ----------------------------------------------------------------------------
+
+    @staticmethod
+    def run(script: Script, call: wire.ScriptCall, client: Any = None) -> Any:
+        return script(keys=call.keys, args=call.args, client=client)
+
+    def call(self, fn: Callable[[], T]) -> T | None:
+        """`fn()` against Redis, or None at once while the shard is down (or when this call finds it down)."""
+        if not self.healthy:
+            return None
+        try:
+            return fn()
+        except (redis.RedisError, OSError) as exc:
+            self.lost(exc)
+            return None
+
+    def lost(self, exc: BaseException) -> None:
+        self.healthy = False
+        if self._up:
+            self._up = False
+            self._down_since = time.monotonic()
+            log.warning("broker lost (redis %s: %s); serving local members only, reconnecting", self.where, exc)
+
+    # ---- the supervisor: subscriber, heartbeat, reconnection ------------------------------------
+
+    def _supervise(self) -> None:
+        while not self._closing.is_set():
+            pubsub = self.client.pubsub()
+            try:
+                early = self._subscribe_all(pubsub)
+                self._stream.reset()
+                with self.members_lock.exclusive(self._timeout):
+                    # From here joins and leaves wait for this lock instead of skipping Redis, so the
+                    # members registered below are exactly this process's members.
+                    self.healthy = True
+                    self._register_again()
+                self._catch_up()
+                self._resync_presence()
+                for data in early:
+                    self.backend.on_message(data)
+                self._announce_up()
+                self._listen(pubsub)
+            except Exception as exc:  # whatever breaks, the supervisor must carry on
+                if not isinstance(exc, (redis.RedisError, OSError)):
+                    log.exception("broker supervisor failed")
+                elif isinstance(exc, redis.ResponseError) and not (self._sharded and _cluster_settling(exc)):
+                    # not an outage: say what Redis refused, every time
+                    hint = "" if self._sharded or "MOVED" not in str(exc) else (
+                        ": REDIS_URL is a Redis Cluster node (it did not answer at start-up to be recognised); "
+                        "set WSAPP_REDIS_CLUSTER=1 and restart")
+                    log.error("broker: redis %s refused a command (%s)%s; retrying", self.where, exc, hint)
+                elif not self._up and not self.settled.is_set():
+                    log.warning(
+                        "broker unreachable (redis %s: %s); serving local members only, retrying", self.where, exc
+                    )
+                self.lost(exc)
+            finally:
+                self.settled.set()
+                self._pubsub = None
+                with contextlib.suppress(redis.RedisError, OSError):
+                    pubsub.close()
+            if self._sharded:
+                self.backend.topology_changed()
+            if self._closing.wait(self._backoff):
+                break
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    def _subscribe_all(self, pubsub: Any) -> list[bytes]:
+        """Subscribe to every local room of this shard (and the relay if it lives here), and wait for
+        Redis to confirm all of them. Returns the room messages that came meanwhile (delivered after
+        the catch-up)."""
+        rooms = self.backend.rooms_of(self)
+        self._subscribed = {room: Event() for room in rooms}
+        self._confirming = {}
+        self._unsubscribing = {}
+        channels = [wire.room_channel(room) for room in rooms]
+        if self.backend.relay_shard() is self:
+            channels.insert(0, wire.RELAY_CHANNEL)
+        if not channels:
+            self.client.ping()  # nothing to subscribe to yet: a shard that does not answer shows now
+            channels_left = 0
+        else:
+            self._send_subscribe(pubsub, channels)
+            channels_left = len(channels)
+        self._pubsub = pubsub
+        early: list[bytes] = []
+        deadline = time.monotonic() + self._timeout * (1 + len(channels) // 1000)
+        while channels_left:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise redis.TimeoutError("no subscribe confirmation")
+            message = pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            if message["type"] in SUBSCRIBED:
+                room = wire.channel_room(message["channel"])
+                if room is not None and room in self._subscribed:
+                    self._subscribed[room].set()
+                channels_left -= 1
+            elif message["type"] in MESSAGES:
+                early.append(message["data"])
+        return early
+
+    def _register_again(self) -> None:
+        """Start a new incarnation holding every local member of this shard's rooms; retire the previous one."""
+        previous = self.incarnation
+        incarnation = self.incarnation = self.backend._bus.next_incarnation()
+        rooms = self.backend.rooms_of(self)
+        for start in range(0, len(rooms), PUBLISH_BATCH):
+            pipe = self.client.pipeline(transaction=False)
+            for room in rooms[start:start + PUBLISH_BATCH]:
+                pipe.zrem(wire.room_key(room, "procs"), previous)
+                self._register_room(pipe, room, incarnation)
+            pipe.execute()
+
+    def _register_room(self, pipe: Any, room: str, incarnation: str) -> None:
+        members = self.backend.members_of(room)
+        if members:
+            pipe.hset(wire.room_key(room, "members"),
+                      mapping={wire.member_field(incarnation, m): n for m, n in members.items()})
+        self.run(self._heartbeat_script, wire.heartbeat_call(incarnation, room), client=pipe)
+        # Announce them again: a process that re-read the room's members before this registration
+        # learns of them here (processes that already list them deliver nothing: see Rosters).
+        channel = wire.room_channel(room)
+        command = wire.publish_command(self._sharded)
+        for member_id, name in members.items():
+            pipe.execute_command(command, channel, wire.envelope(
+                incarnation, room, 0, protocol.presence(room, "join", name), origin=member_id))
+
+    def _catch_up(self) -> None:
+        """After a reconnection: deliver what each room's members missed meanwhile, from its log."""
+        for room, epoch, last in self.backend.cursor_rooms(self):
+            current_epoch, current, missed = self.run(self._catch_up_script, wire.catch_up_call(room, last))
+            if current_epoch is None or current_epoch.decode() != epoch:
+                continue  # a new life: the room's next message tells its members (RESTARTED)
+            if current > last and (not missed or int(wire.message_seq(missed[0])) > last + 1):
+                self.backend.notify(room, protocol.error(protocol.HISTORY_GONE, GAP_TEXT, room=room, epoch=epoch))
+            for payload in missed:
+                self.backend.on_room_event(room, wire.message_seq(payload), epoch, None, payload)
+
+    def _resync_presence(self) -> None:
+        """After a reconnection: re-read each of this shard's local rooms' live members (those of
+        incarnations alive in the room's procs set) and deliver the differences from what local members
+        were told as presence events (joins and leaves missed while the subscription was down, members
+        of processes that died meanwhile)."""
+        rooms = [room for room in self.backend.rosters.rooms() if self.backend.shard_of(room) is self]
+        for start in range(0, len(rooms), PUBLISH_BATCH):
+            chunk = rooms[start:start + PUBLISH_BATCH]
+            pipe = self.client.pipeline(transaction=False)
+            for room in chunk:
+                pipe.execute_command("TIME")
+                pipe.hgetall(wire.room_key(room, "members"))
+                pipe.zrange(wire.room_key(room, "procs"), 0, -1, withscores=True)
+            replies = pipe.execute()
+            for n, room in enumerate(chunk):
+                clock, fields, procs = replies[3 * n:3 * n + 3]
+                now = int(clock[0]) * 1000 + int(clock[1]) // 1000
+                alive = {owner for owner, deadline in procs if deadline > now}
+                members = {}
+                for field, name in fields.items():
+                    owner, member_id = wire.field_member(field)
+                    if owner in alive:
+                        members[member_id] = name.decode()
+                for event, who in self.backend.rosters.resync(room, members):
+                    self.backend.notify(room, protocol.presence(room, event, who))
+
+    def _announce_up(self) -> None:
+        if not self._up:
+            if self.settled.is_set():
+                self.backend.reconnects += 1
+                log.warning("broker back (redis %s) after %.1fs", self.where, time.monotonic() - self._down_since)
+            else:
+                log.info("broker connected (redis %s)", self.where)
+            self._up = True
+
+    def _listen(self, pubsub: Any) -> None:
+        self.settled.set()
+        next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        # Messages are read off the subscription's connection directly: PubSub.get_message's layers
+        # cost 3.5 us a message against 1.2; everything else (subscribe and unsubscribe confirmations)
+        # still goes through PubSub.handle_message, which keeps its own bookkeeping right.
+        while self.healthy and not self._closing.is_set():
+            conn = pubsub.connection
+            if conn is None:  # nothing subscribed yet (a shard without local rooms): PubSub waits
+                message = pubsub.get_message(timeout=LISTEN_POLL)
+                if message is not None and message["type"] in SUBSCRIBED:
+                    self._on_confirmation(message)
+            elif conn.can_read(timeout=LISTEN_POLL):
+                response = conn.read_response()
+                if response[0] in (b"message", b"smessage"):
+                    self.backend.on_message(response[2])
+                else:
+                    message = pubsub.handle_message(response)
+                    if message is not None:
+                        kind = message["type"]
+                        if kind in SUBSCRIBED:
+                            self._on_confirmation(message)
+                        elif kind == "sunsubscribe":
+                            self._on_sunsubscribe(message["channel"])
+            if time.monotonic() >= next_beat:
+                self._heartbeat()
+                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+
+    def _heartbeat(self) -> None:
+        """Keep this process alive in each of its rooms here; a room where it had been taken for dead
+        (this process stalled past PROC_TTL, or Redis lost the keys) gets its members registered again."""
+        with self.members_lock.exclusive(self._timeout):
+            rooms = self.backend.rooms_of(self)
+            incarnation = self.incarnation
+            for start in range(0, max(len(rooms), 1), PUBLISH_BATCH):
+                chunk = rooms[start:start + PUBLISH_BATCH]
+                pipe = self.client.pipeline(transaction=False)
+                for room in chunk:
+                    self.run(self._heartbeat_script, wire.heartbeat_call(incarnation, room), client=pipe)
+                pipe.ping()  # a shard without local rooms still shows whether it answers
+                alive = pipe.execute()
+                dead = [room for room, kept in zip(chunk, alive, strict=False) if not kept]
+                if dead:
+                    log.warning("broker: taken for dead in %d room(s) on %s; registering their members again",
+                                len(dead), self.name)
+                    pipe = self.client.pipeline(transaction=False)
+                    for room in dead:
+                        self._register_room(pipe, room, incarnation)
+                    pipe.execute()
+        self._backoff = MIN_BACKOFF

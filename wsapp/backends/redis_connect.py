@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import ssl
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import redis
 from redis.backoff import NoBackoff
-from redis.client import PubSub
-from redis.cluster import ClusterPubSub, RedisCluster
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -75,6 +75,34 @@ def make_client(settings: Settings, timeout: float = 1.0, name: str | None = Non
     return redis.Redis.from_url(url, **options)
 
 
+def node_client(cluster: RedisCluster, node: Any) -> redis.Redis:
+    """A client of one Cluster node with the Cluster's connection settings (credentials, TLS, timeouts,
+    no retries) but a pool of its own: RedisCluster closes its nodes' idle connections whenever it
+    reloads the slot map, which must not cut a healthy shard's subscriber or pipelines."""
+    pool = cluster.get_redis_connection(node).connection_pool
+    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs))
+
+
+def detect_cluster(settings: Settings, timeout: float = 1.0) -> Settings:
+    """Settings with `redis_cluster` on when REDIS_URL (one server, no Sentinel) names a Redis Cluster
+    node (INFO's cluster_enabled); unchanged when it does not, or cannot be asked now."""
+    if settings.redis_cluster or settings.redis_sentinel_master is not None or not settings.redis_url:
+        return settings
+    if settings.redis_url.lower().startswith("unix:"):
+        return settings
+    client = redis.Redis.from_url(settings.redis_url, **client_options(settings, timeout))
+    try:
+        enabled = str(client.info("cluster").get("cluster_enabled", "0")) == "1"
+    except Exception:  # unreachable, INFO not allowed (managed services): keep what the settings say
+        return settings
+    finally:
+        client.close()
+    if enabled:
+        log.info("REDIS_URL names a Redis Cluster node: using Redis Cluster (WSAPP_REDIS_CLUSTER=1)")
+        return replace(settings, redis_cluster=True)
+    return settings
+
+
 def sentinel_for(settings: Settings, options: dict[str, Any]) -> Sentinel:
     """The Sentinels REDIS_URL lists (`redis[s]://[user:password@]host[:port][,host[:port]...][/db]`).
 
@@ -123,62 +151,17 @@ def where(settings: Settings) -> str:
     return shown
 
 
-# ---- pub/sub: plain channels on one server, sharded channels (Redis 7) on a Cluster ------------------
-
-
-def publish(client: Client, channel: str | bytes, data: bytes) -> int:
-    """PUBLISH, or SPUBLISH on a Cluster (only the shard owning the channel's slot carries it)."""
-    if isinstance(client, RedisCluster):
-        return int(client.spublish(channel, data))
-    return int(client.publish(channel, data))
-
-
-class Subscriber:
-    """Subscriptions of one process: SUBSCRIBE on one server or a Sentinel primary, SSUBSCRIBE on a
-    Cluster (one connection per shard that owns a subscribed channel, made as needed)."""
-
-    def __init__(self, client: Client) -> None:
-        self.sharded = isinstance(client, RedisCluster)
-        self._pubsub: PubSub | ClusterPubSub = client.pubsub(ignore_subscribe_messages=True)
-
-    def subscribe(self, *channels: str | bytes) -> None:
-        if self.sharded:
-            for channel in channels:  # channels of different slots cannot share one SSUBSCRIBE
-                self._pubsub.ssubscribe(channel)
-        else:
-            self._pubsub.subscribe(*channels)
-
-    def unsubscribe(self, *channels: str | bytes) -> None:
-        if self.sharded:
-            for channel in channels:
-                self._pubsub.sunsubscribe(channel)
-        else:
-            self._pubsub.unsubscribe(*channels)
-
-    def get_message(self, timeout: float) -> tuple[bytes, bytes] | None:
-        """The next (channel, data) within about `timeout` seconds (per shard on a Cluster), or None."""
-        if self.sharded:
-            assert isinstance(self._pubsub, ClusterPubSub)
-            message = self._pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=timeout)
-        else:
-            message = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
-        if message is None or message["type"] not in ("message", "smessage"):
-            return None
-        return message["channel"], message["data"]
-
-    def close(self) -> None:
-        self._pubsub.close()
-
-
 # ---- start-up check ----------------------------------------------------------------------------------
 
 
 def check_broker(settings: Settings, timeout: float = 2.0) -> None:
     """Raise ConfigError naming REDIS_URL when the broker can never work (bad credentials or ACL,
-    unknown Sentinel primary, failed TLS verification, cluster mode mismatch); log and return when it
-    is merely unreachable now (the server starts degraded and reconnects)."""
+    unknown Sentinel primary, failed TLS verification, WSAPP_REDIS_CLUSTER=1 on a server that is not a
+    Cluster node); log and return when it is merely unreachable now (the server starts degraded and
+    reconnects). A Cluster node without WSAPP_REDIS_CLUSTER is detected (`detect_cluster`), not refused."""
     if not settings.redis_url:
         return
+    settings = detect_cluster(settings, timeout)
     shown = where(settings)
     try:
         if settings.redis_sentinel_master is not None:
@@ -186,8 +169,6 @@ def check_broker(settings: Settings, timeout: float = 2.0) -> None:
         client = make_client(settings, timeout, name="wsapp-check")
         try:
             client.ping()
-            if not settings.redis_cluster:
-                _refuse_cluster_node(client, settings)
         finally:
             client.close()
     except ConfigError:
@@ -228,15 +209,6 @@ def _check_sentinels(settings: Settings, timeout: float) -> None:
     if answered:
         raise ConfigError(f"REDIS_URL ({where(settings)}): no Sentinel knows a primary named {name!r} "
                           "(WSAPP_REDIS_SENTINEL_MASTER)")
-
-
-def _refuse_cluster_node(client: Client, settings: Settings) -> None:
-    try:
-        info = client.info("cluster")
-    except redis.ResponseError:
-        return  # INFO renamed or not allowed (managed services): nothing to learn
-    if str(info.get("cluster_enabled", "0")) == "1":
-        raise ConfigError(f"REDIS_URL ({where(settings)}) is a Redis Cluster node: set WSAPP_REDIS_CLUSTER=1")
 
 
 def _fatal(exc: BaseException, settings: Settings) -> str | None:

@@ -15,19 +15,24 @@ Keys (a room's keys share a hash slot through the `{<room>}` hash tag):
                                 kept counter reads as `history_gone`, never as a restart.
 - `wsapp:room:{<room>}:members` hash `<incarnation>:<member id>` -> display name; expires MEMBERS_TTL
                                 after the last heartbeat of any process with members in the room.
-- `wsapp:proc:<incarnation>`    liveness of one process incarnation, expires PROC_TTL after its last
-                                heartbeat. A member entry counts only while its incarnation's key lives;
-                                the join script drops dead entries as it lists them.
+- `wsapp:room:{<room>}:procs`   sorted set: the incarnations with members in the room, scored with the
+                                Redis time (ms) until which each counts as alive (PROC_TTL after its
+                                last heartbeat of this room). A member entry counts only while its
+                                incarnation is alive here; the join script drops dead entries as it lists
+                                them. Liveness lives in the room's own slot, so every script touches only
+                                the keys it is handed (Redis Cluster).
 - channel `wsapp:room:{<room>}` every publish and presence event of the room, as
                                 `<incarnation> <room> <seq> <epoch> <origin> <payload>` (seq 0 and epoch
                                 `-` for presence; origin = the member id it came from, `-` if none).
-                                Processes subscribe only to rooms they have members in.
+                                Processes subscribe only to rooms they have members in. On a Redis
+                                Cluster it is a sharded channel (SPUBLISH/SSUBSCRIBE): only the shard that
+                                owns the room's slot carries it.
 - channel `wsapp:relay`         every relay (`/`) message as `<incarnation> / 0 - - <frame>` (the frame
                                 the sender's process built, type and bytes included, never stored);
-                                each process drops its own.
+                                each process drops its own. Sharded on a Cluster too (one shard carries it).
 
-An incarnation is `<process id>.<n>`: each (re)connection of a server starts a new one. An Emitter is
-a process id of its own that never has members.
+An incarnation is `<process id>.<n>`: each (re)connection of a server to a Redis primary (a Cluster
+shard) starts a new one. An Emitter is a process id of its own that never has members.
 """
 
 from __future__ import annotations
@@ -38,12 +43,18 @@ from enum import Enum
 from typing import NamedTuple
 
 RELAY_CHANNEL = "wsapp:relay"
-PROC_PREFIX = "wsapp:proc:"
 PROC_TTL = 10  # seconds a crashed process's members keep being listed
 MEMBERS_TTL = 60  # a room hash nobody refreshes any more (all its processes gone) is dropped after this
 ROOM_TTL = 24 * 3600  # history of a room nobody publishes to (its counter and epoch stay)
 RELAY_ROOM = "/"  # the room field of a relay envelope: no room can be called that
 NO_ORIGIN = "-"
+
+# Redis's own clock in ms (one clock per shard, whatever the wsapp hosts' clocks say); scripts are
+# replicated by their effects (Redis 5+), so reading it before writing is allowed.
+_NOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
 
 # Make the counter (with a new epoch, dropping the old life's log) when it is missing; leaves `epoch` set.
 _COUNTER = """
@@ -56,7 +67,7 @@ end
 """
 
 # KEYS: ctr, log. ARGV: head, tail, history length, envelope prefix "<incarnation> <room> ", channel,
-# ttl, origin, new epoch. Returns {seq, epoch}.
+# ttl, origin, new epoch, PUBLISH or SPUBLISH. Returns {seq, epoch}.
 PUBLISH_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8") + """
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local s = string.format('%d', seq)
@@ -71,28 +82,37 @@ if keep > 0 then
   end
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-redis.call('PUBLISH', ARGV[5], ARGV[4] .. s .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. payload)
+redis.call(ARGV[9], ARGV[5], ARGV[4] .. s .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. payload)
 return {seq, epoch}
 """
 
-# KEYS: ctr, log, members. ARGV: field, name, since (-1 = none), presence envelope ('' = none),
-# channel, process key prefix, members ttl, new epoch, the client's epoch ('' = none).
-# Returns {seq, live member names, replay, history gone, epoch}.
-JOIN_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8") + """
+# KEYS: ctr, log, members, procs. ARGV: field, name, since (-1 = none), presence envelope ('' = none),
+# channel, liveness ttl (ms), members ttl, new epoch, the client's epoch ('' = none), PUBLISH or SPUBLISH.
+# Returns {seq, live member names, replay, history gone, epoch, their fields (in the names' order)}.
+JOIN_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8") + _NOW + """
+local me = string.match(ARGV[1], '^([^:]*):')
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), me)
+redis.call('EXPIRE', KEYS[4], ARGV[7])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[7])
-if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[4]) end
+if ARGV[4] ~= '' then redis.call(ARGV[10], ARGV[5], ARGV[4]) end
 local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local names, alive = {}, {[string.match(ARGV[1], '^([^:]*):')] = true}  -- the caller is alive
+local names, fields, alive = {}, {}, {}
 local all = redis.call('HGETALL', KEYS[3])
 for i = 1, #all, 2 do
   local owner = string.match(all[i], '^([^:]*):')
   local live = alive[owner]
   if live == nil then
-    live = redis.call('EXISTS', ARGV[6] .. owner) == 1
+    live = redis.call('ZSCORE', KEYS[4], owner) ~= false
     alive[owner] = live
   end
-  if live then names[#names + 1] = all[i + 1] else redis.call('HDEL', KEYS[3], all[i]) end
+  if live then
+    names[#names + 1] = all[i + 1]
+    fields[#fields + 1] = all[i]
+  else
+    redis.call('HDEL', KEYS[3], all[i])
+  end
 end
 local replay, gone = {}, 0
 local since = tonumber(ARGV[3])
@@ -113,7 +133,19 @@ if since >= 0 then
     end
   end
 end
-return {current, names, replay, gone, epoch}
+return {current, names, replay, gone, epoch, fields}
+"""
+
+# KEYS: members, procs. ARGV: incarnation, liveness ttl (ms), members ttl. Keeps one incarnation alive
+# in one room; returns 0 when it had been taken for dead (its members may have been dropped: register
+# them again), 1 otherwise.
+HEARTBEAT_SCRIPT = _NOW + """
+local deadline = redis.call('ZSCORE', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if deadline and tonumber(deadline) > now then return 1 end
+return 0
 """
 
 # KEYS: ctr, log. ARGV: after (the last seq delivered). Returns {epoch or false, seq, entries after}.
@@ -132,7 +164,7 @@ return {epoch, current, out}
 
 
 def room_key(room: str, part: str) -> str:
-    """`wsapp:room:{<room>}:<part>`, part being `ctr`, `log` or `members` (one hash slot per room)."""
+    """`wsapp:room:{<room>}:<part>`, part being `ctr`, `log`, `members` or `procs` (one hash slot per room)."""
     return f"wsapp:room:{{{room}}}:{part}"
 
 
@@ -149,9 +181,9 @@ def channel_room(channel: bytes) -> str | None:
     return None
 
 
-def proc_key(incarnation: str) -> str:
-    """The liveness key of one process incarnation."""
-    return PROC_PREFIX + incarnation
+def publish_command(sharded: bool) -> str:
+    """SPUBLISH on a Redis Cluster (the shard owning the channel's slot carries it), else PUBLISH."""
+    return "SPUBLISH" if sharded else "PUBLISH"
 
 
 def member_field(incarnation: str, member_id: str) -> str:
@@ -159,9 +191,31 @@ def member_field(incarnation: str, member_id: str) -> str:
     return f"{incarnation}:{member_id}"
 
 
+def field_member(field: bytes) -> tuple[bytes, str]:
+    """(incarnation, member id) of a members-hash field."""
+    incarnation, _, member_id = field.partition(b":")
+    return incarnation, member_id.decode()
+
+
 def new_epoch() -> str:
     """A fresh epoch: random, so a room made again never reuses one."""
     return secrets.token_hex(6)
+
+
+class EpochProposals:
+    """Fresh epochs for a stream of publishes: a random prefix per process and a counter, so each call
+    proposes one never proposed before without reading the system's random source per publish (that
+    was 7% of a publish's CPU). Only a call that finds the room's counter missing uses its proposal."""
+
+    __slots__ = ("_n", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._n = 0
+
+    def propose(self) -> str:
+        self._n += 1
+        return f"{self._prefix}{self._n:x}"
 
 
 # ---- script calls -------------------------------------------------------------------------------
@@ -176,14 +230,57 @@ class ScriptCall:
 
 
 def publish_call(
-    incarnation: str, room: str, head: bytes, tail: bytes, history: int, origin: str | None = None
+    incarnation: str,
+    room: str,
+    head: bytes,
+    tail: bytes,
+    history: int,
+    origin: str | None = None,
+    epoch: str | None = None,
+    sharded: bool = False,
 ) -> ScriptCall:
-    """PUBLISH_SCRIPT for one message `head + seq + tail` of `room`, keeping the last `history`."""
+    """PUBLISH_SCRIPT for one message `head + seq + tail` of `room`, keeping the last `history`;
+    `epoch` is the one to give the room if its counter is missing (a fresh random one if None)."""
     return ScriptCall(
         keys=[room_key(room, "ctr"), room_key(room, "log")],
         args=[head, tail, history, f"{incarnation} {room} ", room_channel(room), ROOM_TTL, origin or NO_ORIGIN,
-              new_epoch()],
+              epoch or new_epoch(), publish_command(sharded)],
     )
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+class PublishCommands:
+    """`EVALSHA` of PUBLISH_SCRIPT for one message, packed as RESP: the same bytes as packing
+    `publish_call`'s keys and args, with what does not change per message (the script, the history
+    length, a room's keys and channel) packed once. A publish's hottest path (docs/SCALING.md)."""
+
+    __slots__ = ("_command", "_head", "_history", "_rooms", "_ttl")
+    ROOMS_KEPT = 10000  # rooms whose packed names are kept (forgotten all at once past it)
+
+    def __init__(self, sha: str, history: int, sharded: bool = False) -> None:
+        self._command = _bulk(publish_command(sharded).encode())
+        self._head = b"*14\r\n" + _bulk(b"EVALSHA") + _bulk(sha.encode()) + _bulk(b"2")
+        self._history = _bulk(b"%d" % history)
+        self._ttl = _bulk(b"%d" % ROOM_TTL)
+        self._rooms: dict[str, tuple[str, bytes, bytes, bytes]] = {}
+
+    def command(self, incarnation: str, room: str, head: bytes, tail: bytes, origin: str | None, epoch: str) -> bytes:
+        packed = self._rooms.get(room)
+        if packed is None or packed[0] != incarnation:
+            if len(self._rooms) >= self.ROOMS_KEPT:
+                self._rooms.clear()
+            packed = self._rooms[room] = (
+                incarnation,
+                self._head + _bulk(room_key(room, "ctr").encode()) + _bulk(room_key(room, "log").encode()),
+                _bulk(f"{incarnation} {room} ".encode()) + _bulk(room_channel(room).encode()) + self._ttl,
+                self._history,
+            )
+        _, keys, middle, history = packed
+        return b"".join((keys, _bulk(head), _bulk(tail), history, middle,
+                         _bulk((origin or NO_ORIGIN).encode()), _bulk(epoch.encode()), self._command))
 
 
 def join_call(
@@ -194,22 +291,30 @@ def join_call(
     presence: bytes | None,
     since: int | None,
     epoch: str | None = None,
+    sharded: bool = False,
 ) -> ScriptCall:
     """JOIN_SCRIPT for one member; `presence` (None on a repeated join) goes out in its envelope."""
     return ScriptCall(
-        keys=[room_key(room, "ctr"), room_key(room, "log"), room_key(room, "members")],
+        keys=[room_key(room, "ctr"), room_key(room, "log"), room_key(room, "members"), room_key(room, "procs")],
         args=[
             member_field(incarnation, member_id),
             name,
             -1 if since is None else since,
             envelope(incarnation, room, 0, presence, origin=member_id) if presence is not None else b"",
             room_channel(room),
-            PROC_PREFIX,
+            PROC_TTL * 1000,
             MEMBERS_TTL,
             new_epoch(),
             epoch or "",
+            publish_command(sharded),
         ],
     )
+
+
+def heartbeat_call(incarnation: str, room: str) -> ScriptCall:
+    """HEARTBEAT_SCRIPT: `incarnation` stays alive in `room` for PROC_TTL more seconds."""
+    return ScriptCall(keys=[room_key(room, "members"), room_key(room, "procs")],
+                      args=[incarnation, PROC_TTL * 1000, MEMBERS_TTL])
 
 
 def catch_up_call(room: str, after: int) -> ScriptCall:
@@ -335,3 +440,60 @@ def message_seq(payload: bytes) -> int:
     while payload[end:end + 1].isdigit():
         end += 1
     return int(payload[start:end])
+
+
+# ---- presence after a reconnection ---------------------------------------------------------------
+
+
+class Rosters:
+    """Per room with local members: who this process's members have been told is in it (member id ->
+    name), from the join's member list and the presence events delivered since.
+
+    Presence events change it idempotently (a join of someone listed, or a leave of someone not
+    listed, changes nothing and is not delivered), so after a reconnection the process can re-read
+    the room's members, deliver the differences as presence events (`resync`), and then let the
+    events of the same period that arrive on the subscription pass without telling anyone twice.
+    Member ids are random per connection, unique across processes."""
+
+    __slots__ = ("_rooms",)
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, dict[str, str]] = {}
+
+    def start(self, room: str, members: dict[str, str]) -> None:
+        """The room's first local join: its member list (unless the room is already followed)."""
+        self._rooms.setdefault(room, dict(members))
+
+    def names(self, room: str) -> list[str] | None:
+        roster = self._rooms.get(room)
+        return None if roster is None else list(roster.values())
+
+    def apply(self, room: str, event: str, member_id: str, name: str) -> bool:
+        """One presence event; True when it tells something new (deliver it), always for rooms not
+        followed."""
+        roster = self._rooms.get(room)
+        if roster is None:
+            return True
+        if event == "join":
+            if roster.get(member_id) == name:
+                return False
+            roster[member_id] = name
+            return True
+        return roster.pop(member_id, None) is not None
+
+    def resync(self, room: str, members: dict[str, str]) -> list[tuple[str, str]]:
+        """Replace the room's list with `members` (read from the broker); the (event, name) presence
+        events that take a member list from the old to the new one, leaves first."""
+        roster = self._rooms.get(room)
+        if roster is None:
+            return []
+        self._rooms[room] = dict(members)
+        left = [("leave", name) for member_id, name in roster.items() if members.get(member_id) != name]
+        joined = [("join", name) for member_id, name in members.items() if roster.get(member_id) != name]
+        return left + joined
+
+    def rooms(self) -> list[str]:
+        return list(self._rooms)
+
+    def forget(self, room: str) -> None:
+        self._rooms.pop(room, None)
