@@ -3,6 +3,7 @@ relay through Redis; started by `python server.py` (WEB_CONCURRENCY) or by the g
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -248,6 +249,26 @@ def test_the_gunicorn_command_refuses_an_app_without_wsapp(tmp_path: Path) -> No
                           capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
     assert "plainapp:app is not a Flask app with a wsapp.Realtime extension" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("source, message", [
+    ("from flask import Flask\n\napp = Flask(__name__)\n", "is not a Flask app with a wsapp.Realtime extension"),
+    ("raise RuntimeError('no database')\n", "cannot load the app"),
+])
+def test_an_app_that_cannot_load_stops_gunicorn_with_json_lines_only(tmp_path: Path, source: str,
+                                                                      message: str) -> None:
+    # LOG_FORMAT=json promises nothing but JSON on stdout/stderr: gunicorn's own path print()s the error.
+    (tmp_path / "badapp.py").write_text(source)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSAPP_")} | {"LOG_FORMAT": "json"}
+    done = subprocess.run([*GUNICORN, "--logger-class", "wsapp.logs.GunicornLogger", "--pythonpath", str(tmp_path),
+                           "badapp:app"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    records = [json.loads(line) for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    errors = [r for r in records if r["level"] in ("ERROR", "CRITICAL") and message in r["message"]]
+    assert errors, records
+    if "cannot load" in message:
+        assert "RuntimeError: no database" in errors[0]["exc_info"], errors[0]
 
 
 def test_workers_without_redis_run_one_process_and_say_why(make_server: Callable[..., ServerProcess]) -> None:

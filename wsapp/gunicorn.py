@@ -22,6 +22,7 @@ import gevent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from gunicorn.config import Config
 from gunicorn.errors import AppImportError
 from gunicorn.http.wsgi import base_environ
@@ -104,12 +105,23 @@ class Worker(GeventPyWSGIWorker):
             cfg.set("graceful_timeout", needed)
 
     def load_wsgi(self) -> None:
-        super().load_wsgi()
-        if EXTENSION_KEY not in getattr(self.wsgi, "extensions", {}):
-            ref = getattr(self.app, "app_uri", None) or "the app"
-            raise AppImportError(
-                f"{ref} is not a Flask app with a wsapp.Realtime extension (it is a {type(self.wsgi).__name__}), "
-                "which wsapp.gunicorn.Worker needs: give gunicorn the Flask app itself, not a wrapper around it")
+        # A failure is logged here, through the configured handlers, and ends the worker with the status
+        # that makes the arbiter stop: gunicorn's own path would also print() it to stderr, a line that
+        # is not JSON under LOG_FORMAT=json.
+        try:
+            super().load_wsgi()
+            if EXTENSION_KEY not in getattr(self.wsgi, "extensions", {}):
+                ref = getattr(self.app, "app_uri", None) or "the app"
+                raise AppImportError(
+                    f"{ref} is not a Flask app with a wsapp.Realtime extension (it is a "
+                    f"{type(self.wsgi).__name__}), which wsapp.gunicorn.Worker needs: give gunicorn the "
+                    "Flask app itself, not a wrapper around it")
+        except AppImportError as exc:
+            self.log.error("%s", exc)
+            sys.exit(Arbiter.APP_LOAD_ERROR)  # the arbiter stops instead of respawning
+        except Exception:
+            self.log.exception("cannot load the app")
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
     def request_started(self) -> None:
         """gunicorn's max_requests: after that many, this worker drains and the arbiter replaces it."""
@@ -259,7 +271,7 @@ def run_arbiter(app_ref: str, settings: Settings) -> int:
     try:
         listener = _bind(settings)
     except OSError as exc:
-        print(f"wsapp: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        logs.fatal(f"cannot listen on {settings.host}:{settings.port}: {exc}")
         return 1
     arbiter_pid = os.getpid()
     try:
