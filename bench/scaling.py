@@ -262,7 +262,8 @@ def main() -> int:
     args.wsapp_env = {**base.WSAPP_ENV, **dict(kv.split("=", 1) for kv in args.wsapp_env)}
     os.sched_setaffinity(0, {base.LOADGEN_CORE})
     meta = base.metadata(argparse.Namespace(duration=args.duration, warmup=args.warmup, payload=args.payload,
-                                            repeat=args.repeat, client="raw", wsapp_env=args.wsapp_env))
+                                            repeat=args.repeat, client="raw", wsapp_env=args.wsapp_env,
+                                            baseline=None))
     meta["redis_core"] = args.redis_core
     raw = args.out / "raw" / ("scaling-" + time.strftime("%Y%m%d-%H%M%S"))
     raw.mkdir(parents=True, exist_ok=True)
