@@ -9,6 +9,7 @@ This is the measurement behind choosing our own codec (DESIGN.md: "whichever the
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -61,6 +62,7 @@ def best_rate(fn, reads: list[bytes], expected: int, repeats: int = 3) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and nothing else
     print(f"{'payload':>10} {'kind':>6} {'wsapp msg/s':>14} {'wsproto msg/s':>14} {'ratio':>7}")
     for size, count in ((32, 200_000), (1024, 100_000), (65536, 2_000), (1 << 20, 100)):
         for text in (True, False):
