@@ -711,12 +711,13 @@ def connect_markdown(rows: list[dict[str, Any]], rat: dict[tuple[str, str], dict
             lines.append(f"| {titles[r['case']]} | {name} | error: {r['error'][:120]} |" + " |" * 6)
             continue
         q = rat.get((r["case"], r["variant"]), {})
+        ratio = fmt(q.get("cpu_us_per_handshake"), ratio=True) if q else "-"
         other = r.get("connect_other_pct", {})
         runs = ", ".join(f"{x['cpu_us_per_handshake']:.0f} ({x['handshakes_per_s']:,.0f})"
                          for x in r.get("repeats", []) if x.get("cpu_us_per_handshake"))
         lines.append(
             f"| {titles[r['case']]} | {name} | {fmt(r.get('handshakes_per_s'))} | {fmt(r.get('setup_s'), 2)} "
-            f"| {fmt(r.get('cpu_us_per_handshake'), 0)} | {fmt(q.get('cpu_us_per_handshake'), ratio=True) if q else '-'} "
+            f"| {fmt(r.get('cpu_us_per_handshake'), 0)} | {ratio} "
             f"| {fmt(r.get('loadgen_cpu_us_per_handshake'), 0)} | {fmt(other.get('core0'), 0)} / "
             f"{fmt(other.get('core1'), 0)} | {runs} |")
     return lines

@@ -16,7 +16,6 @@ from flask import request as flask_request
 from gevent import socket as gsocket
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
-from werkzeug.exceptions import HTTPException
 
 from wsapp.auth import Identity, client_ip
 from wsapp.connection import CAUSE_INTERNAL_ERROR, Closed, Connection
@@ -25,7 +24,9 @@ from wsapp.exceptions import Refuse
 from wsapp.extension import ENV_CONNECTION, ENV_IDENTITY, ENV_SUBPROTOCOL, WebSocketRoute
 from wsapp.frames import CloseCode
 from wsapp.handshake import accept_key, check_upgrade, is_upgrade, select_subprotocol
+from wsapp.request_headers import parse_headers
 from wsapp.rooms import display_name
+from wsapp.route_match import endpoint_for
 from wsapp.services import Services, services_of
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,11 @@ class WsappHandler(WebSocketHandler):
             # at the top of the greenlet, where its saved stack is small.
             self.__dict__.clear()
             then()
+
+    def MessageClass(self, fp: Any, *_args: Any) -> Any:  # pywsgi's name
+        """The request headers, as pywsgi's own parser gives them, without its `email` parser for
+        plain header blocks (wsapp/request_headers.py)."""
+        return parse_headers(fp)
 
     def _services(self) -> Services:
         return services_of(self.server.application)
@@ -96,10 +102,7 @@ class WsappHandler(WebSocketHandler):
         if refusal is not None:
             raise refusal
         app = self.server.application
-        try:
-            endpoint, _args = app.url_map.bind_to_environ(env).match()
-        except HTTPException:
-            endpoint = None
+        endpoint = endpoint_for(app.url_map, env)
         route = services.realtime.websocket_route(endpoint) if endpoint else None
         if route is None:
             raise Refuse(404, "no WebSocket endpoint at this path")
