@@ -29,9 +29,14 @@ _PLAIN_BLOCK = re.compile(rf"(?:{_NAME}:[^\r\n]*\r?\n)*(?:\r?\n)?")
 _HEADER = re.compile(rf"({_NAME}):[ \t]*([^\r\n]*)\r?\n")
 
 
+class TooManyHeaders(client.HTTPException, ValueError):
+    """More header lines than http.client allows. A ValueError too, so that pywsgi answers 400 and
+    logs one line, as for any bad request, instead of also printing a traceback to stderr."""
+
+
 def parse_headers(fp: Any) -> Any:
     """`http.client.parse_headers(fp, _class=OldMessage)` as gevent.pywsgi calls it (a line over the
-    limit gives a message whose `status` says so; too many lines raise `HTTPException`)."""
+    limit gives a message whose `status` says so; too many lines raise `TooManyHeaders`)."""
     # Read here, not copied: whoever changes http.client's limits changes these too.
     max_line: int = getattr(client, "_MAXLINE")  # noqa: B009 - private in typeshed, public in effect
     max_headers: int = getattr(client, "_MAXHEADERS")  # noqa: B009
@@ -44,7 +49,7 @@ def parse_headers(fp: Any) -> Any:
             return too_long
         lines.append(line)
         if len(lines) > max_headers:
-            raise client.HTTPException(f"got more than {max_headers} headers")
+            raise TooManyHeaders(f"got more than {max_headers} headers")
         if line in (b"\r\n", b"\n", b""):
             break
     text = b"".join(lines).decode("iso-8859-1")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from gevent.pywsgi import WSGIHandler, headers_factory
 
-from wsapp.request_headers import parse_headers
+from wsapp.request_headers import TooManyHeaders, parse_headers
 
 UPGRADE = (b"Host: 127.0.0.1:8080\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
@@ -120,7 +120,9 @@ def environ(message: Any) -> dict[str, Any]:
 def assert_same(data: bytes) -> None:
     ref_msg, ref_err, ref_rest = reference(data)
     our_msg, our_err, our_rest = ours(data)
-    assert (type(our_err), str(our_err)) == (type(ref_err), str(ref_err))
+    # The same error, but as a ValueError too (pywsgi's "bad request" without a traceback).
+    assert type(our_err) is (TooManyHeaders if isinstance(ref_err, client.HTTPException) else type(ref_err))
+    assert str(our_err) == str(ref_err)
     assert described(our_msg) == described(ref_msg)
     assert our_rest == ref_rest
     if ref_msg is not None and not ref_msg.status:
