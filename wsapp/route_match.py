@@ -29,8 +29,9 @@ _remembered: WeakKeyDictionary[Map, dict[tuple[Any, ...], str]] = WeakKeyDiction
 def endpoint_for(url_map: Map, environ: dict[str, Any]) -> str | None:
     """The endpoint `url_map` gives this request, or None where Werkzeug raises (404, 405, redirect)."""
     # The rule count keys it too: a rule added later (Flask allows it until a first Flask request)
-    # is seen at once.
-    key = (len(url_map._rules), *map(environ.get, _KEY_FIELDS))
+    # is seen at once. (Werkzeug's `_rules` would build a list of them all to count them.)
+    rules = sum(map(len, url_map._rules_by_endpoint.values()))
+    key = (rules, *map(environ.get, _KEY_FIELDS))
     known = _remembered.get(url_map)
     if known is None:
         known = _remembered[url_map] = {}

@@ -72,6 +72,8 @@ def test_rule_added_later_is_seen() -> None:
     url_map.add(Rule("/late", endpoint="late", websocket=True))
     assert endpoint_for(url_map, upgrade("/late")) == "late"
     assert endpoint_for(url_map, upgrade("/ws")) == "ws"
+    url_map.add(Rule("/late-too", endpoint="late", websocket=True))  # a second rule of a known endpoint
+    assert endpoint_for(url_map, upgrade("/late-too")) == "late"
 
 
 def test_bounded() -> None:
