@@ -1,6 +1,6 @@
 """Benchmark wsapp against the Node `ws` reference broadcast server, in one run.
 
-    .venv/bin/python bench/run.py                  # everything, about 6 minutes
+    .venv/bin/python bench/run.py                  # everything, about 7 minutes
     .venv/bin/python bench/run.py --servers node   # the reference alone
     .venv/bin/python bench/run.py --cases c100-s1,idle-10k --duration 3
     .venv/bin/python bench/run.py --cases burst             # the flow-control burst alone
