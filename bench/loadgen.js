@@ -48,7 +48,8 @@ const DEFAULTS = {
   urls: null, // several servers (processes sharing Redis): client i connects to one of them, spread at random
   clients: 100,
   senders: 1, // the first `senders` clients send; every client (senders too) receives the others'
-  pattern: 'closed', // closed: window of outstanding messages per sender; open: fixed rate; idle: none
+  pattern: 'closed', // closed: window of outstanding messages per sender; open: fixed rate; idle: none;
+  // connect: as idle, but the result follows at once (the opening itself is what is measured)
   window: 4, // closed loop: messages per sender not yet delivered to every receiver
   rate: 200, // open loop: messages per second, all senders together
   payloadBytes: 64, // relay frame size; rooms frames carry the same fields inside JSON
@@ -69,6 +70,7 @@ if (spec.deflate && spec.client !== 'ws') {
   process.exit(1);
 }
 const N = spec.clients;
+const IDLE = spec.pattern === 'idle' || spec.pattern === 'connect'; // no messages sent
 if (spec.mode === 'rooms' && N % spec.rooms !== 0) throw new Error('clients must be a multiple of rooms');
 const roomSize = spec.mode === 'rooms' ? N / spec.rooms : N;
 const receiversPerMessage = roomSize - 1;
@@ -338,7 +340,7 @@ function onRoomsMessage(client, buf, start, end) {
       break;
     case 'welcome':
       // Idle connections stay out of rooms: 10,000 joins of one room would flood 50 million presence frames.
-      if (spec.pattern === 'idle') client.onReady();
+      if (IDLE) client.onReady();
       else client.send(JSON.stringify({ type: 'join', room: roomOf(client.index) }));
       break;
     case 'joined':
@@ -640,6 +642,7 @@ let finished = false;
 
 async function main() {
   const setupStart = performance.now();
+  const setupCpuStart = process.cpuUsage();
   let clients;
   try {
     clients = await withTimeout(connectAll(), spec.setupTimeoutSeconds, 'setup');
@@ -648,13 +651,15 @@ async function main() {
     process.exit(1);
   }
   const setupSeconds = (performance.now() - setupStart) / 1000;
+  const setupCpu = process.cpuUsage(setupCpuStart);
+  const setupCpuSeconds = (setupCpu.user + setupCpu.system) / 1e6;
   senders = clients.slice(0, spec.senders).map((c, i) => new Sender(i, c));
-  emit({ event: 'ready', setupSeconds, presence: stats.presence });
+  emit({ event: 'ready', setupSeconds, setupCpuSeconds, presence: stats.presence });
   await waitForGo();
 
   // Warm-up, then the measured window; sending runs through both.
   let progressCheck = null;
-  if (spec.pattern !== 'idle') {
+  if (!IDLE) {
     sending = true;
     if (spec.pattern === 'closed') senders.forEach(pump);
     else startOpenLoop();
@@ -703,6 +708,7 @@ async function main() {
     ok: true,
     spec,
     setupSeconds,
+    setupCpuSeconds,
     windowSeconds,
     drainSeconds,
     connected: clients.length,

@@ -1,6 +1,6 @@
 """Benchmark wsapp against the Node `ws` reference broadcast server, in one run.
 
-    .venv/bin/python bench/run.py                  # everything, about 6 minutes
+    .venv/bin/python bench/run.py                  # everything, about 7 minutes
     .venv/bin/python bench/run.py --servers node   # the reference alone
     .venv/bin/python bench/run.py --cases c100-s1,idle-10k --duration 3
     .venv/bin/python bench/run.py --cases burst             # the flow-control burst alone
@@ -74,6 +74,10 @@ class Case:
         return self.pattern == "idle"
 
     @property
+    def connect(self) -> bool:
+        return self.pattern == "connect"
+
+    @property
     def burst(self) -> bool:
         return self.pattern == "burst"
 
@@ -111,6 +115,8 @@ CASES = [
     Case("c10-s1-w1-4k", "10 clients, 1 sender, closed loop", clients=10, window=1, payload=4096),
     Case("c100-open500", "100 clients, 1 sender, open loop 500 msg/s", clients=100, pattern="open", rate=500),
     Case("idle-10k", "10,000 idle connections", clients=10000, pattern="idle"),
+    # Issue 13: the opening handshakes alone (--connect-in-flight at a time), server CPU per handshake.
+    Case("connect-10k", "opening 10,000 connections", clients=10000, pattern="connect"),
     # Issue 10: one client floods, one reads as fast as it can, one has stopped reading (bench/burst.js).
     Case("burst", "burst: 20,000 x 1 KiB from one client, one fast reader, one stalled", clients=3, pattern="burst"),
     # Issue 12: permessage-deflate negotiated by every client, JSON-like text of 1 and 4 KiB. Node ws
@@ -262,16 +268,19 @@ def run_pair(case: Case, variant: Variant, args: argparse.Namespace, raw: Path, 
             "payloadBytes": case.payload_bytes or case.payload or args.payload,
             "payload": "json" if case.json_payload else "pad",
             "deflate": case.deflate,
-            "warmupSeconds": 0 if case.idle else args.warmup,
-            "durationSeconds": args.idle_hold if case.idle else args.duration,
+            "warmupSeconds": 0 if case.idle or case.connect else args.warmup,
+            "durationSeconds": args.idle_hold if case.idle else 0 if case.connect else args.duration,
+            "connectConcurrency": args.connect_in_flight,
             "drainSeconds": args.drain,
             "client": case.client or args.client,
         }
+        # Before the load generator starts: the server's CPU and the cores' busy time over the opening.
+        before = (server.cpu_seconds(), core_times(), time.monotonic())
         with open(raw / f"{tag}.loadgen.log", "wb") as lg_log:
             loadgen = subprocess.Popen(pinned(LOADGEN_CORE, ["node", str(BENCH / "loadgen.js"), json.dumps(spec)]),
                                        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=lg_log,
                                        preexec_fn=raise_fd_limit)
-            row.update(drive(loadgen, server, spec, args))
+            row.update(drive(loadgen, server, spec, args, before))
     except Exception as exc:  # a failed pair is a result too: record it and go on with the others
         row["error"] = str(exc)
     finally:
@@ -285,7 +294,7 @@ def run_pair(case: Case, variant: Variant, args: argparse.Namespace, raw: Path, 
 
 
 def drive(loadgen: subprocess.Popen[bytes], server: Server, spec: dict[str, Any],
-          args: argparse.Namespace) -> dict[str, Any]:
+          args: argparse.Namespace, before: tuple[float, dict[int, tuple[float, float]], float]) -> dict[str, Any]:
     """Follow the load generator's events, sampling the server at each one."""
     assert loadgen.stdout is not None and loadgen.stdin is not None
     out: dict[str, Any] = {}
@@ -302,6 +311,13 @@ def drive(loadgen: subprocess.Popen[bytes], server: Server, spec: dict[str, Any]
         event = json.loads(line)
         kind = event.get("event")
         if kind == "ready":
+            cpu1, busy1, t1 = server.cpu_seconds(), core_times(), time.monotonic()
+            cpu0, busy0, t0 = before
+            # The opening: from before the load generator started until every client was connected.
+            out["connect_cpu_s"] = cpu1 - cpu0
+            out["connect_core_busy_pct"] = {c: 100 * (busy1[c][0] - busy0[c][0]) / (t1 - t0) for c in busy1}
+            out["connect_wall_s"] = t1 - t0
+            cpu0 = busy0 = t0 = None
             out["rss_ready"] = server.rss()
             loadgen.stdin.write(b"go\n")
             loadgen.stdin.flush()
@@ -362,6 +378,18 @@ def derive(row: dict[str, Any]) -> None:
     if lg["spec"]["pattern"] == "idle":
         row["rss_per_conn_kib"] = (row["rss_end"] - row["rss_idle"]) / lg["connected"] / 1024
         row["setup_s"] = lg["setupSeconds"]
+    if lg["spec"]["pattern"] == "connect":
+        row["setup_s"] = lg["setupSeconds"]
+        row["handshakes_per_s"] = lg["connected"] / lg["setupSeconds"]
+        row["cpu_us_per_handshake"] = 1e6 * row["connect_cpu_s"] / lg["connected"]
+        row["loadgen_cpu_us_per_handshake"] = 1e6 * lg["setupCpuSeconds"] / lg["connected"]
+        row["rss_per_conn_kib"] = (row["rss_ready"] - row["rss_idle"]) / lg["connected"] / 1024
+        # Others' share of core 0 over the opening (the server's own CPU taken out): the noise gauge.
+        busy = row.get("connect_core_busy_pct", {})
+        wall = row["connect_wall_s"]
+        row["connect_other_pct"] = {f"core{c}": max(0.0, busy.get(c, 0.0) - own) for c, own in (
+            (SERVER_CORE, 100 * row["connect_cpu_s"] / wall),
+            (LOADGEN_CORE, 100 * lg["setupCpuSeconds"] / wall))}
     problems = []
     st = lg["stats"]
     want = lg["connected"] if lg["spec"].get("deflate") else 0
@@ -548,6 +576,9 @@ def burst_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str
 def summary(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"error: {row['error']}"
+    if "cpu_us_per_handshake" in row:
+        return (f"{row['handshakes_per_s']:,.0f} handshakes/s ({row['setup_s']:.2f} s), server CPU "
+                f"{row['cpu_us_per_handshake']:.0f} µs/handshake, load gen {row['loadgen_cpu_us_per_handshake']:.0f}")
     if "rss_per_conn_kib" in row:
         return f"{row['rss_per_conn_kib']:.1f} KiB/connection"
     if "burst" in row:
@@ -572,18 +603,20 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
         chosen = dict(sorted(runs, key=lambda r: r["reader_all_s"])[(len(runs) - 1) // 2])
     else:
         pattern = runs[0]["loadgen"]["spec"]["pattern"]
-        key = {"idle": "rss_per_conn_kib", "open": "p99_ms"}.get(pattern, "deliveries_per_s")
+        key = {"idle": "rss_per_conn_kib", "open": "p99_ms",
+               "connect": "cpu_us_per_handshake"}.get(pattern, "deliveries_per_s")
         chosen = dict(sorted(runs, key=lambda r: r.get(key) or 0)[(len(runs) - 1) // 2])
     if len(runs) > 1:
         chosen["repeats"] = [{k: r.get(k) for k in ("deliveries_per_s", "p50_ms", "p99_ms", "lost",
                                                     "rss_per_conn_kib", "cpu_us_per_delivery", "error",
-                                                    "reader_all_s", "rss_peak_mib", "stalled")}
+                                                    "reader_all_s", "rss_peak_mib", "stalled", "setup_s",
+                                                    "handshakes_per_s", "cpu_us_per_handshake")}
                              for r in runs]
     return chosen
 
 
 RATIO_KEYS = ["deliveries_per_s", "p50_ms", "p99_ms", "rss_mib", "cpu_us_per_delivery", "rss_per_conn_kib",
-              "wire_bytes_per_delivery"]
+              "wire_bytes_per_delivery", "handshakes_per_s", "cpu_us_per_handshake"]
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -628,7 +661,7 @@ def spread(row: dict[str, Any]) -> str:
 
 
 # Cases with a table of their own (idle, burst, permessage-deflate).
-SEPARATE_TABLES = ("idle", "burst", "z-")
+SEPARATE_TABLES = ("idle", "burst", "z-", "connect")
 
 
 def deflate_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rat: dict[tuple[str, str], dict[str, Any]],
@@ -663,6 +696,33 @@ def deflate_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rat: dict
     return lines
 
 
+def connect_markdown(rows: list[dict[str, Any]], rat: dict[tuple[str, str], dict[str, Any]],
+                     titles: dict[str, str]) -> list[str]:
+    """The opening handshakes: rate, and the server's CPU per handshake (the steadier figure)."""
+    inflight = next((r["loadgen"]["spec"]["connectConcurrency"] for r in rows if "loadgen" in r), "?")
+    lines = ["", f"Opening connections, {inflight} handshakes in flight (median run by server CPU per handshake; "
+             "all runs in the last column).", "",
+             "| case | server | handshakes/s | time s | server CPU µs/handshake | ÷ Node | load gen CPU µs/handshake "
+             "| others' CPU % core 0 / 1 | runs: µs/handshake (handshakes/s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        name = LABELS[r["variant"]]
+        if "error" in r:
+            lines.append(f"| {titles[r['case']]} | {name} | error: {r['error'][:120]} |" + " |" * 6)
+            continue
+        q = rat.get((r["case"], r["variant"]), {})
+        ratio = fmt(q.get("cpu_us_per_handshake"), ratio=True) if q else "-"
+        other = r.get("connect_other_pct", {})
+        runs = ", ".join(f"{x['cpu_us_per_handshake']:.0f} ({x['handshakes_per_s']:,.0f})"
+                         for x in r.get("repeats", []) if x.get("cpu_us_per_handshake"))
+        lines.append(
+            f"| {titles[r['case']]} | {name} | {fmt(r.get('handshakes_per_s'))} | {fmt(r.get('setup_s'), 2)} "
+            f"| {fmt(r.get('cpu_us_per_handshake'), 0)} | {ratio} "
+            f"| {fmt(r.get('loadgen_cpu_us_per_handshake'), 0)} | {fmt(other.get('core0'), 0)} / "
+            f"{fmt(other.get('core1'), 0)} | {runs} |")
+    return lines
+
+
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[str, Any]]) -> str:
     titles = {c["name"]: c["title"] for c in meta["cases"]}
     lines = [
@@ -670,7 +730,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[s
         f"{' with uncommitted changes to ' + ', '.join(meta['dirty']) if meta['dirty'] else ''}; "
         f"{meta['cpu']}, {meta['cores']} cores; server on core {SERVER_CORE}, load generator on core "
         f"{LOADGEN_CORE}; {meta['duration']} s window after {meta['warmup']} s warm-up; "
-        f"{meta['payload']}-byte messages; median of {meta['repeat']} runs per pair (idle case: one run).",
+        f"{meta['payload']}-byte messages; median of {meta['repeat']} runs per pair (idle case: one run); "
+        f"load average {' '.join(meta['loadavg_before'])} before, {' '.join(meta.get('loadavg_after', []))} after.",
     ]
     if any(not r["case"].startswith(SEPARATE_TABLES) for r in rows):
         lines += [
@@ -714,6 +775,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[s
                 f"| {titles[r['case']]} | {name} | {fmt(r['loadgen']['connected'])} | {fmt(r['rss_idle'] / 2**20)} "
                 f"| {fmt(r['rss_end'] / 2**20)} | {fmt(r.get('rss_per_conn_kib'))} "
                 f"| {fmt(q.get('rss_per_conn_kib'), ratio=True) if q else '-'} | {fmt(r.get('setup_s'), 2)} |")
+    connect = [r for r in rows if r["case"].startswith("connect")]
+    if connect:
+        lines += connect_markdown(connect, rat, titles)
     burst = [r for r in rows if r["case"] == "burst"]
     if burst:
         lines += burst_markdown(meta, burst)
@@ -824,6 +888,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drain", type=float, default=3.0, help="wait for deliveries in flight after it, s")
     p.add_argument("--idle-hold", type=float, default=2.0, help="idle case: hold connections before RSS, s")
     p.add_argument("--idle-clients", type=int, default=10000)
+    p.add_argument("--connect-in-flight", type=int, default=200,
+                   help="idle and connect cases: handshakes the load generator keeps in flight")
+    p.add_argument("--connect-clients", type=int, default=10000, help="connect case: connections opened")
     p.add_argument("--burst-count", type=int, default=20000, help="burst case: messages the flooder sends")
     p.add_argument("--burst-bytes", type=int, default=1024, help="burst case: bytes per message")
     p.add_argument("--burst-timeout", type=float, default=30.0, help="burst case: the reader's deadline, s")
@@ -865,6 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: unknown case(s) {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
     cases = [dataclasses.replace(c, clients=args.idle_clients) if c.name == "idle-10k"
+             else dataclasses.replace(c, clients=args.connect_clients) if c.name == "connect-10k"
              else dataclasses.replace(c, window=args.window) if args.window and c.pattern == "closed" else c
              for c in CASES if c.name in wanted]
     # The orchestrator mostly sleeps on a pipe; keep it off the server's core all the same.

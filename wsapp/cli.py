@@ -8,12 +8,14 @@ drains on SIGTERM; `WEB_CONCURRENCY>1` (with REDIS_URL) runs the same under guni
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -68,6 +70,21 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+# How long the kernel holds a connection that has sent nothing before handing it over anyway.
+DEFER_ACCEPT_SECONDS = 1
+
+
+def defer_accept(listener: Any) -> None:
+    """Linux: be woken for a connection once its request has arrived (TCP_DEFER_ACCEPT), not at the
+    TCP handshake, so the request greenlet reads at once instead of first parking on its socket:
+    about a tenth of a WebSocket handshake's server CPU (docs/PERFORMANCE.md, "Connect time"). A
+    client that sends nothing is accepted after about a second, and WSAPP_HANDSHAKE_TIMEOUT drops it."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is not None and listener.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            listener.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS)
+
+
 def tune_gevent() -> None:
     """gevent records each greenlet's spawning stack (ten frames) and parent for debugging: time and
     memory spent on every connection's greenlet. Off unless GEVENT_TRACK_GREENLET_TREE says otherwise."""
@@ -117,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         logs.fatal(f"cannot listen on {settings.host}:{settings.port}: {exc}")
         return 1
+    defer_accept(server.socket)
     logs.route_gevent_errors()
     try:
         return serve(app_ref, settings, server)

@@ -16,7 +16,6 @@ from flask import request as flask_request
 from gevent import socket as gsocket
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
-from werkzeug.exceptions import HTTPException
 
 from wsapp.auth import Identity, client_ip
 from wsapp.connection import CAUSE_INTERNAL_ERROR, Closed, Connection
@@ -25,7 +24,9 @@ from wsapp.exceptions import Refuse
 from wsapp.extension import ENV_CONNECTION, ENV_IDENTITY, ENV_SUBPROTOCOL, WebSocketRoute
 from wsapp.frames import CloseCode
 from wsapp.handshake import accept_key, check_upgrade, is_upgrade, select_subprotocol
+from wsapp.request_headers import parse_headers
 from wsapp.rooms import display_name
+from wsapp.route_match import endpoint_for
 from wsapp.services import Services, services_of
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class WsappHandler(WebSocketHandler):
 
     _refusal: Refuse | None = None
     socket: Any  # pywsgi's; None once the connection has taken it
+    status: Any  # pywsgi's: the status line's bytes, or a str saying what failed
 
     def handle(self) -> None:
         # Small frames must leave at once: Nagle + delayed ACK would add ~40 ms stalls to fan-out.
@@ -54,11 +56,18 @@ class WsappHandler(WebSocketHandler):
             self.__dict__.clear()
             then()
 
+    def MessageClass(self, fp: Any, *_args: Any) -> Any:  # pywsgi's name
+        """The request headers, as pywsgi's own parser gives them, without its `email` parser for
+        plain header blocks (wsapp/request_headers.py)."""
+        return parse_headers(fp)
+
     def _services(self) -> Services:
         return services_of(self.server.application)
 
     def _client_ip(self, services: Services) -> str:
-        return client_ip(self.client_address[0], self.environ.get("HTTP_X_FORWARDED_FOR"),
+        # No environ when pywsgi refused the request line or headers (its 400s): the peer's address.
+        forwarded = self.environ.get("HTTP_X_FORWARDED_FOR") if self.environ is not None else None
+        return client_ip(self.client_address[0], forwarded,
                          services.settings.trusted_proxy_hops)
 
     def run_application(self) -> None:
@@ -96,10 +105,7 @@ class WsappHandler(WebSocketHandler):
         if refusal is not None:
             raise refusal
         app = self.server.application
-        try:
-            endpoint, _args = app.url_map.bind_to_environ(env).match()
-        except HTTPException:
-            endpoint = None
+        endpoint = endpoint_for(app.url_map, env)
         route = services.realtime.websocket_route(endpoint) if endpoint else None
         if route is None:
             raise Refuse(404, "no WebSocket endpoint at this path")
@@ -165,8 +171,7 @@ class WsappHandler(WebSocketHandler):
             headers.append(("Sec-WebSocket-Protocol", env[ENV_SUBPROTOCOL]))
         if deflate is not None:
             headers.append(("Sec-WebSocket-Extensions", deflate.header))
-        self.start_response("101 Switching Protocols", headers)
-        self.write(b"")
+        self._switch_protocols(headers)
         sock, parkable = self._take_socket()
         conn = Connection(sock, leftover, self._client_ip(services), env.get("PATH_INFO", "/"), settings,
                           services.stats, services.outbox, deflate.params if deflate else None)
@@ -186,6 +191,35 @@ class WsappHandler(WebSocketHandler):
         env["wsgi.websocket"] = env[ENV_CONNECTION] = conn
         self._then = _view_runner(self.server.application, env, conn, services)
 
+    def _switch_protocols(self, headers: list[tuple[str, str]]) -> None:
+        """The 101: what gevent-websocket's `start_response` and pywsgi's `write` would send (the same
+        bytes: no Date, no Content-Length) and leave set on the handler, in one `send` instead of their
+        per-header checks and `sendall`: a few µs of every handshake (docs/PERFORMANCE.md)."""
+        if any("\r" in value or "\n" in value for _, value in headers):  # pywsgi refuses it: keep its error
+            self.start_response("101 Switching Protocols", headers)
+            self.write(b"")
+            return
+        status = "101 Switching Protocols"
+        self.status, self._orig_status, self.code = status.encode("latin-1"), status, 101
+        self.response_headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+        self.provided_date = True  # gevent-websocket's: no Date on a 101
+        self.provided_content_length = False  # nor a Content-Length
+        self.response_use_chunked = False
+        self.close_connection = True
+        self.headers_sent = self.connection_upgraded = True
+        data = b"".join([b"HTTP/1.1 ", self.status, b"\r\n",
+                         *(b"%s: %s\r\n" % pair for pair in self.response_headers), b"\r\n"])
+        sock = self.socket
+        try:
+            sent = sock.send(data)  # all of it, on a fresh connection's empty send buffer
+            if sent < len(data):
+                sock.sendall(data[sent:])
+        except OSError as exc:  # as pywsgi's _sendall leaves it
+            self.status = f"socket error: {exc}"
+            self.code = -self.code
+            raise
+        self.response_length += len(data)
+
     def _take_socket(self) -> tuple[Any, bool]:
         """The connection's socket from here on, and whether the event loop can watch it for us.
 
@@ -195,8 +229,8 @@ class WsappHandler(WebSocketHandler):
         self.socket = None  # pywsgi's handle() neither reads more requests nor closes it
         if type(sock) is not gsocket.socket:  # TLS: served in this greenlet, closed by pywsgi after
             return sock, False
-        family, kind, proto = sock.family, sock.type, sock.proto
-        return gsocket.socket(family, kind, proto, fileno=sock.detach()), True
+        raw = sock._sock  # its plain ints: the wrapper's properties make enums of them, for nothing here
+        return gsocket.socket(raw.family, raw.type, raw.proto, fileno=sock.detach()), True
 
     def log_request(self) -> None:
         """One line per HTTP request (a WebSocket's is its close line); never the query string."""
