@@ -184,6 +184,14 @@ def test_unmask_matches_a_per_byte_xor(size: int, offset: int, kind: type) -> No
         assert out == expected
 
 
+def test_the_parser_works_without_the_c_unmask(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A platform with no `websockets` wheel falls back to unmask_python.
+    monkeypatch.setattr(frames, "_apply_mask", None)
+    payload = "caf\u00e9 ".encode() * 1000
+    data = client_frame(OP_TEXT, payload) + client_frame(OP_BINARY, b"\x00\xff" * 40)
+    assert parse_all(data, 333) == [(OP_TEXT, payload), (OP_BINARY, b"\x00\xff" * 40)]
+
+
 @pytest.mark.parametrize(
     "payload, ok",
     [
