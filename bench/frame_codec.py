@@ -1,6 +1,7 @@
 """Frame decoding cost: wsapp's hand-written FrameParser against wsproto's FrameProtocol.
 
     .venv/bin/python bench/frame_codec.py
+    .venv/bin/python bench/frame_codec.py --unmask   # unmask alone: the C apply_mask against pure Python
 
 Both parse the same masked client frames (what a server reads) and deliver whole messages with
 UTF-8 validated text. Reported: messages per second of one core, per payload size, and the ratio.
@@ -13,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+import timeit
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from tests.rawws import client_frame
-from wsapp.frames import FrameParser
+from wsapp.frames import FrameParser, unmask, unmask_python
 
 READ_SIZE = 65536
 
@@ -61,8 +63,24 @@ def best_rate(fn, reads: list[bytes], expected: int, repeats: int = 3) -> float:
     return expected / best
 
 
+def compare_unmask() -> None:
+    """Microseconds per call of `unmask` (websockets' C apply_mask when installed) and `unmask_python`."""
+    mask = os.urandom(4)
+    print(f"{'payload':>10} {'unmask us':>10} {'python us':>10} {'ratio':>7}")
+    for size in (64, 125, 512, 4096, 65536):
+        data = os.urandom(size)
+        number = 20_000 if size < 10_000 else 2_000
+        times = [min(timeit.repeat(lambda fn=fn, data=data: fn(data, mask), number=number, repeat=5)) / number * 1e6
+                 for fn in (unmask, unmask_python)]
+        print(f"{size:>10} {times[0]:>10.3f} {times[1]:>10.3f} {times[1] / times[0]:>6.1f}x")
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and nothing else
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--unmask", action="store_true", help="time unmask (C and pure Python) instead")
+    if parser.parse_args().unmask:
+        compare_unmask()
+        return
     print(f"{'payload':>10} {'kind':>6} {'wsapp msg/s':>14} {'wsproto msg/s':>14} {'ratio':>7}")
     for size, count in ((32, 200_000), (1024, 100_000), (65536, 2_000), (1 << 20, 100)):
         for text in (True, False):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import struct
 import zlib
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
@@ -84,8 +85,8 @@ _XOR_TABLES = [bytes(b ^ k for b in range(256)) for k in range(256)]
 _TRANSLATE_FROM = 512
 
 
-def unmask(data: bytes | bytearray | memoryview, mask: bytes, offset: int = 0) -> bytes:
-    """XOR `data` with the 4-byte `mask`, starting `offset` bytes into the mask cycle."""
+def unmask_python(data: bytes | bytearray | memoryview, mask: bytes, offset: int = 0) -> bytes:
+    """`unmask` in pure Python: used when the C `apply_mask` is missing, and to test it against."""
     length = len(data)
     if not length:
         return b""
@@ -101,6 +102,24 @@ def unmask(data: bytes | bytearray | memoryview, mask: bytes, offset: int = 0) -
     for lane in range(4):
         buf[lane::4] = buf[lane::4].translate(_XOR_TABLES[mask[lane]])
     return bytes(buf)
+
+
+_apply_mask: Callable[[bytes | bytearray | memoryview, bytes], bytes] | None
+try:
+    # The `websockets` package's C helper (a wheel for CPython 3.11): 0.08 us for 64 bytes and 0.18
+    # for 4 KiB against 0.54 and 4.5 for unmask_python (bench/frame_codec.py --unmask).
+    from websockets.speedups import apply_mask as _apply_mask
+except ImportError:  # pragma: no cover - a platform with no wheel: the pure-Python XOR
+    _apply_mask = None
+
+
+def unmask(data: bytes | bytearray | memoryview, mask: bytes, offset: int = 0) -> bytes:
+    """XOR `data` with the 4-byte `mask`, starting `offset` bytes into the mask cycle."""
+    if _apply_mask is None:
+        return unmask_python(data, mask, offset)
+    if offset:
+        mask = mask[offset:] + mask[:offset]
+    return _apply_mask(data, mask)
 
 
 def parse_close(payload: bytes) -> tuple[int | None, str]:
@@ -202,7 +221,7 @@ class FrameParser:
                 if self._compressed:
                     self._compressed = False
                     payload = self._inflate_whole(payload)
-                if opcode == OP_TEXT:
+                if opcode == OP_TEXT and not payload.isascii():  # isascii: no str made, ~2x faster
                     try:
                         payload.decode("utf-8")
                     except UnicodeDecodeError:

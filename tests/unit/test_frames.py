@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from tests.rawws import client_frame
+from wsapp import frames
 from wsapp.exceptions import FrameError
 from wsapp.frames import (
     OP_BINARY,
@@ -19,6 +20,7 @@ from wsapp.frames import (
     encode_close,
     encode_frame,
     unmask,
+    unmask_python,
 )
 
 MiB = 1024 * 1024
@@ -158,6 +160,61 @@ def test_unmask_with_offset_matches_a_whole_unmask() -> None:
     whole = unmask(data, mask)
     assert unmask(data[:7], mask) + unmask(data[7:], mask, 7 % 4) == whole
     assert unmask(unmask(data, mask), mask) == data
+
+
+def _xor_reference(data: bytes, mask: bytes, offset: int) -> bytes:
+    return bytes(b ^ mask[(i + offset) % 4] for i, b in enumerate(data))
+
+
+def test_the_c_unmask_is_in_use() -> None:
+    # requirements.txt pins `websockets` for its C apply_mask: without it unmask is 5-25x slower.
+    assert frames._apply_mask is not None
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 63, 64, 125, 126, 511, 512, 513, 4096, 65537])
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_unmask_matches_a_per_byte_xor(size: int, offset: int, kind: type) -> None:
+    data = bytes((i * 7 + 3) & 0xFF for i in range(size))
+    mask = b"\x9a\x01\xff\x5c"
+    expected = _xor_reference(data, mask, offset)
+    for fn in (unmask, unmask_python):
+        out = fn(kind(data), mask, offset)
+        assert type(out) is bytes
+        assert out == expected
+
+
+def test_the_parser_works_without_the_c_unmask(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A platform with no `websockets` wheel falls back to unmask_python.
+    monkeypatch.setattr(frames, "_apply_mask", None)
+    payload = "caf\u00e9 ".encode() * 1000
+    data = client_frame(OP_TEXT, payload) + client_frame(OP_BINARY, b"\x00\xff" * 40)
+    assert parse_all(data, 333) == [(OP_TEXT, payload), (OP_BINARY, b"\x00\xff" * 40)]
+
+
+@pytest.mark.parametrize(
+    "payload, ok",
+    [
+        (b"", True),
+        (b"plain ascii", True),
+        ("caf\u00e9 \u20ac \U0001f600".encode(), True),  # 2-, 3- and 4-byte sequences
+        (b"x" * 4096 + "\u00e9".encode(), True),
+        (b"\x80", False),  # a lone continuation byte
+        (b"\xc0\xaf", False),  # overlong
+        (b"\xed\xa0\x80", False),  # a surrogate
+        (b"ok \xe2\x82", False),  # ends inside a sequence
+        (b"x" * 4096 + b"\xff", False),
+    ],
+)
+def test_text_is_validated_whole_and_in_pieces(payload: bytes, ok: bool) -> None:
+    frame = client_frame(OP_TEXT, payload)
+    for chunk in (None, 1, 7):
+        if ok:
+            assert parse_all(frame, chunk) == [(OP_TEXT, payload)]
+        else:
+            with pytest.raises(FrameError) as err:
+                parse_all(frame, chunk)
+            assert err.value.close_code == 1007
 
 
 def test_good_messages_before_a_violation_in_the_same_read_are_still_returned() -> None:

@@ -53,6 +53,27 @@ def test_depth_limit() -> None:
         parse(deep, max_depth=4)
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        "flat", 1, None, {"a": 1}, [1, 2], {"a": [1, {"b": [2]}]},  # few brackets: no walk needed
+        "{[" * 20, {"text": "{{{{[[[[", "n": [1]},  # brackets inside strings: counted, then walked
+        [[[[]]]], [[[[[]]]]], {"a": {"b": {"c": {"d": {}}}}}, [{"a": [{"b": []}]}, [[[[[]]]]]],
+        [[]] * 10,  # many brackets, shallow
+    ],
+)
+@pytest.mark.parametrize("as_text", [False, True])
+def test_depth_limit_agrees_with_the_walk(data: object, as_text: bool) -> None:
+    raw = orjson.dumps({"type": "publish", "room": "r", "data": data})
+    message: bytes | str = raw.decode() if as_text else raw
+    if protocol.json_depth(data) <= 4:
+        assert parse(message, max_depth=4).data == data
+    else:
+        with pytest.raises(MessageError) as info:
+            parse(message, max_depth=4)
+        assert info.value.code == "bad_message"
+
+
 def test_error_message_shape() -> None:
     assert orjson.loads(protocol.error("bad_room", "no", "i1")) == {
         "type": "error", "code": "bad_room", "message": "no", "id": "i1"}
