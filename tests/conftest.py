@@ -3,7 +3,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
+import websocket
 
+from tests.clients import connect, recv_json
 from tests.harness import ServerProcess
 from tests.rawws import RawClient
 from tests.redis_fixture import make_redis, redis_server  # noqa: F401 - fixtures for tests/test_redis.py
@@ -54,3 +56,29 @@ def raw() -> Iterator[Callable[..., RawClient]]:
     yield open_raw
     for client in opened:
         client.close()
+
+
+@pytest.fixture
+def rooms_clients() -> Iterator[Callable[[ServerProcess, str], websocket.WebSocket]]:
+    """Open `/ws` clients named `name` on any server (welcome read); all are closed after the test."""
+    opened: list[websocket.WebSocket] = []
+
+    def open_client(srv: ServerProcess, name: str) -> websocket.WebSocket:
+        ws = connect(srv.ws(f"/ws?name={name}"))
+        assert recv_json(ws)["type"] == "welcome"
+        opened.append(ws)
+        return ws
+
+    yield open_client
+    for ws in opened:
+        ws.close()
+
+
+@pytest.fixture
+def opened() -> Iterator[list[websocket.WebSocket]]:
+    """Clients a test opens; closed after it (also those the server already closed)."""
+    clients: list[websocket.WebSocket] = []
+    yield clients
+    for ws in clients:
+        ws.close()
+        ws.shutdown()  # close() returns early on a connection the server already closed

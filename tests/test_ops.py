@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,6 @@ SECRET = "ops-test-secret-that-is-long-enough-for-hs256"
 BODY = "BODY-7f3a-never-logged"
 QUERY_SECRET = "QUERY-SECRET-9b1c"
 SUBPROTOCOL_SECRET = "SUBPROTO-SECRET-44e2"
-
-
-@pytest.fixture
-def opened() -> Iterator[list[websocket.WebSocket]]:
-    clients: list[websocket.WebSocket] = []
-    yield clients
-    for ws in clients:
-        ws.close()
-        ws.shutdown()
 
 
 def json_lines(srv: ServerProcess) -> list[dict[str, Any]]:

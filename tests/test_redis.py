@@ -36,18 +36,8 @@ def pair(redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProce
 
 
 @pytest.fixture
-def client() -> Iterator[Client]:
-    opened: list[websocket.WebSocket] = []
-
-    def open_client(srv: ServerProcess, name: str) -> websocket.WebSocket:
-        ws = connect(srv.ws(f"/ws?name={name}"))
-        assert recv_json(ws)["type"] == "welcome"
-        opened.append(ws)
-        return ws
-
-    yield open_client
-    for ws in opened:
-        ws.close()
+def client(rooms_clients: Client) -> Client:
+    return rooms_clients
 
 
 def join(ws: websocket.WebSocket, name: str, **extra: object) -> dict[str, Any]:

@@ -31,18 +31,8 @@ def rooms_on(cluster: RedisClusterProcs, port: int, count: int = 1) -> list[str]
 
 
 @pytest.fixture
-def client() -> Iterator[Client]:
-    opened: list[websocket.WebSocket] = []
-
-    def open_client(srv: ServerProcess, name: str) -> websocket.WebSocket:
-        ws = connect(srv.ws(f"/ws?name={name}"))
-        assert recv_json(ws)["type"] == "welcome"
-        opened.append(ws)
-        return ws
-
-    yield open_client
-    for ws in opened:
-        ws.close()
+def client(rooms_clients: Client) -> Client:
+    return rooms_clients
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pytest
@@ -47,14 +47,6 @@ def new_workers(srv: ServerProcess, count: int, besides: Collection[int] = (), t
     return wait_for(listening, timeout, f"{count} new workers listening")  # type: ignore[no-any-return]
 
 
-@pytest.fixture
-def opened() -> Iterator[list[websocket.WebSocket]]:
-    """Clients a test opens; closed after it (also those the server already closed)."""
-    clients: list[websocket.WebSocket] = []
-    yield clients
-    for ws in clients:
-        ws.close()
-        ws.shutdown()  # close() returns early on a connection the server already closed
 
 
 def open_on_every_worker(srv: ServerProcess, path: str, opened: list[websocket.WebSocket],
