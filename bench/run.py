@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -664,36 +665,65 @@ def spread(row: dict[str, Any]) -> str:
 SEPARATE_TABLES = ("idle", "burst", "z-", "connect")
 
 
-def deflate_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rat: dict[tuple[str, str], dict[str, Any]],
-                     titles: dict[str, str]) -> list[str]:
-    lines = ["", f"permessage-deflate: every client (`ws` {meta['node_ws']}) offers it, both servers accept; "
-             "JSON-like text; wire bytes = the clients' socket bytes read in the window per delivery "
-             f"(median of {meta['repeat']} runs by deliveries/s).", "",
-             "| case | server | deliveries/s | p50 ms | p99 ms | lost | server CPU µs/delivery | wire bytes/delivery "
-             "| message bytes | compression | RSS MiB | server CPU % | load gen CPU % | others' CPU % core 0 / 1 "
-             "| limit | spread over runs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+# A results table: (header, right-aligned, the cell of a row, the key whose ÷ Node ratio goes under it).
+Column = tuple[str, bool, Callable[[dict[str, Any]], str], str | None]
+
+
+def _col(header: str, key: str, digits: int = 1, suffix: str = "", ratio: bool = True) -> Column:
+    return (header, True, lambda r: f"{fmt(r.get(key), digits)}{suffix}", key if ratio else None)
+
+
+def _others(r: dict[str, Any]) -> str:
+    other = r.get("other_cpu_pct", {})
+    return f"{fmt(other.get('core0'), 0)} / {fmt(other.get('core1'), 0)}"
+
+
+def rows_markdown(columns: list[Column], rows: list[dict[str, Any]], rat: dict[tuple[str, str], dict[str, Any]],
+                  titles: dict[str, str]) -> list[str]:
+    """One line per (case, server) with the columns after `case | server`, and an italic ÷ Node line
+    under it where a ratio exists."""
+    lines = ["| case | server | " + " | ".join(c[0] for c in columns) + " |",
+             "|---|---|" + "".join("---:|" if c[1] else "---|" for c in columns)]
     for r in rows:
         name = LABELS[r["variant"]]
         if "error" in r:
-            lines.append(f"| {titles[r['case']]} | {name} | error: {r['error'][:120]} |" + " |" * 13)
+            lines.append(f"| {titles[r['case']]} | {name} | error: {r['error'][:120]} |" + " |" * (len(columns) - 1))
             continue
-        other = r.get("other_cpu_pct", {})
-        lines.append(
-            f"| {titles[r['case']]} | {name} | {fmt(r.get('deliveries_per_s'))} | {fmt(r.get('p50_ms'), 2)} "
-            f"| {fmt(r.get('p99_ms'), 2)} | {fmt(r.get('lost'))} | {fmt(r.get('cpu_us_per_delivery'), 2)} "
-            f"| {fmt(r.get('wire_bytes_per_delivery'), 0)} | {fmt(r.get('payload_bytes_per_delivery'), 0)} "
-            f"| {fmt(r.get('compression'), 2)}x | {fmt(r.get('rss_mib'))} | {fmt(r.get('server_cpu_pct'), 0)} "
-            f"| {fmt(r.get('loadgen_cpu_pct'), 0)} | {fmt(other.get('core0'), 0)} / {fmt(other.get('core1'), 0)} "
-            f"| {r.get('limit', '')} | {spread(r)} |")
+        lines.append(f"| {titles[r['case']]} | {name} | " + " | ".join(c[2](r) for c in columns) + " |")
         q = rat.get((r["case"], r["variant"]))
         if q:
-            lines.append(
-                f"| | *÷ Node* | *{fmt(q.get('deliveries_per_s'), ratio=True)}* | *{fmt(q.get('p50_ms'), ratio=True)}* "
-                f"| *{fmt(q.get('p99_ms'), ratio=True)}* | | *{fmt(q.get('cpu_us_per_delivery'), ratio=True)}* "
-                f"| *{fmt(q.get('wire_bytes_per_delivery'), ratio=True)}* | | | *{fmt(q.get('rss_mib'), ratio=True)}* "
-                "| | | | | |")
+            cells = [f"*{fmt(q.get(c[3]), ratio=True)}*" if c[3] else "" for c in columns]
+            lines.append("| | *÷ Node* |" + "".join(f" {c} |" if c else " |" for c in cells))
     return lines
+
+
+def _tail_columns() -> list[Column]:
+    return [_col("server CPU %", "server_cpu_pct", 0, ratio=False),
+            _col("load gen CPU %", "loadgen_cpu_pct", 0, ratio=False),
+            ("others' CPU % core 0 / 1", True, _others, None),
+            ("limit", False, lambda r: str(r.get("limit", "")), None),
+            ("spread over runs", False, spread, None)]
+
+
+THROUGHPUT_COLUMNS: list[Column] = [
+    _col("deliveries/s", "deliveries_per_s"), _col("p50 ms", "p50_ms", 2), _col("p99 ms", "p99_ms", 2),
+    _col("lost", "lost", ratio=False), _col("RSS MiB", "rss_mib"),
+    _col("server CPU µs/delivery", "cpu_us_per_delivery", 2), *_tail_columns()]
+
+DEFLATE_COLUMNS: list[Column] = [
+    _col("deliveries/s", "deliveries_per_s"), _col("p50 ms", "p50_ms", 2), _col("p99 ms", "p99_ms", 2),
+    _col("lost", "lost", ratio=False), _col("server CPU µs/delivery", "cpu_us_per_delivery", 2),
+    _col("wire bytes/delivery", "wire_bytes_per_delivery", 0),
+    _col("message bytes", "payload_bytes_per_delivery", 0, ratio=False),
+    _col("compression", "compression", 2, "x", ratio=False), _col("RSS MiB", "rss_mib"), *_tail_columns()]
+
+
+def deflate_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rat: dict[tuple[str, str], dict[str, Any]],
+                     titles: dict[str, str]) -> list[str]:
+    return ["", f"permessage-deflate: every client (`ws` {meta['node_ws']}) offers it, both servers accept; "
+            "JSON-like text; wire bytes = the clients' socket bytes read in the window per delivery "
+            f"(median of {meta['repeat']} runs by deliveries/s).", "",
+            *rows_markdown(DEFLATE_COLUMNS, rows, rat, titles)]
 
 
 def connect_markdown(rows: list[dict[str, Any]], rat: dict[tuple[str, str], dict[str, Any]],
@@ -733,34 +763,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[s
         f"{meta['payload']}-byte messages; median of {meta['repeat']} runs per pair (idle case: one run); "
         f"load average {' '.join(meta['loadavg_before'])} before, {' '.join(meta.get('loadavg_after', []))} after.",
     ]
-    if any(not r["case"].startswith(SEPARATE_TABLES) for r in rows):
-        lines += [
-            "",
-            "| case | server | deliveries/s | p50 ms | p99 ms | lost | RSS MiB | server CPU µs/delivery "
-            "| server CPU % | load gen CPU % | others' CPU % core 0 / 1 | limit | spread over runs |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
-        ]
     rat = {(r["case"], r["variant"]): r for r in rats}
-    for r in rows:
-        if r["case"].startswith(SEPARATE_TABLES):
-            continue
-        name = LABELS[r["variant"]]
-        if "error" in r:
-            lines.append(f"| {titles[r['case']]} | {name} | error: {r['error'][:120]} | | | | | | | | | | |")
-            continue
-        other = r.get("other_cpu_pct", {})
-        lines.append(
-            f"| {titles[r['case']]} | {name} | {fmt(r.get('deliveries_per_s'))} | {fmt(r.get('p50_ms'), 2)} "
-            f"| {fmt(r.get('p99_ms'), 2)} | {fmt(r.get('lost'))} | {fmt(r.get('rss_mib'))} "
-            f"| {fmt(r.get('cpu_us_per_delivery'), 2)} | {fmt(r.get('server_cpu_pct'), 0)} "
-            f"| {fmt(r.get('loadgen_cpu_pct'), 0)} | {fmt(other.get('core0'), 0)} / {fmt(other.get('core1'), 0)} "
-            f"| {r.get('limit', '')} | {spread(r)} |")
-        q = rat.get((r["case"], r["variant"]))
-        if q:
-            lines.append(
-                f"| | *÷ Node* | *{fmt(q.get('deliveries_per_s'), ratio=True)}* | *{fmt(q.get('p50_ms'), ratio=True)}* "
-                f"| *{fmt(q.get('p99_ms'), ratio=True)}* | | *{fmt(q.get('rss_mib'), ratio=True)}* "
-                f"| *{fmt(q.get('cpu_us_per_delivery'), ratio=True)}* | | | | | |")
+    main_rows = [r for r in rows if not r["case"].startswith(SEPARATE_TABLES)]
+    if main_rows:
+        lines += ["", *rows_markdown(THROUGHPUT_COLUMNS, main_rows, rat, titles)]
     idle = [r for r in rows if r["case"].startswith("idle")]
     if idle:
         lines += ["", "| idle connections | server | connected | RSS idle MiB | RSS with them MiB | KiB per connection "
