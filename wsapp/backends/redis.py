@@ -632,6 +632,8 @@ class Shard:
     def stream_call(self, *commands: bytes) -> Any:
         """Send commands on the stream (publishes, joins, leaves: many in flight on one connection,
         however many callers); the last one's reply (an error reply as an exception value)."""
+        if len(commands) == 1:
+            return self._stream.submit(commands[0]).get()
         results = [self._stream.submit(command) for command in commands]
         # No timeout of our own (a gevent Timeout per publish cost 5% of its CPU): the stream answers
         # every command, its socket reads and writes time out, and closing it fails what is left.

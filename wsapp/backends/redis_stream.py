@@ -20,7 +20,8 @@ from typing import Any
 
 import gevent
 import redis
-from gevent.event import AsyncResult, Event
+from gevent.event import Event
+from gevent.hub import Waiter, get_hub
 
 from wsapp.backends import BrokerUnavailable
 
@@ -48,6 +49,34 @@ def pack_command(args: Sequence[Arg]) -> bytes:
     return b"".join(parts)
 
 
+class Reply:
+    """One command's reply, waited for by its caller (`get`).
+
+    Lighter than a gevent `AsyncResult` per command (its own callback on the event loop per set,
+    a link list, a dummy timeout per get): the stream's reader collects the replies it read and
+    wakes all their callers from one event-loop callback (`CommandStream._wake`)."""
+
+    __slots__ = ("done", "error", "value", "waiter")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.waiter: Waiter | None = None
+
+    def get(self) -> Any:
+        """The reply (an error reply as an exception value), or the stream's failure raised."""
+        if not self.done:
+            waiter = self.waiter = Waiter()
+            try:
+                waiter.get()  # the stream's wake-up switches back here once `done`
+            finally:
+                self.waiter = None
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class CommandStream:
     """Commands to one Redis, many in flight on one connection, each caller answered with its own reply.
 
@@ -72,8 +101,9 @@ class CommandStream:
         self._on_lost = on_lost
         self._usable = usable
         self._retry = retry
-        self._queue: deque[tuple[bytes, AsyncResult]] = deque()
-        self._inflight: deque[list[tuple[bytes, AsyncResult]]] = deque()
+        self._queue: deque[tuple[bytes, Reply]] = deque()
+        self._inflight: deque[list[tuple[bytes, Reply]]] = deque()
+        self._answered: list[Reply] = []  # replies whose callers the next `_wake` switches to
         self._conn: Any = None
         self._write_wake = Event()
         self._read_wake = Event()
@@ -91,17 +121,17 @@ class CommandStream:
         self._drop_connection(BrokerUnavailable(UNREACHABLE))
         failure = BrokerUnavailable(UNREACHABLE)
         while self._queue:  # nobody will send these now
-            self._queue.popleft()[1].set_exception(failure)
+            self._answer(self._queue.popleft()[1], None, failure)
 
     def reset(self) -> None:
         """Take a new connection for the next command (the broker was away: the one held may be dead
         without knowing it); what is still in flight on the old one fails."""
         self._drop_connection(BrokerUnavailable(UNREACHABLE))
 
-    def submit(self, command: bytes) -> AsyncResult:
-        """Queue one packed command (`pack_command`); the result is its reply (an error reply as an
-        exception value), or `BrokerUnavailable` raised."""
-        result = AsyncResult()
+    def submit(self, command: bytes) -> Reply:
+        """Queue one packed command (`pack_command`); the result's `get()` is its reply (an error
+        reply as an exception value), or `BrokerUnavailable` raised."""
+        result = Reply()
         self._queue.append((command, result))
         if len(self._queue) == 1:
             self._write_wake.set()
@@ -119,7 +149,7 @@ class CommandStream:
             if not self._usable():
                 failure = BrokerUnavailable(UNREACHABLE)
                 while queue:
-                    queue.popleft()[1].set_exception(failure)
+                    self._answer(queue.popleft()[1], None, failure)
                 continue
             conn = self._conn
             if conn is None:
@@ -142,7 +172,7 @@ class CommandStream:
     def _fail_queue(self, exc: BaseException) -> None:
         failure = BrokerUnavailable(UNREACHABLE)
         while self._queue:
-            self._queue.popleft()[1].set_exception(failure)
+            self._answer(self._queue.popleft()[1], None, failure)
         self._on_lost(exc)
 
     # ---- reader ---------------------------------------------------------------------------------
@@ -156,7 +186,7 @@ class CommandStream:
                 continue
             conn = self._conn
             batch = inflight[0]
-            again: list[tuple[bytes, AsyncResult]] = []
+            again: list[tuple[bytes, Reply]] = []
             try:
                 while batch:
                     try:
@@ -167,7 +197,7 @@ class CommandStream:
                             del batch[0]
                             continue
                         reply = error
-                    batch[0][1].set(reply)
+                    self._answer(batch[0][1], reply, None)
                     del batch[0]
             except Exception as exc:  # the reader must live on: whatever broke, this connection is done
                 if not isinstance(exc, (redis.RedisError, OSError)):
@@ -175,13 +205,33 @@ class CommandStream:
                 if again:
                     failure = BrokerUnavailable(UNREACHABLE)  # these did not run
                     for _, result in again:
-                        result.set_exception(failure)
+                        self._answer(result, None, failure)
                 self._lost(conn, exc)
                 continue
             inflight.popleft()
             if again:
                 self._queue.extendleft(reversed(again))
                 self._write_wake.set()
+
+    # ---- answering callers ----------------------------------------------------------------------
+
+    def _answer(self, result: Reply, value: Any, error: BaseException | None) -> None:
+        result.value = value
+        result.error = error
+        result.done = True
+        answered = self._answered
+        answered.append(result)
+        if len(answered) == 1:
+            get_hub().loop.run_callback(self._wake)
+
+    def _wake(self) -> None:
+        """On the event loop: switch to every caller answered since the last wake-up, in order (each
+        runs until it waits again, then the loop comes back here for the next)."""
+        answered, self._answered = self._answered, []
+        for result in answered:
+            waiter = result.waiter
+            if waiter is not None:  # None: its caller has not waited yet (or was killed waiting)
+                waiter.switch(None)
 
     # ---- failures -------------------------------------------------------------------------------
 
@@ -196,7 +246,7 @@ class CommandStream:
         conn, self._conn = self._conn, None
         while self._inflight:
             for _, result in self._inflight.popleft():
-                result.set_exception(sent)
+                self._answer(result, None, sent)
         if conn is not None:
             try:
                 conn.disconnect()
