@@ -154,12 +154,14 @@ def run_setup(setup: Setup, args: argparse.Namespace, raw: Path, rep: int, redis
             "drainSeconds": args.drain, "client": "raw", "setupTimeoutSeconds": 120,
         }
         in0 = servers.broker_messages_in() if setup.broker == "redis" else 0
+        # drive() reports the opening (connects) from this mark: the servers' CPU and the cores' busy time.
+        before = (servers.cpu_seconds(), base.core_times(), time.monotonic())
         with open(raw / f"{tag}.loadgen.log", "wb") as lg_log:
             loadgen = subprocess.Popen(
                 base.pinned(base.LOADGEN_CORE, ["node", str(base.BENCH / "loadgen.js"), json.dumps(spec)]),
                 cwd=base.ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=lg_log,
                 preexec_fn=base.raise_fd_limit)
-            row.update(base.drive(loadgen, servers, spec, args))  # type: ignore[arg-type]
+            row.update(base.drive(loadgen, servers, spec, args, before))  # type: ignore[arg-type]
         if setup.broker == "redis":
             row["broker_messages_in"] = servers.broker_messages_in() - in0
         if len(servers.redis_marks) >= 2:
