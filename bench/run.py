@@ -248,6 +248,16 @@ def core_times() -> dict[int, tuple[float, float]]:
     return out
 
 
+# A server's CPU seconds, the cores' busy times (core_times) and the time, read together: one end of a
+# measured span (the opening, the window).
+Mark = tuple[float, dict[int, tuple[float, float]], float]
+
+
+def mark(server: Any) -> Mark:
+    """Now, for `server` (anything with `cpu_seconds()`: one server, or scaling.py's several)."""
+    return server.cpu_seconds(), core_times(), time.monotonic()
+
+
 def run_pair(case: Case, variant: Variant, args: argparse.Namespace, raw: Path, rep: int) -> dict[str, Any]:
     """Start a fresh server, drive it with the load generator, return what both measured."""
     tag = f"{case.name}-{variant.name}" + (f"-{rep + 1}" if args.repeat > 1 else "")
@@ -276,7 +286,7 @@ def run_pair(case: Case, variant: Variant, args: argparse.Namespace, raw: Path, 
             "client": case.client or args.client,
         }
         # Before the load generator starts: the server's CPU and the cores' busy time over the opening.
-        before = (server.cpu_seconds(), core_times(), time.monotonic())
+        before = mark(server)
         with open(raw / f"{tag}.loadgen.log", "wb") as lg_log:
             loadgen = subprocess.Popen(pinned(LOADGEN_CORE, ["node", str(BENCH / "loadgen.js"), json.dumps(spec)]),
                                        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=lg_log,
@@ -295,7 +305,7 @@ def run_pair(case: Case, variant: Variant, args: argparse.Namespace, raw: Path, 
 
 
 def drive(loadgen: subprocess.Popen[bytes], server: Server, spec: dict[str, Any],
-          args: argparse.Namespace, before: tuple[float, dict[int, tuple[float, float]], float]) -> dict[str, Any]:
+          args: argparse.Namespace, before: Mark) -> dict[str, Any]:
     """Follow the load generator's events, sampling the server at each one."""
     assert loadgen.stdout is not None and loadgen.stdin is not None
     out: dict[str, Any] = {}
@@ -312,7 +322,7 @@ def drive(loadgen: subprocess.Popen[bytes], server: Server, spec: dict[str, Any]
         event = json.loads(line)
         kind = event.get("event")
         if kind == "ready":
-            cpu1, busy1, t1 = server.cpu_seconds(), core_times(), time.monotonic()
+            cpu1, busy1, t1 = mark(server)
             cpu0, busy0, t0 = before
             # The opening: from before the load generator started until every client was connected.
             out["connect_cpu_s"] = cpu1 - cpu0
@@ -323,9 +333,9 @@ def drive(loadgen: subprocess.Popen[bytes], server: Server, spec: dict[str, Any]
             loadgen.stdin.write(b"go\n")
             loadgen.stdin.flush()
         elif kind == "window_start":
-            cpu0, busy0, t0 = server.cpu_seconds(), core_times(), time.monotonic()
+            cpu0, busy0, t0 = mark(server)
         elif kind == "window_end":
-            cpu1, busy1, t1 = server.cpu_seconds(), core_times(), time.monotonic()
+            cpu1, busy1, t1 = mark(server)
             assert cpu0 is not None and busy0 is not None and t0 is not None
             out["server_cpu_s"] = cpu1 - cpu0
             out["wall_s"] = t1 - t0

@@ -155,7 +155,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, raw: Path, rep: int, redis
         }
         in0 = servers.broker_messages_in() if setup.broker == "redis" else 0
         # drive() reports the opening (connects) from this mark: the servers' CPU and the cores' busy time.
-        before = (servers.cpu_seconds(), base.core_times(), time.monotonic())
+        before = base.mark(servers)
         with open(raw / f"{tag}.loadgen.log", "wb") as lg_log:
             loadgen = subprocess.Popen(
                 base.pinned(base.LOADGEN_CORE, ["node", str(base.BENCH / "loadgen.js"), json.dumps(spec)]),
