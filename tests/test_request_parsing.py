@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import socket
+import zlib
+from collections.abc import Callable
 
 from tests.harness import ServerProcess
+from tests.rawws import RawClient
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 ACCEPT = base64.b64encode(hashlib.sha1(KEY.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
@@ -42,6 +46,27 @@ def test_the_101_is_exactly_what_gevent_websocket_sent(server: ServerProcess) ->
     assert head == (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                     b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\nSec-WebSocket-Extensions: permessage-deflate; "
                     b"server_no_context_takeover; client_no_context_takeover")
+
+
+def test_the_welcome_of_ws_leaves_in_the_same_send_as_the_101(
+    server: ServerProcess, make_server: Callable[..., ServerProcess], raw: Callable[..., RawClient]
+) -> None:
+    # One send: what the client's first read brought with the 101 (RawClient keeps it) is the
+    # whole welcome frame, compressed exactly when deflate was negotiated and it is big enough.
+    offer = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
+    compress_all = make_server(WSAPP_DEFLATE_MIN_BYTES="0")
+    for srv, headers, rsv in ((server, {}, 0), (server, offer, 0), (compress_all, {}, 0), (compress_all, offer, 4)):
+        client = raw(srv.ws("/ws?name=ana"), headers)
+        assert client.status == 101
+        arrived_with_it = client.buf
+        frame = client.recv_frame()
+        assert arrived_with_it and client.buf == b"", (srv.port, headers)
+        assert (frame.opcode, frame.rsv) == (0x1, rsv), (srv.port, headers)
+        text = zlib.decompressobj(-15).decompress(frame.payload + b"\x00\x00\xff\xff") if rsv else frame.payload
+        welcome = json.loads(text)
+        assert (welcome["type"], welcome["name"]) == ("welcome", "ana")
+    relay = raw(server.ws("/"))
+    assert relay.status == 101 and relay.buf == b""  # the relay sends nothing first
 
 
 def test_unusual_but_valid_header_blocks_still_upgrade(server: ServerProcess) -> None:

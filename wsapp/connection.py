@@ -267,7 +267,10 @@ def _reader(conn: Connection) -> None:
 
 
 class Connection:
-    """An upgraded socket: frame parsing, control frames, the send backlog and the close handshake."""
+    """An upgraded socket: frame parsing, control frames, the send backlog and the close handshake.
+
+    `head` is written before any frame: the upgrade handler's 101, which then leaves in the same send
+    as the route's first frames (rooms' `welcome`) when the handler calls `flush_nowait`."""
 
     # An idle server holds one of these per client: slots (CPython 3.11 keeps attribute values inline only
     # up to 30 names, which the traffic counters passed: +0.1 µs per delivery), nothing made before needed.
@@ -289,6 +292,7 @@ class Connection:
         stats: Stats,
         outbox: Outbox,
         deflate: DeflateParams | None = None,
+        head: bytes = b"",
     ) -> None:
         self.id = secrets.token_hex(6)
         self.name = ""
@@ -305,25 +309,30 @@ class Connection:
         self.deflate = deflate
         self._parser = FrameParser(settings.max_message_bytes, settings.max_fragments, deflate is not None)
         # A list, not a deque: an empty deque costs ~600 bytes per idle connection, a list 56.
-        self._backlog: list[bytes | memoryview] = []
+        # `head` (the handshake's 101) goes first, so whatever writes the backlog writes it first.
+        self._backlog: list[bytes | memoryview] = [head] if head else []
         # Unsent bytes: queued in _backlog, plus what the writer greenlet has taken but not yet sent.
-        self._backlog_bytes = 0
+        self._backlog_bytes = len(head)
+        outbox.queued += len(head)
         self._inflight = 0
         self._max_frames = settings.send_queue
         # One message of the largest allowed size (twice: echo plus a relay) must never by itself make
         # a client look slow, whatever WSAPP_SEND_QUEUE_BYTES says.
         self._max_bytes = max(settings.send_queue_bytes, 2 * settings.max_message_bytes + 4096)
-        self._dirty = False
+        # With a `head`, the upgrade handler flushes it (flush_nowait) once the route has queued its
+        # first frames, so the 101 and those frames leave in one send; the Outbox does not.
+        self._dirty = bool(head)
         # Made only while the kernel buffer is full; the close waits for it to finish (join).
         self._writer: gevent.Greenlet | None = None
         now = time.monotonic()
         self.opened = now
         # For its close line: data messages and payload bytes read, frames and bytes handed to the
-        # kernel (counted per flush, not per frame queued), and control frames among those frames.
+        # kernel (counted per flush, not per frame queued; the 101 included), and the items among
+        # those that are not messages (control frames, the 101).
         self.messages_in = 0
         self.bytes_in = 0
         self.frames_out = 0
-        self.control_out = 0
+        self.control_out = 1 if head else 0
         self.bytes_out = 0
         # Set by whichever side closes first (see `close` and the reader): code, Closed.*, cause.
         self.close_code: int | None = None

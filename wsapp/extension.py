@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[..., Any]
 # A callback route (the built-in relay, echo and rooms): `start(conn, services, identity)` sets the
 # connection up and returns what to call with each message and what to call at the end (or None).
-# Such a connection holds no greenlet while it is quiet, and no Flask request context at all.
+# What it sends (rooms: `welcome`) leaves with the 101, in one send. Such a connection holds no
+# greenlet while it is quiet, and no Flask request context at all.
 Start = Callable[[Connection, Services, Any], tuple[MessageHandler, Callable[[Connection], None] | None]]
 Authenticate = Callable[[Request], Any]
 F = TypeVar("F", bound=Callable[..., Any])

@@ -171,10 +171,15 @@ class WsappHandler(WebSocketHandler):
             headers.append(("Sec-WebSocket-Protocol", env[ENV_SUBPROTOCOL]))
         if deflate is not None:
             headers.append(("Sec-WebSocket-Extensions", deflate.header))
-        self._switch_protocols(headers)
+        head = self._switch_protocols(headers)
         sock, parkable = self._take_socket()
+        if not parkable:  # TLS: the wrapper writes, as it will the frames
+            self._send_head(sock, head)
         conn = Connection(sock, leftover, self._client_ip(services), env.get("PATH_INFO", "/"), settings,
-                          services.stats, services.outbox, deflate.params if deflate else None)
+                          services.stats, services.outbox, deflate.params if deflate else None,
+                          head if parkable else b"")
+        if not parkable:
+            conn.bytes_out += len(head)
         identity = env.get(ENV_IDENTITY)
         # An authenticated client is named after its identity, so nobody can pass for another user;
         # `?name=` names anonymous clients only.
@@ -188,17 +193,18 @@ class WsappHandler(WebSocketHandler):
         if route.start is not None:
             _start_callback_route(route, conn, services, identity, parkable)
             return
+        conn.flush_nowait()  # the 101, before the handler runs (its sends are its own business)
         env["wsgi.websocket"] = env[ENV_CONNECTION] = conn
         self._then = _view_runner(self.server.application, env, conn, services)
 
-    def _switch_protocols(self, headers: list[tuple[str, str]]) -> None:
-        """The 101: what gevent-websocket's `start_response` and pywsgi's `write` would send (the same
-        bytes: no Date, no Content-Length) and leave set on the handler, in one `send` instead of their
-        per-header checks and `sendall`: a few µs of every handshake (docs/PERFORMANCE.md)."""
+    def _switch_protocols(self, headers: list[tuple[str, str]]) -> bytes:
+        """The 101's bytes: what gevent-websocket's `start_response` and pywsgi's `write` would send
+        (no Date, no Content-Length), with the handler's state set as they leave it, but not sent: the
+        connection writes them with the route's first frames (docs/PERFORMANCE.md)."""
         if any("\r" in value or "\n" in value for _, value in headers):  # pywsgi refuses it: keep its error
             self.start_response("101 Switching Protocols", headers)
             self.write(b"")
-            return
+            raise AssertionError("pywsgi sent a header value with CR or LF")  # it raises ValueError first
         status = "101 Switching Protocols"
         self.status, self._orig_status, self.code = status.encode("latin-1"), status, 101
         self.response_headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
@@ -209,16 +215,17 @@ class WsappHandler(WebSocketHandler):
         self.headers_sent = self.connection_upgraded = True
         data = b"".join([b"HTTP/1.1 ", self.status, b"\r\n",
                          *(b"%s: %s\r\n" % pair for pair in self.response_headers), b"\r\n"])
-        sock = self.socket
+        self.response_length += len(data)
+        return data
+
+    def _send_head(self, sock: Any, head: bytes) -> None:
+        """The 101 at once, through `sock` (a socket the connection cannot write raw: TLS)."""
         try:
-            sent = sock.send(data)  # all of it, on a fresh connection's empty send buffer
-            if sent < len(data):
-                sock.sendall(data[sent:])
+            sock.sendall(head)
         except OSError as exc:  # as pywsgi's _sendall leaves it
             self.status = f"socket error: {exc}"
             self.code = -self.code
             raise
-        self.response_length += len(data)
 
     def _take_socket(self) -> tuple[Any, bool]:
         """The connection's socket from here on, and whether the event loop can watch it for us.
@@ -300,9 +307,11 @@ def _start_callback_route(route: WebSocketRoute, conn: Connection, services: Ser
     except Exception:
         services.stats.internal_errors += 1
         log.exception("conn %s failed to start", conn.id)
-        conn.terminate(CloseCode.INTERNAL_ERROR, "internal error", CAUSE_INTERNAL_ERROR)
+        conn.terminate(CloseCode.INTERNAL_ERROR, "internal error", CAUSE_INTERNAL_ERROR)  # after the 101
         _ended(conn, services, identity)
         return
+    # The 101 and what `start` sent (rooms: its `welcome`) in one send, one TCP segment.
+    conn.flush_nowait()
 
     def on_end(conn: Connection) -> None:
         try:

@@ -70,7 +70,7 @@ COUNTERS = {
     "messages_in": "Data messages received from clients",
     "messages_out": "Messages queued to clients (one per recipient)",
     "bytes_in": "Payload bytes received from clients",
-    "bytes_out": "Bytes handed to the kernel for clients (frames, headers included), closed connections so far",
+    "bytes_out": "Bytes handed to the kernel for clients (frames, their 101s), closed connections so far",
     "drops": "Messages not delivered because the recipient was closing",
     "slow_consumer_kicks": "Clients closed with 1013 because they did not read",
     "paced": "Times a producer stopped reading until its recipients drained (backpressure)",
