@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl
 
 from flask import request as flask_request
 from gevent import socket as gsocket
@@ -23,7 +22,7 @@ from wsapp.deflate import negotiate
 from wsapp.exceptions import Refuse
 from wsapp.extension import ENV_CONNECTION, ENV_IDENTITY, ENV_SUBPROTOCOL, WebSocketRoute
 from wsapp.frames import CloseCode
-from wsapp.handshake import accept_key, check_upgrade, is_upgrade, select_subprotocol
+from wsapp.handshake import accept_key, check_upgrade, is_upgrade, query_value, select_subprotocol
 from wsapp.request_headers import parse_headers
 from wsapp.rooms import display_name
 from wsapp.route_match import endpoint_for
@@ -183,12 +182,13 @@ class WsappHandler(WebSocketHandler):
         identity = env.get(ENV_IDENTITY)
         # An authenticated client is named after its identity, so nobody can pass for another user;
         # `?name=` names anonymous clients only.
-        conn.name = display_name(str(identity) if identity is not None else _query_value(env, "name"))
+        conn.name = display_name(str(identity) if identity is not None else query_value(env, "name"))
         if isinstance(identity, Identity) and identity.expires is not None:
             conn.expires_at = identity.expires
         services.registry.add(conn)
-        log.info("conn %s open %s from %s", conn.id, conn.path, conn.remote_ip,
-                 extra={"fields": {"event": "ws_open", "conn": conn.id, "path": conn.path, "client": conn.remote_ip}})
+        if log.isEnabledFor(logging.INFO):  # its fields would be built for nothing otherwise
+            fields = {"event": "ws_open", "conn": conn.id, "path": conn.path, "client": conn.remote_ip}
+            log.info("conn %s open %s from %s", conn.id, conn.path, conn.remote_ip, extra={"fields": fields})
         self.close_connection = True
         if route.start is not None:
             _start_callback_route(route, conn, services, identity, parkable)
@@ -264,17 +264,6 @@ class WsappHandler(WebSocketHandler):
             access_log.info("%s %s %d %s", method, path, code, refusal.reason, extra={"fields": fields})
         else:
             access_log.info("%s %s %d", method, path, code, extra={"fields": fields})
-
-
-def _query_value(env: dict[str, Any], key: str) -> str | None:
-    """The first value of `key` in the query string (as Flask's `request.args.get` would give it)."""
-    query = env.get("QUERY_STRING")
-    if not query:
-        return None
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name == key:
-            return value
-    return None
 
 
 def _ended(conn: Connection, services: Services, identity: Any) -> None:

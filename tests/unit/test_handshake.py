@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 
 from wsapp.auth import Identity
 from wsapp.exceptions import Reject
-from wsapp.handshake import accept_key, check_upgrade, offered_subprotocols, select_subprotocol
+from wsapp.handshake import accept_key, check_upgrade, offered_subprotocols, query_value, select_subprotocol
 from wsapp.policy import Policy
 
 GOOD: dict[str, Any] = {
@@ -89,3 +91,27 @@ def test_policy_filter_transforms_and_tags_rejections_with_the_message_id() -> N
     with pytest.raises(Reject) as exc:
         policy.filter("a", "r", "bad", "m7")
     assert (exc.value.code, exc.value.msg_id) == ("invalid", "m7")
+
+
+def _first(query: str, key: str) -> str | None:
+    return next((value for name, value in parse_qsl(query, keep_blank_values=True) if name == key), None)
+
+
+@pytest.mark.parametrize("query", [
+    "", "name=ana", "name=", "name", "&name=ana", "x=1&name=b12&name=c", "na%6De=%61na", "name=a+b%20c",
+    "name=caf%C3%A9", "name=%ff%fe", "name=%zz%", "name=a=b", "x=1;name=ana", "name+=1&name=2", "+name=1",
+    "NAME=upper&name=lower", "&&", "==", "name=%2B", "name=ä",
+])
+def test_query_value_is_what_parse_qsl_gives(query: str) -> None:
+    for key in ("name", "x", "name ", "absent"):
+        assert query_value({"QUERY_STRING": query}, key) == _first(query, key), (query, key)
+    assert query_value({}, "name") is None
+
+
+def test_query_value_on_random_query_strings() -> None:
+    rng = random.Random(13)
+    alphabet = "ab=&+%2Bc3é;x "
+    for _ in range(3000):
+        query = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        for key in ("a", "b", "a b", "", "é"):
+            assert query_value({"QUERY_STRING": query}, key) == _first(query, key), (query, key)
