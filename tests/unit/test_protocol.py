@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+
 import orjson
 import pytest
 
@@ -72,6 +74,33 @@ def test_depth_limit_agrees_with_the_walk(data: object, as_text: bool) -> None:
         with pytest.raises(MessageError) as info:
             parse(message, max_depth=4)
         assert info.value.code == "bad_message"
+
+
+def _nesting(value: object) -> int:
+    """The definition json_depth implements, recursively."""
+    if isinstance(value, dict):
+        return 1 + max((_nesting(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_nesting(v) for v in value), default=0)
+    return 0
+
+
+def test_json_depth_is_the_nesting_depth() -> None:
+    # Flat containers take a shortcut; anything holding a container takes the walk.
+    rng = random.Random(7)
+
+    def build(level: int) -> object:
+        kind = rng.randrange(4 if level < 6 else 2)
+        if kind == 0:
+            return rng.choice([1, "s", None, 2.5, True])
+        if kind == 1:
+            return "{[" * rng.randrange(3)
+        items = [build(level + 1) for _ in range(rng.randrange(5))]
+        return items if kind == 2 else {str(i): item for i, item in enumerate(items)}
+
+    for data in [{}, [], {"a": 1, "b": "x"}, [1, "a", None], {"a": 1, "b": []}, [1, 2, {"c": [3]}], *(
+            build(0) for _ in range(3000))]:
+        assert protocol.json_depth(data) == _nesting(data), data
 
 
 def test_error_message_shape() -> None:
