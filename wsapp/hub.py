@@ -91,7 +91,7 @@ class Hub:
         # Called after each delivery from the broker's subscriber with when it began (monotonic): it
         # paces there, and times the fan-out. An inline broker delivers inside the publisher's own
         # call, and the publisher paces itself.
-        self._after_remote = after_remote
+        self._after_remote = None if backend.inline else after_remote
         self._monotonic = monotonic
         # room -> {live member: echo}
         self._rooms: dict[str, dict[Member, bool]] = {}
@@ -234,7 +234,7 @@ class Hub:
         gates = self._joining.get(room)
         if not live and not gates:
             return
-        after_remote = self._after_remote if not self._backend.inline else None
+        after_remote = self._after_remote
         arrived = self._monotonic() if after_remote is not None else 0.0
         skip = self._by_id.get(origin) if origin is not None else None
         frame = self._frame(payload)

@@ -105,7 +105,7 @@ class RoomsSession:
                 raise MessageError(protocol.NOT_IN_ROOM, f"join {cmd.room!r} before publishing to it", cmd.id)
             policy.check(self._identity, PUBLISH, cmd.room, cmd.id)
             data = policy.filter(self._identity, cmd.room, cmd.data, cmd.id)
-            seq = hub.publish(conn, cmd.room, data, cmd.id)
+            seq = hub.post(cmd.room, data, conn.name, conn, cmd.id)  # hub.publish would check membership again
             if cmd.id is not None:
                 self._reply(protocol.ack(cmd.id, cmd.room, seq))
         elif isinstance(cmd, protocol.Join):

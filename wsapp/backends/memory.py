@@ -54,9 +54,11 @@ class MemoryBackend:
         """Nothing runs in the background."""
 
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
-        seq = self.next_seq(room)
+        log = self._log(room)  # next_seq and append in one lookup: this runs for every message
+        seq = log.seq = log.seq + 1
         payload = b"%s%d%s" % (head, seq, tail)
-        self.append(room, seq, payload)
+        if self._keep:
+            log.messages.append((seq, payload))
         if self._deliver is not None:
             self._deliver(room, seq, origin, payload)
         return seq
