@@ -1,6 +1,7 @@
 """Self and inclusive shares per source line of a py-spy raw profile (bench/profile.py --format raw).
 
     .venv/bin/python bench/profile_summary.py /tmp/relay.txt --top 15
+    .venv/bin/python bench/profile_summary.py /tmp/rooms.txt /tmp/relay.txt --functions   # per function
 
 A raw profile is one line per distinct stack, `frame;frame;...;frame count`. "Self" counts the
 samples whose innermost frame is that line (where the time went), "inclusive" those with the line
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 from pathlib import Path
 
+_LINE = re.compile(r":\d+\)$")
 
-def summarize(path: Path, top: int, match: str) -> str:
+
+def summarize(path: Path, top: int, match: str, functions: bool = False) -> str:
     own: collections.Counter[str] = collections.Counter()
     anywhere: collections.Counter[str] = collections.Counter()
     total = 0
@@ -26,6 +30,8 @@ def summarize(path: Path, top: int, match: str) -> str:
         n = int(count)
         total += n
         frames = stack.split(";")
+        if functions:  # `name (file:line)` -> `name (file)`: one entry per function
+            frames = [_LINE.sub(")", frame) for frame in frames]
         own[frames[-1]] += n
         for frame in set(frames):
             anywhere[frame] += n
@@ -42,9 +48,10 @@ def main() -> None:
     p.add_argument("profiles", nargs="+", type=Path)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--match", default="", help="only inclusive lines containing this text")
+    p.add_argument("--functions", action="store_true", help="per function instead of per source line")
     args = p.parse_args()
     for path in args.profiles:
-        print(summarize(path, args.top, args.match))
+        print(summarize(path, args.top, args.match, args.functions))
         print()
 
 
