@@ -730,12 +730,7 @@ class Connection:
                 raise parser.failed
             if peer_closed:
                 return False
-            if len(data) < READ_CHUNK:
-                if park:
-                    # The read emptied the socket: park (its level-triggered watcher wakes us for more)
-                    # instead of a recv that would fail with EAGAIN, a syscall and an exception per wake.
-                    return True
-            elif outbox.flush_pending:
+            if len(data) == READ_CHUNK and outbox.flush_pending:
                 # More input is probably waiting and recv would not yield: let the writes go out first.
                 gevent.sleep(0)
             data = b""
