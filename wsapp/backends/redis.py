@@ -67,6 +67,11 @@ SUBSCRIBED = frozenset({"subscribe", "ssubscribe"})
 MESSAGES = frozenset({"message", "smessage"})
 
 
+def _script_missing(error: Exception) -> bool:
+    """NOSCRIPT: the call did not run; it can once the scripts are loaded again."""
+    return isinstance(error, redis.exceptions.NoScriptError)
+
+
 def _cluster_settling(exc: BaseException) -> bool:
     """A Cluster refusing for a while (a shard just back, a failover, slots moving), not a real refusal."""
     return isinstance(exc, redis.exceptions.ClusterDownError) or any(
@@ -521,7 +526,7 @@ class Shard:
         # Room publishes, joins and leaves: written to one connection as they come, replies read as they arrive.
         pool = client.connection_pool
         self._stream = stream.CommandStream(pool.get_connection, pool.release, self.lost, lambda: self.healthy,
-                                            self._retry_script)
+                                            _script_missing, self._load_scripts)
         self._publish_commands = wire.PublishCommands(self.publish_script.sha, backend._history, self._sharded)
 
     @property
@@ -639,14 +644,11 @@ class Shard:
         # every command, its socket reads and writes time out, and closing it fails what is left.
         return [result.get() for result in results][-1]
 
-    def _retry_script(self, error: Exception) -> bool:
-        """NOSCRIPT: Redis lost its script cache (a restart, SCRIPT FLUSH) and the call did not run.
-        Load the scripts; the stream sends the call again."""
-        if not isinstance(error, redis.exceptions.NoScriptError):
-            return False
+    def _load_scripts(self) -> None:
+        """After NOSCRIPT replies (Redis lost its script cache: a restart, a failover, SCRIPT FLUSH;
+        those calls did not run): load the stream's scripts; the stream sends the calls again."""
         for script in (wire.PUBLISH_SCRIPT, wire.JOIN_SCRIPT):
             self.client.script_load(script)
-        return True
 
     # ---- Redis calls ----------------------------------------------------------------------------
 

@@ -49,20 +49,26 @@ def pack_command(args: Sequence[Arg]) -> bytes:
     return b"".join(parts)
 
 
+# Told a command's reply (an error reply as an exception value) or, as its second argument, the
+# stream's failure (BrokerUnavailable); runs in whichever greenlet answered, so it must not block.
+Answered = Callable[[Any, BaseException | None], None]
+
+
 class Reply:
-    """One command's reply, waited for by its caller (`get`).
+    """One command's reply, waited for by its caller (`get`), or handed to its `callback`.
 
     Lighter than a gevent `AsyncResult` per command (its own callback on the event loop per set,
     a link list, a dummy timeout per get): the stream's reader collects the replies it read and
     wakes all their callers from one event-loop callback (`CommandStream._wake`)."""
 
-    __slots__ = ("done", "error", "value", "waiter")
+    __slots__ = ("callback", "done", "error", "value", "waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, callback: Answered | None = None) -> None:
         self.value: Any = None
         self.error: BaseException | None = None
         self.done = False
         self.waiter: Waiter | None = None
+        self.callback = callback
 
     def get(self) -> Any:
         """The reply (an error reply as an exception value), or the stream's failure raised."""
@@ -83,9 +89,14 @@ class CommandStream:
     `get_connection` gives a connected redis-py `Connection` (the client's pool: one server, the
     Sentinel-watched primary, TLS), `release_connection` takes it back. `on_lost(exc)` is told when
     the connection fails; the stream then fails what was in flight (`BrokerUnavailable`) and takes a
-    new connection for the next command. While `usable()` is False commands fail at once. `retry`
-    is asked about an error reply: True when the command may be sent again as it was (the error says
-    it did not run and the cause was repaired: NOSCRIPT after loading the script).
+    new connection for the next command. While `usable()` is False commands fail at once.
+
+    `retryable(error)` is asked about an error reply: True when it says the command did not run for
+    a cause `repair()` removes (NOSCRIPT: Redis lost its script cache; repair loads the scripts).
+    The stream then holds back what has not been written yet, reads what is in flight (setting
+    aside each command that failed the same way), repairs once, and sends those again first, in
+    their order: so commands run in the order they were submitted, retried or not (a caller with
+    several publishes in flight keeps their order), and the repair runs once, not per reply.
     """
 
     def __init__(
@@ -94,15 +105,19 @@ class CommandStream:
         release_connection: Callable[[Any], None],
         on_lost: Callable[[BaseException], None],
         usable: Callable[[], bool],
-        retry: Callable[[Exception], bool] | None = None,
+        retryable: Callable[[Exception], bool] | None = None,
+        repair: Callable[[], None] | None = None,
     ) -> None:
         self._get_connection = get_connection
         self._release_connection = release_connection
         self._on_lost = on_lost
         self._usable = usable
-        self._retry = retry
+        self._retryable = retryable
+        self._repair = repair
         self._queue: deque[tuple[bytes, Reply]] = deque()
         self._inflight: deque[list[tuple[bytes, Reply]]] = deque()
+        # Commands that did not run and go again after the repair; while any, nothing new is written.
+        self._again: list[tuple[bytes, Reply]] = []
         self._answered: list[Reply] = []  # replies whose callers the next `_wake` switches to
         self._conn: Any = None
         self._write_wake = Event()
@@ -128,10 +143,12 @@ class CommandStream:
         without knowing it); what is still in flight on the old one fails."""
         self._drop_connection(BrokerUnavailable(UNREACHABLE))
 
-    def submit(self, command: bytes) -> Reply:
+    def submit(self, command: bytes, callback: Answered | None = None) -> Reply:
         """Queue one packed command (`pack_command`); the result's `get()` is its reply (an error
-        reply as an exception value), or `BrokerUnavailable` raised."""
-        result = Reply()
+        reply as an exception value), or `BrokerUnavailable` raised. With a `callback`, nobody waits:
+        it is called with the reply, or with `BrokerUnavailable` as its second argument, from the
+        greenlet that got the answer (the stream's reader, mostly), in the order commands were sent."""
+        result = Reply(callback)
         self._queue.append((command, result))
         if len(self._queue) == 1:
             self._write_wake.set()
@@ -142,7 +159,7 @@ class CommandStream:
     def _write_forever(self) -> None:
         queue = self._queue
         while True:
-            if not queue:
+            if not queue or self._again:
                 self._write_wake.clear()
                 self._write_wake.wait()
                 continue
@@ -179,20 +196,24 @@ class CommandStream:
 
     def _read_forever(self) -> None:
         inflight = self._inflight
+        again = self._again
+        retryable = self._retryable
         while True:
             if not inflight:
+                if again:  # all that was in flight is read: repair, then send those again first
+                    self._send_again()
+                    continue
                 self._read_wake.clear()
                 self._read_wake.wait()
                 continue
             conn = self._conn
             batch = inflight[0]
-            again: list[tuple[bytes, Reply]] = []
             try:
                 while batch:
                     try:
                         reply = conn.read_response()
                     except redis.ResponseError as error:  # an error reply: the connection is fine
-                        if self._retry is not None and self._retry(error):
+                        if retryable is not None and retryable(error):
                             again.append(batch[0])
                             del batch[0]
                             continue
@@ -202,20 +223,33 @@ class CommandStream:
             except Exception as exc:  # the reader must live on: whatever broke, this connection is done
                 if not isinstance(exc, (redis.RedisError, OSError)):
                     log.exception("broker: reading from Redis failed")
-                if again:
-                    failure = BrokerUnavailable(UNREACHABLE)  # these did not run
-                    for _, result in again:
-                        self._answer(result, None, failure)
                 self._lost(conn, exc)
                 continue
             inflight.popleft()
-            if again:
-                self._queue.extendleft(reversed(again))
-                self._write_wake.set()
+
+    def _send_again(self) -> None:
+        try:
+            if self._repair is not None:
+                self._repair()
+        except Exception as exc:  # could not repair: this connection is done (what was set aside fails)
+            if not isinstance(exc, (redis.RedisError, OSError)):
+                log.exception("broker: repairing after an error reply failed")
+            self._lost(self._conn, exc)
+            return
+        self._queue.extendleft(reversed(self._again))
+        self._again.clear()
+        self._write_wake.set()
 
     # ---- answering callers ----------------------------------------------------------------------
 
     def _answer(self, result: Reply, value: Any, error: BaseException | None) -> None:
+        callback = result.callback
+        if callback is not None:
+            try:
+                callback(value, error)
+            except Exception:  # the reader must live on
+                log.exception("broker: handling a reply failed")
+            return
         result.value = value
         result.error = error
         result.done = True
@@ -244,6 +278,12 @@ class CommandStream:
 
     def _drop_connection(self, sent: BrokerUnavailable) -> None:
         conn, self._conn = self._conn, None
+        if self._again:
+            again, self._again[:] = list(self._again), []
+            failure = BrokerUnavailable(UNREACHABLE)  # these did not run
+            for _, result in again:
+                self._answer(result, None, failure)
+            self._write_wake.set()  # the writer held back the queue for them
         while self._inflight:
             for _, result in self._inflight.popleft():
                 self._answer(result, None, sent)
