@@ -5,6 +5,7 @@ silently; a process receives only the traffic of rooms it has members in."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import threading
@@ -337,6 +338,56 @@ def test_publish_api_answers_503_unavailable_while_redis_is_away(
     wait_for(lambda: get_json(srv.http("/healthz"))[0] == 503, what="degraded")
     status, headers, body = post(srv, {"room": r, "data": 2}, AUTH)
     assert (status, body["error"], headers.get("Retry-After")) == (503, "unavailable", "1")
+
+
+def test_publishes_sent_without_waiting_keep_their_order_when_the_script_cache_is_lost(
+    two: tuple[RedisServer, ServerProcess, ServerProcess],
+) -> None:
+    """A client may send publishes without waiting for each ack (its reader does not wait for Redis
+    either: several are in flight). They are numbered in the order sent and acked in that order, also
+    when SCRIPT FLUSH makes those in flight fail NOSCRIPT (they did not run): the stream holds the
+    rest back, loads the script once and sends them again in their order, so no later one overtakes."""
+    broker, a, b = two
+    admin = broker.client()
+
+    def noscript_replies() -> int:
+        return int(admin.info("errorstats").get("errorstat_NOSCRIPT", {}).get("count", 0))
+
+    r = room()
+    hearer = Listener(b, r, "hearer")
+    hearer.start()
+    talker = member(a, "talker")
+    send_json(talker, type="join", room=r)
+    recv_type(talker, "joined")
+    replies: list[dict[str, Any]] = []
+    sent = 0
+    for _ in range(5):
+        admin.script_flush()  # the next script calls fail NOSCRIPT: the first one and those in flight behind it
+        burst = []
+        for _ in range(40):  # in one write: the server reads them at once and has several in flight
+            message = json.dumps({"type": "publish", "room": r, "data": sent, "id": sent})
+            burst.append(websocket.ABNF.create_frame(message, websocket.ABNF.OPCODE_TEXT).format())
+            sent += 1
+        talker.sock.sendall(b"".join(burst))
+        send_json(talker, type="ping", id=sent)
+        while True:
+            reply = recv_json(talker)
+            if reply["type"] != "presence":
+                replies.append(reply)
+            if reply["type"] == "pong":
+                break
+    # The retry path really ran: a flush makes a whole batch of calls in flight fail, every time.
+    assert noscript_replies() >= 5 * 2
+    expected = [[("ack", n) for n in range(burst * 40, burst * 40 + 40)] + [("pong", burst * 40 + 40)]
+                for burst in range(5)]
+    assert [(m["type"], m["id"]) for m in replies] == [reply for burst in expected for reply in burst]
+    acked = [m["seq"] for m in replies if m["type"] == "ack"]
+    assert acked == list(range(1, sent + 1))  # numbered in the order sent
+    wait_for(lambda: len(hearer.seqs) >= sent, what="every message delivered")
+    hearer.close()
+    assert hearer.error is None and hearer.seqs == list(range(1, sent + 1))
+    talker.close()
+    admin.close()
 
 
 def test_script_cache_lost_under_traffic_on_many_rooms_runs_each_publish_once(

@@ -43,7 +43,7 @@ from gevent.lock import Semaphore
 from redis.commands.core import Script
 
 from wsapp import protocol
-from wsapp.backends import BrokerUnavailable, Deliver, RelayFrames, RoomView
+from wsapp.backends import BrokerUnavailable, Deliver, Published, RelayFrames, RoomView
 from wsapp.backends import redis_stream as stream
 from wsapp.backends import redis_wire as wire
 from wsapp.backends.redis_connect import detect_cluster, make_client, node_client, where
@@ -207,10 +207,16 @@ class RedisBackend:
         return self._share_relay
 
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
+        return self._healthy_shard(room).publish(room, head, tail, origin)
+
+    def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
+        self._healthy_shard(room).publish_nowait(room, head, tail, origin, done)
+
+    def _healthy_shard(self, room: str) -> Shard:
         shard = self.shard_of(room)
         if shard is None or not shard.healthy:
             raise BrokerUnavailable("the broker is unreachable")
-        return shard.publish(room, head, tail, origin)
+        return shard
 
     def join(
         self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None, epoch: str | None
@@ -621,9 +627,30 @@ class Shard:
     # ---- room publishes, joins and leaves: a stream of commands on one connection (redis_stream) --
 
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
-        command = self._publish_commands.command(self.incarnation, room, head, tail, origin,
-                                                 self.backend.epochs.propose())
-        reply = self.stream_call(command)
+        return self._numbered(self.stream_call(self._publish_command(room, head, tail, origin)))
+
+    def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
+        """`publish` whose caller does not wait: `done` is told from the stream's reader."""
+
+        def answered(reply: Any, failure: BaseException | None) -> None:
+            if failure is None:
+                try:
+                    seq = self._numbered(reply)
+                except BrokerUnavailable as exc:
+                    failure = exc
+                else:
+                    done(seq, None)
+                    return
+            done(0, failure)
+
+        self._stream.submit(self._publish_command(room, head, tail, origin), answered)
+
+    def _publish_command(self, room: str, head: bytes, tail: bytes, origin: str | None) -> bytes:
+        return self._publish_commands.command(self.incarnation, room, head, tail, origin,
+                                              self.backend.epochs.propose())
+
+    def _numbered(self, reply: Any) -> int:
+        """The seq a publish script's reply gives; BrokerUnavailable for an error reply."""
         if isinstance(reply, Exception):  # refused (out of memory, a read-only replica, MOVED): it did not run
             if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
                 self.backend.topology_changed()
