@@ -8,7 +8,7 @@ and another reads replies in order, so Redis runs one batch while the next is be
 which is how each reply finds its caller.
 
 Commands are packed here (RESP arrays of bytes) rather than by redis-py's serializer, which cost a
-fifth of a publish's CPU; replies are read by redis-py's parser (hiredis when installed).
+fifth of a publish's CPU; replies are parsed by hiredis, asked directly (`ReplyReader`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import gevent
 import redis
 from gevent.event import Event
 from gevent.hub import Waiter, get_hub
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _HiredisParser
 
 from wsapp.backends import BrokerUnavailable
 
@@ -52,6 +53,56 @@ def pack_command(args: Sequence[Arg]) -> bytes:
 # Told a command's reply (an error reply as an exception value) or, as its second argument, the
 # stream's failure (BrokerUnavailable); runs in whichever greenlet answered, so it must not block.
 Answered = Callable[[Any, BaseException | None], None]
+
+
+NOTHING = object()  # ReplyReader.read: nothing came within the time given
+
+
+class ReplyReader:
+    """The replies on one redis-py connection, read as they come: each socket read brings as many
+    as it holds, and each is then taken straight from hiredis's reader.
+
+    redis-py's `read_response` costs, per reply, the text of its error message (an f-string) and a
+    few checks, and `can_read` on an empty buffer a poll() and a MSG_PEEK recv: more than a small
+    room's message costs to deliver. Error replies come back as values (`redis.ResponseError` and
+    its kinds, e.g. NoScriptError); a connection that failed raises, as in redis-py. Without hiredis
+    (redis-py's own parser), redis-py's calls, with the same results."""
+
+    __slots__ = ("_conn", "_parser")
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        parser = conn._parser
+        self._parser = parser if isinstance(parser, _HiredisParser) else None
+
+    def read(self, timeout: float | None = None) -> Any:
+        """The next reply; with `timeout`, NOTHING when none came within it (else the connection's
+        socket timeout applies: redis.TimeoutError)."""
+        parser = self._parser
+        if parser is None:
+            return self._read_response(timeout)
+        reader = parser._reader
+        if reader is None:
+            raise redis.ConnectionError("the connection is closed")
+        reply = reader.gets()
+        while reply is NOT_ENOUGH_DATA:
+            if timeout is None:
+                parser.read_from_socket()
+            elif not parser.read_from_socket(timeout=timeout, raise_on_timeout=False):
+                return NOTHING
+            reply = reader.gets()
+        if isinstance(reply, redis.ConnectionError):
+            raise reply
+        return reply
+
+    def _read_response(self, timeout: float | None) -> Any:
+        conn = self._conn
+        if timeout is not None and not conn.can_read(timeout=timeout):
+            return NOTHING
+        try:
+            return conn.read_response()
+        except redis.ResponseError as error:
+            return error
 
 
 class Reply:
@@ -198,6 +249,8 @@ class CommandStream:
         inflight = self._inflight
         again = self._again
         retryable = self._retryable
+        replies: ReplyReader | None = None
+        replies_of: Any = None  # the connection `replies` reads
         while True:
             if not inflight:
                 if again:  # all that was in flight is read: repair, then send those again first
@@ -207,17 +260,17 @@ class CommandStream:
                 self._read_wake.wait()
                 continue
             conn = self._conn
+            if replies is None or conn is not replies_of:
+                replies, replies_of = ReplyReader(conn), conn
             batch = inflight[0]
             try:
                 while batch:
-                    try:
-                        reply = conn.read_response()
-                    except redis.ResponseError as error:  # an error reply: the connection is fine
-                        if retryable is not None and retryable(error):
-                            again.append(batch[0])
-                            del batch[0]
-                            continue
-                        reply = error
+                    reply = replies.read()
+                    # An error reply leaves the connection fine; some say the command can run later.
+                    if retryable is not None and isinstance(reply, redis.ResponseError) and retryable(reply):
+                        again.append(batch[0])
+                        del batch[0]
+                        continue
                     self._answer(batch[0][1], reply, None)
                     del batch[0]
             except Exception as exc:  # the reader must live on: whatever broke, this connection is done
