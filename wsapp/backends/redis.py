@@ -392,27 +392,27 @@ class RedisBackend:
     def on_message(self, data: bytes) -> None:
         self._messages_in += 1
         try:
-            message = wire.parse_envelope(data)
+            _, room, seq, epoch, origin, payload = wire.parse_envelope(data)  # unpacked: once per message
         except ValueError:
             log.warning("broker: malformed message ignored")
             return
         own = self._bus.is_echo(data)
-        if message.is_relay:
+        if room == wire.RELAY_ROOM:
             if not own:
-                self._on_relay(message.payload)
+                self._on_relay(payload)
             return
-        if not message.seq and message.origin is not None and message.room in self._members:
+        if not seq and origin is not None and room in self._members:
             try:
-                event = orjson.loads(message.payload)
-                news = self.rosters.apply(message.room, event["event"], message.origin, event["who"])
+                event = orjson.loads(payload)
+                news = self.rosters.apply(room, event["event"], origin, event["who"])
             except (ValueError, KeyError, TypeError):
                 news = True  # not a presence event this version knows: deliver it as before
-            if own and message.origin in self._marking:
-                self._marking.discard(message.origin)
+            if own and origin in self._marking:
+                self._marking.discard(origin)
                 news = True
             if not news:
                 return
-        self.on_room_event(message.room, message.seq, message.epoch, message.origin if own else None, message.payload)
+        self.on_room_event(room, seq, epoch, origin if own else None, payload)
 
     def on_room_event(self, room: str, seq: int, epoch: str, origin: str | None, payload: bytes) -> None:
         if room not in self._members:

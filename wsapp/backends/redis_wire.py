@@ -279,8 +279,12 @@ class PublishCommands:
                 self._history,
             )
         _, keys, middle, history = packed
-        return b"".join((keys, _bulk(head), _bulk(tail), history, middle,
-                         _bulk((origin or NO_ORIGIN).encode()), _bulk(epoch.encode()), self._command))
+        sender = (origin or NO_ORIGIN).encode()
+        proposed = epoch.encode()
+        # One formatting operation (four bulk strings made apart and joined cost twice as much).
+        return b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+            keys, len(head), head, len(tail), tail, history, middle, len(sender), sender, len(proposed), proposed,
+            self._command)
 
 
 def join_call(
