@@ -224,28 +224,33 @@ def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    baseline = f"; baseline {meta['baseline']}, each run right after the same one here" if meta.get("baseline") else ""
     out = [f"# wsapp scale-out benchmark ({meta['started']}, commit {meta['commit']})", "",
            f"{meta['cpu']}, {meta['cores']} cores; wsapp on core {base.SERVER_CORE}, load generator on core "
            f"{base.LOADGEN_CORE}, Redis on core {meta['redis_core']}; {meta['duration']} s windows, median of "
            f"{meta['repeat']}; load average before {' '.join(meta['loadavg_before'])}, after "
-           f"{' '.join(meta['loadavg_after'])}.", "",
+           f"{' '.join(meta['loadavg_after'])}{baseline}.",
+           "",
            "| case | setup | messages/s | deliveries/s | p50 / p99 ms | lost | wsapp CPU µs/message | "
-           "Redis CPU µs/message | Redis CPU % | broker messages in per message sent | limit | runs (messages/s) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Redis CPU µs/message | Redis CPU % | broker messages in per message sent | limit | runs (messages/s) | "
+           "runs (wsapp CPU µs/message) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['case']} | {r['label']} | error: {r['error']} |||||||||||")
+            out.append(f"| {r['case']} | {r['label']} | error: {r['error']} ||||||||||||")
             continue
         lg = r["loadgen"]
         # Over the whole run (joins' presence events included) per message sent.
         per_in = (r["broker_messages_in"] / lg["sent"]
                   if r.get("broker_messages_in") is not None and lg["sent"] else None)
         runs = ", ".join(f"{x['messages_per_s']:,.0f}" for x in r["repeats"] if x.get("messages_per_s"))
+        cpu_runs = ", ".join(base.fmt(x.get("server_us_per_message"), 1) for x in r["repeats"]
+                             if x.get("messages_per_s"))
         out.append(
             f"| {r['case']} | {r['label']} | {r['messages_per_s']:,.0f} | {r['deliveries_per_s']:,.0f} | "
             f"{base.fmt(r['p50_ms'], 2)} / {base.fmt(r['p99_ms'], 2)} | {r['lost']} | "
             f"{base.fmt(r.get('server_us_per_message'), 1)} | {base.fmt(r.get('redis_us_per_message'), 1)} | "
-            f"{base.fmt(r.get('redis_cpu_pct'), 0)} | {base.fmt(per_in, 2)} | {r['limit']} | {runs} |")
+            f"{base.fmt(r.get('redis_cpu_pct'), 0)} | {base.fmt(per_in, 2)} | {r['limit']} | {runs} | {cpu_runs} |")
     by = {(r["part"], r["case"], r["mode"], r["broker"], r["processes"], r.get("baseline", False)): r for r in rows}
     lines = []
     for (part, case, mode, broker, procs, baseline), r in by.items():
