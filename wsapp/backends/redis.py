@@ -307,6 +307,8 @@ class RedisBackend:
 
     def shard_of(self, room: str) -> Shard | None:
         """The shard that owns `room`'s slot; None while a Cluster's slot map is unknown."""
+        if not self.sharded:  # one shard: no channel name to make (every publish asks)
+            return self._shards.get("primary")
         return self._shard_of_channel(wire.room_channel(room))
 
     def _shard_of_channel(self, channel: str) -> Shard | None:
