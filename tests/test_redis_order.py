@@ -56,6 +56,7 @@ class Publisher(threading.Thread):
         self.room = r
         self.name = name
         self.acked: list[int] = []
+        self.acks: list[tuple[int, int]] = []  # (n of the message's data [name, n], its seq)
         self.refused = 0
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -71,6 +72,7 @@ class Publisher(threading.Thread):
                         break
                 if reply["type"] == "ack":
                     self.acked.append(reply["seq"])
+                    self.acks.append((n, reply["seq"]))
                 else:
                     assert reply["code"] == "unavailable", reply
                     self.refused += 1
@@ -88,7 +90,9 @@ class Publisher(threading.Thread):
 
 
 class Listener(threading.Thread):
-    """Reads every frame of one member and keeps the `message` seqs (and anything else) in order."""
+    """Reads every frame of one member and keeps the `message` seqs (and anything else) in order;
+    `messages` has each message's (epoch, seq, data), the epoch being the joined one until an `error`
+    `history_gone` names another."""
 
     def __init__(self, srv: ServerProcess, r: str, name: str, **join: Any) -> None:
         super().__init__(daemon=True)
@@ -96,7 +100,9 @@ class Listener(threading.Thread):
         self.ws.settimeout(30)
         send_json(self.ws, type="join", room=r, **join)
         self.first = recv_json(self.ws)  # nothing may come before `joined`
+        self.epoch: str | None = self.first.get("epoch")
         self.seqs: list[int] = []
+        self.messages: list[tuple[str | None, int, Any]] = []
         self.other: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self.closing = False
@@ -107,8 +113,11 @@ class Listener(threading.Thread):
                 msg = recv_json(self.ws)
                 if msg["type"] == "message":
                     self.seqs.append(msg["seq"])
+                    self.messages.append((self.epoch, msg["seq"], msg["data"]))
                 elif msg["type"] != "presence":
                     self.other.append(msg)
+                    if msg.get("code") == "history_gone":
+                        self.epoch = msg["epoch"]
         except (websocket.WebSocketConnectionClosedException, OSError):
             pass
         except BaseException as exc:
