@@ -50,7 +50,8 @@ def test_join_call_with_and_without_presence_since_and_epoch() -> None:
 def test_channels_and_process_keys() -> None:
     assert wire.channel_room(wire.room_channel("a:b.c-d_e").encode()) == "a:b.c-d_e"
     assert wire.channel_room(wire.RELAY_CHANNEL.encode()) is None
-    assert wire.catch_up_call("r", 41) == wire.ScriptCall(["wsapp:room:{r}:ctr", "wsapp:room:{r}:log"], [41])
+    assert wire.catch_up_call("r", 41, "e1") == wire.ScriptCall(["wsapp:room:{r}:ctr", "wsapp:room:{r}:log"],
+                                                                [41, "e1"])
     assert wire.heartbeat_call("abc.2", "r") == wire.ScriptCall(
         ["wsapp:room:{r}:members", "wsapp:room:{r}:procs"], ["abc.2", wire.PROC_TTL * 1000, wire.MEMBERS_TTL])
     assert wire.member_field("abc.2", "m1") == "abc.2:m1"

@@ -780,13 +780,17 @@ class Shard:
     def _catch_up(self) -> None:
         """After a reconnection: deliver what each room's members missed meanwhile, from its log."""
         for room, epoch, last in self.backend.cursor_rooms(self):
-            current_epoch, current, missed = self.run(self._catch_up_script, wire.catch_up_call(room, last))
-            if current_epoch is None or current_epoch.decode() != epoch:
-                continue  # a new life: the room's next message tells its members (RESTARTED)
-            if current > last and (not missed or int(wire.message_seq(missed[0])) > last + 1):
+            found, current, missed = self.run(self._catch_up_script, wire.catch_up_call(room, last, epoch))
+            if found is None:
+                continue  # no counter: the room's next life starts with its next message (RESTARTED)
+            current_epoch = found.decode()
+            if current_epoch == epoch and current > last and (
+                    not missed or int(wire.message_seq(missed[0])) > last + 1):
                 self.backend.notify(room, protocol.error(protocol.HISTORY_GONE, GAP_TEXT, room=room, epoch=epoch))
+            # In a new life (a failover, a flush) the first of its messages tells members (RESTARTED)
+            # before it is delivered; without any yet, the next live one will.
             for payload in missed:
-                self.backend.on_room_event(room, wire.message_seq(payload), epoch, None, payload)
+                self.backend.on_room_event(room, wire.message_seq(payload), current_epoch, None, payload)
 
     def _resync_presence(self) -> None:
         """After a reconnection: re-read each of this shard's local rooms' live members (those of

@@ -148,13 +148,17 @@ if deadline and tonumber(deadline) > now then return 1 end
 return 0
 """
 
-# KEYS: ctr, log. ARGV: after (the last seq delivered). Returns {epoch or false, seq, entries after}.
+# KEYS: ctr, log. ARGV: after (the last seq delivered), the epoch it was delivered in. Returns {epoch or
+# false, seq, entries after}: after `after` in the same epoch, from the start of the log in another (its
+# messages numbered before the caller came back are delivered too, after the notice of the new epoch).
 CATCH_UP_SCRIPT = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local out = {}
-for _, entry in ipairs(redis.call('XRANGE', KEYS[2], string.format('%d', tonumber(ARGV[1]) + 1), '+')) do
-  out[#out + 1] = entry[2][2]
+if epoch then
+  local from = '-'
+  if epoch == ARGV[2] then from = string.format('%d', tonumber(ARGV[1]) + 1) end
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], from, '+')) do out[#out + 1] = entry[2][2] end
 end
 return {epoch, current, out}
 """
@@ -317,9 +321,10 @@ def heartbeat_call(incarnation: str, room: str) -> ScriptCall:
                       args=[incarnation, PROC_TTL * 1000, MEMBERS_TTL])
 
 
-def catch_up_call(room: str, after: int) -> ScriptCall:
-    """CATCH_UP_SCRIPT: the room's epoch, seq and kept messages after `after`."""
-    return ScriptCall(keys=[room_key(room, "ctr"), room_key(room, "log")], args=[after])
+def catch_up_call(room: str, after: int, epoch: str) -> ScriptCall:
+    """CATCH_UP_SCRIPT: the room's epoch, seq and kept messages after `after` of `epoch` (all of them
+    if the room is in another epoch now)."""
+    return ScriptCall(keys=[room_key(room, "ctr"), room_key(room, "log")], args=[after, epoch])
 
 
 # ---- envelopes ----------------------------------------------------------------------------------
