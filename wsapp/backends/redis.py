@@ -354,26 +354,34 @@ class RedisBackend:
 
     def _adopt_masters(self) -> None:
         """Shards for the slot map's masters; rooms whose slot changed owner are subscribed again on
-        their new shard (the shards they left and joined start over: subscribe, register, catch up)."""
+        their new shard (the shards they left and joined start over: subscribe, register, catch up).
+        A shard made here subscribes to its rooms as it starts, and the others' rooms stay as they
+        were: a failover interrupts only the rooms of the shard that failed over."""
         masters = {node.name: node for node in self._cluster.get_primaries()}
         gone = [shard for name, shard in self._shards.items() if name not in masters]
+        started = set()
         for name, node in masters.items():
             if name not in self._shards:
                 shard = Shard(self, name, node_client(self._cluster, node))
                 self._shards[name] = shard
+                started.add(shard)
                 shard.start()
-        for shard in gone:  # no longer a master (a replica took over): its rooms belong to another shard
-            del self._shards[shard.name]
-            shard.close()
         moved = {(shard, self.shard_of(room)) for shard in self._shards.values()
                  for room in shard.subscribed_rooms() if room in self._members and self.shard_of(room) is not shard}
+        for shard in gone:  # no longer a master (a replica took over): its rooms belong to another shard
+            del self._shards[shard.name]
         if gone or moved:
             log.warning("broker: the Cluster's slot map changed (%s); rooms move to their new shards",
                         ", ".join([f"{shard.name} is no longer a master" for shard in gone]
-                                  + [f"rooms moved from {a.name}" for a, _ in moved]))
-            restart = set(self._shards.values()) if gone else {s for pair in moved for s in pair if s is not None}
-            for shard in restart:
+                                  + [f"rooms moved from {a.name}" for a, _ in moved if a not in gone]))
+            restart = {s for pair in moved for s in pair if s is not None}
+            relay = self.relay_shard()
+            if relay is not None and not relay.relay_subscribed:  # the relay's slot came here too
+                restart.add(relay)
+            for shard in restart - started - set(gone):
                 shard.restart()
+        for shard in gone:
+            shard.close()
 
     # ---- deliveries -----------------------------------------------------------------------------
 
@@ -514,6 +522,7 @@ class Shard:
         # The live subscription: rooms subscribed (set once Redis confirmed) and confirmations awaited.
         self._pubsub: Any = None
         self._subscribed: dict[str, Event] = {}
+        self.relay_subscribed = False  # the relay's channel is in the subscription (its slot is here)
         self._confirming: dict[bytes, deque[Event]] = {}
         # SUNSUBSCRIBEs sent and not yet confirmed, by channel: any other `sunsubscribe` is Redis
         # dropping a subscription because the slot moved to another shard.
@@ -724,7 +733,8 @@ class Shard:
         self._confirming = {}
         self._unsubscribing = {}
         channels = [wire.room_channel(room) for room in rooms]
-        if self.backend.relay_shard() is self:
+        self.relay_subscribed = self.backend.relay_shard() is self
+        if self.relay_subscribed:
             channels.insert(0, wire.RELAY_CHANNEL)
         if not channels:
             self.client.ping()  # nothing to subscribe to yet: a shard that does not answer shows now
