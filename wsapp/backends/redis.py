@@ -67,6 +67,12 @@ SUBSCRIBED = frozenset({"subscribe", "ssubscribe"})
 MESSAGES = frozenset({"message", "smessage"})
 
 
+def _another_primary(reply: Exception) -> bool:
+    """An error reply saying the connection no longer leads to the primary it was opened on (demoted
+    to a replica, or demoted and promoted again since)."""
+    return isinstance(reply, redis.exceptions.ReadOnlyError) or str(reply).startswith(wire.STALE_LIFE)
+
+
 def _cluster_settling(exc: BaseException) -> bool:
     """A Cluster refusing for a while (a shard just back, a failover, slots moving), not a real refusal."""
     return isinstance(exc, redis.exceptions.ClusterDownError) or any(
@@ -219,7 +225,7 @@ class RedisBackend:
                     self._marking.add(member_id)
                 with shard.members_lock.shared(self._timeout):
                     call = wire.join_call(shard.incarnation, room, member_id, name, presence, since, epoch,
-                                          self.sharded)
+                                          self.sharded, shard.life)
                     reply = shard.stream_call(shard.script_command(shard.join_script, call))
                 if isinstance(reply, Exception):
                     raise reply
@@ -509,11 +515,16 @@ class Shard:
         self._catch_up_script: Script = client.register_script(wire.CATCH_UP_SCRIPT)
         self._heartbeat_script: Script = client.register_script(wire.HEARTBEAT_SCRIPT)
         self.incarnation = backend._bus.next_incarnation()
+        # The primary's replication id as the stream's connection reported it when opened: the scripts
+        # make a room's counter again (a new epoch) when it was written under another one (redis_wire's
+        # _COUNTER: a replica promoted by a failover may miss the last numbers its primary gave).
+        self.life = wire.UNKNOWN_LIFE
         # Joins and leaves (shared) against heartbeats and re-registration (exclusive): members in Redis
         # are exactly the local ones, and joins of many members run at once.
         self.members_lock = SharedLock()
         self.healthy = False
         self._up = False  # what the log last said
+        self._said_no_life = False  # the warning that INFO is refused, once per shard
         self._down_since = time.monotonic()
         self._backoff = MIN_BACKOFF
         self._closing = Event()
@@ -530,7 +541,7 @@ class Shard:
         # Room publishes, joins and leaves: written to one connection as they come, replies read as they arrive.
         pool = client.connection_pool
         self._stream = stream.CommandStream(pool.get_connection, pool.release, self.lost, lambda: self.healthy,
-                                            self._retry_script)
+                                            self._retry_script, self._identify)
         self._publish_commands = wire.PublishCommands(self.publish_script.sha, backend._history, self._sharded)
 
     @property
@@ -626,11 +637,13 @@ class Shard:
 
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
         command = self._publish_commands.command(self.incarnation, room, head, tail, origin,
-                                                 self.backend.epochs.propose())
+                                                 self.backend.epochs.propose(), self.life)
         reply = self.stream_call(command)
         if isinstance(reply, Exception):  # refused (out of memory, a read-only replica, MOVED): it did not run
             if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
                 self.backend.topology_changed()
+            elif _another_primary(reply):
+                self.lost(reply)  # start over on a connection that knows where it leads
             raise BrokerUnavailable(f"the broker refused the message ({reply})")
         return int(reply[0])
 
@@ -647,6 +660,29 @@ class Shard:
         # No timeout of our own (a gevent Timeout per publish cost 5% of its CPU): the stream answers
         # every command, its socket reads and writes time out, and closing it fails what is left.
         return [result.get() for result in results][-1]
+
+    def _identify(self, conn: Any) -> str:
+        """The life of the primary a new stream connection reached (its replication id, and on a Cluster
+        its node id: INFO replication, CLUSTER MYID), which the scripts check each room's counter
+        against; refused if the server is not a primary (any more); NO_LIFE when the server will not
+        run INFO (then counters are not checked)."""
+        node_id = None
+        try:
+            if self._sharded:
+                conn.send_command("CLUSTER", "MYID", check_health=False)
+                node_id = conn.read_response()
+            conn.send_command("INFO", "replication", check_health=False)
+            info = conn.read_response()
+        except redis.ResponseError as exc:  # INFO renamed away or not granted to this user
+            if not self._said_no_life:
+                self._said_no_life = True
+                log.warning("broker: redis %s refuses INFO (%s): a failover that lost the last messages of a "
+                            "room cannot be detected, and their seqs may be given again", self.where, exc)
+            return wire.NO_LIFE
+        role, life = wire.replication_life(info, node_id)
+        if role != "master":
+            raise redis.ConnectionError(f"{self.where} is not a primary (role {role})")
+        return life
 
     def _retry_script(self, error: Exception) -> bool:
         """NOSCRIPT: Redis lost its script cache (a restart, SCRIPT FLUSH) and the call did not run.
@@ -687,7 +723,7 @@ class Shard:
             pubsub = self.client.pubsub()
             try:
                 early = self._subscribe_all(pubsub)
-                self._stream.reset()
+                self.life = self._stream.open()
                 with self.members_lock.exclusive(self._timeout):
                     # From here joins and leaves wait for this lock instead of skipping Redis, so the
                     # members registered below are exactly this process's members.
