@@ -58,6 +58,10 @@ HEARTBEAT_SECONDS = 2.0
 LISTEN_POLL = 0.25  # how long the subscriber waits for a message before looking at its own state
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
+# While a Cluster shard is down, how often the slot map is read again: a promoted replica is taken up
+# this long after the Cluster names it, not after the failed shard's next reconnection attempt (up to
+# MAX_BACKOFF later). One CLUSTER SLOTS per process each time, only while degraded.
+TOPOLOGY_POLL = 0.5
 PUBLISH_BATCH = 512  # rooms per pipeline when registering or keeping members alive
 RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
 RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this the sender waits (pacing) until half have gone
@@ -333,7 +337,8 @@ class RedisBackend:
 
     def _map_cluster(self) -> None:
         """Build the Cluster client (retrying until a node answers), make a shard per master, and make
-        them again whenever the slot map's masters change."""
+        them again whenever the slot map's masters change (looked at when a shard fails, and every
+        TOPOLOGY_POLL while one is down)."""
         backoff = MIN_BACKOFF
         while not self._closing.is_set():
             try:
@@ -354,7 +359,7 @@ class RedisBackend:
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             self._topology_wake.clear()
-            self._topology_wake.wait()
+            self._topology_wake.wait(None if self.healthy else TOPOLOGY_POLL)
             if self._closing.wait(MIN_BACKOFF):  # several shards may report at once
                 return
 
