@@ -59,6 +59,7 @@ class Publisher(threading.Thread):
         self.acks: list[tuple[int, int]] = []  # (n of the message's data [name, n], its seq)
         self.refused = 0
         self.refusals: list[str] = []  # what each `unavailable` said
+        self.acked_before_refusal = 0  # acks before the first `unavailable`
         self.stop = threading.Event()
         self.error: BaseException | None = None
 
@@ -76,6 +77,8 @@ class Publisher(threading.Thread):
                     self.acks.append((n, reply["seq"]))
                 else:
                     assert reply["code"] == "unavailable", reply
+                    if not self.refused:
+                        self.acked_before_refusal = len(self.acks)
                     self.refused += 1
                     self.refusals.append(reply["message"])
                     self.stop.wait(0.05)  # back-off before retrying, not synchronisation
