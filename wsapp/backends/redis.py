@@ -520,9 +520,10 @@ class Shard:
         self._catch_up_script: Script = client.register_script(wire.CATCH_UP_SCRIPT)
         self._heartbeat_script: Script = client.register_script(wire.HEARTBEAT_SCRIPT)
         self.incarnation = backend._bus.next_incarnation()
-        # The primary's replication id as the stream's connection reported it when opened: the scripts
-        # make a room's counter again (a new epoch) when it was written under another one (redis_wire's
-        # _COUNTER: a replica promoted by a failover may miss the last numbers its primary gave).
+        # The primary's life (replication id, and node id on a Cluster) as the stream's connection
+        # reported it when opened: the scripts make a room's counter again (a new epoch) when it was
+        # written under another life (redis_wire's _COUNTER: a replica promoted by a failover may miss
+        # the last numbers its primary gave).
         self.life = wire.UNKNOWN_LIFE
         # Joins and leaves (shared) against heartbeats and re-registration (exclusive): members in Redis
         # are exactly the local ones, and joins of many members run at once.
