@@ -138,9 +138,11 @@ class CommandStream:
     """Commands to one Redis, many in flight on one connection, each caller answered with its own reply.
 
     `get_connection` gives a connected redis-py `Connection` (the client's pool: one server, the
-    Sentinel-watched primary, TLS), `release_connection` takes it back. `on_lost(exc)` is told when
-    the connection fails; the stream then fails what was in flight (`BrokerUnavailable`) and takes a
-    new connection for the next command. While `usable()` is False commands fail at once.
+    Sentinel-watched primary, TLS), `release_connection` takes it back. The owner opens a connection
+    with `open()`, which asks `identify(conn)` about it first (commands may carry what it says: the
+    primary's replication id). `on_lost(exc)` is told when the connection fails; the stream then fails
+    what was in flight (`BrokerUnavailable`), and commands fail at once until the next `open()`. While
+    `usable()` is False commands fail at once too.
 
     `retryable(error)` is asked about an error reply: True when it says the command did not run for
     a cause `repair()` removes (NOSCRIPT: Redis lost its script cache; repair loads the scripts).
@@ -158,8 +160,10 @@ class CommandStream:
         usable: Callable[[], bool],
         retryable: Callable[[Exception], bool] | None = None,
         repair: Callable[[], None] | None = None,
+        identify: Callable[[Any], str] | None = None,
     ) -> None:
         self._get_connection = get_connection
+        self._identify = identify
         self._release_connection = release_connection
         self._on_lost = on_lost
         self._usable = usable
@@ -189,10 +193,25 @@ class CommandStream:
         while self._queue:  # nobody will send these now
             self._answer(self._queue.popleft()[1], None, failure)
 
-    def reset(self) -> None:
-        """Take a new connection for the next command (the broker was away: the one held may be dead
-        without knowing it); what is still in flight on the old one fails."""
-        self._drop_connection(BrokerUnavailable(UNREACHABLE))
+    def open(self) -> str:
+        """Take a new connection for the commands from now on (the broker was away: the one held may be
+        dead without knowing it, or lead to another server now) and return what `identify` says of it.
+        What is still queued or in flight fails: it was made for the old connection."""
+        failure = BrokerUnavailable(UNREACHABLE)
+        self._drop_connection(failure)
+        while self._queue:
+            self._answer(self._queue.popleft()[1], None, failure)
+        conn = self._get_connection()
+        try:
+            identity = self._identify(conn) if self._identify is not None else ""
+        except BaseException:
+            try:
+                conn.disconnect()
+            finally:
+                self._release_connection(conn)
+            raise
+        self._conn = conn
+        return identity
 
     def submit(self, command: bytes, callback: Answered | None = None) -> Reply:
         """Queue one packed command (`pack_command`); the result's `get()` is its reply (an error
@@ -220,12 +239,9 @@ class CommandStream:
                     self._answer(queue.popleft()[1], None, failure)
                 continue
             conn = self._conn
-            if conn is None:
-                try:
-                    conn = self._conn = self._get_connection()
-                except (redis.RedisError, OSError) as exc:
-                    self._fail_queue(exc)
-                    continue
+            if conn is None:  # lost, and not opened again yet: the owner's supervisor does that
+                self._fail_queue(redis.ConnectionError("no connection to the broker"))
+                continue
             batch = [queue.popleft() for _ in range(min(len(queue), BATCH))]
             self._inflight.append(batch)
             self._read_wake.set()
