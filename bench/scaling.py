@@ -4,6 +4,7 @@
     .venv/bin/python bench/scaling.py --parts broker          # rooms and relay, 10 senders into 100 clients
     .venv/bin/python bench/scaling.py --parts small           # 2,000 rooms of 2, every client publishing
     .venv/bin/python bench/scaling.py --parts processes --processes 1,2,4
+    .venv/bin/python bench/scaling.py --parts small --brokers redis --baseline ../main   # before/after
 
 Placement on this 2-core machine: wsapp (every process of a multi-process run) on core 0, the Node
 load generator (bench/loadgen.js) on core 1, and a private redis-server (no persistence, flushed
@@ -51,12 +52,13 @@ class Setup:
     senders: int = 10
     rooms: int = 1
     window: int = 1
+    tree: Path | None = None  # --baseline: the other checkout whose server.py runs (None: this one)
 
     @property
     def label(self) -> str:
         where = "in-process" if self.broker == "memory" else "Redis"
         procs = f", {self.processes} processes" if self.processes > 1 else ""
-        return f"{self.mode} {where}{procs}"
+        return f"{self.mode} {where}{procs}{' (baseline)' if self.tree is not None else ''}"
 
 
 class RedisServer:
@@ -97,10 +99,12 @@ class RedisServer:
 class Servers:
     """One or more wsapp processes (each its own port, all pinned to the server core), seen as one
     server by bench/run.py's `drive`: CPU and RSS are their sums. Redis's CPU is read at the same
-    moments (drive samples the servers' CPU exactly at window start and end)."""
+    moments (drive marks the servers' CPU when the opening starts, when every client is ready, and
+    exactly at window start and end)."""
 
     def __init__(self, setup: Setup, raw: Path, tag: str, env: dict[str, str], redis_server: RedisServer | None):
-        variant = base.Variant("wsapp", "wsapp", setup.mode, "/" if setup.mode == "relay" else "/ws")
+        variant = base.Variant("wsapp", "wsapp", setup.mode, "/" if setup.mode == "relay" else "/ws",
+                               setup.tree or base.ROOT)
         self.servers = [base.Server(variant, raw / f"{tag}-p{i}.server.log", env) for i in range(setup.processes)]
         self.redis = redis_server
         self.redis_marks: list[float] = []
@@ -134,8 +138,9 @@ class Servers:
 
 
 def run_setup(setup: Setup, args: argparse.Namespace, raw: Path, rep: int, redis_server: RedisServer) -> dict[str, Any]:
-    tag = f"{setup.part}-{setup.case}-{setup.mode}-{setup.broker}-{setup.processes}-{rep + 1}"
-    row: dict[str, Any] = {**dataclasses.asdict(setup), "label": setup.label}
+    which = "-baseline" if setup.tree is not None else ""
+    tag = f"{setup.part}-{setup.case}-{setup.mode}-{setup.broker}-{setup.processes}{which}-{rep + 1}"
+    row: dict[str, Any] = {**dataclasses.asdict(setup), "label": setup.label, "baseline": setup.tree is not None}
     env = dict(args.wsapp_env)
     if setup.broker == "redis":
         redis_server.client.flushall()
@@ -164,8 +169,9 @@ def run_setup(setup: Setup, args: argparse.Namespace, raw: Path, rep: int, redis
             row.update(base.drive(loadgen, servers, spec, args, before))  # type: ignore[arg-type]
         if setup.broker == "redis":
             row["broker_messages_in"] = servers.broker_messages_in() - in0
-        if len(servers.redis_marks) >= 2:
-            row["redis_cpu_s"] = servers.redis_marks[1] - servers.redis_marks[0]
+        if len(servers.redis_marks) >= 4:
+            # Marks: the opening's start, ready, window start, window end (drive() samples at each).
+            row["redis_cpu_s"] = servers.redis_marks[3] - servers.redis_marks[2]
     except Exception as exc:  # a failed run is a result too
         row["error"] = str(exc)
     finally:
@@ -186,21 +192,26 @@ def run_setup(setup: Setup, args: argparse.Namespace, raw: Path, rep: int, redis
 
 
 def setups(args: argparse.Namespace) -> list[list[Setup]]:
-    """Groups of setups compared within one repeat (alternating)."""
+    """Groups of setups compared within one repeat (alternating); with --baseline each setup is
+    followed by the same one served from the other checkout."""
     groups = []
     parts = args.parts.split(",")
+    brokers = [b for b in ("memory", "redis") if b in args.brokers.split(",")]
     if "broker" in parts:
         groups.append([Setup("broker", "c100-s10", mode, broker)
-                       for mode in ("rooms", "relay") for broker in ("memory", "redis")])
+                       for mode in ("rooms", "relay") for broker in brokers])
     small = dict(clients=args.small_rooms * 2, senders=args.small_rooms * 2, rooms=args.small_rooms)
     if "small" in parts:
         groups.append([Setup("small", f"rooms{args.small_rooms}x2", "rooms", broker, **small)  # type: ignore[arg-type]
-                       for broker in ("memory", "redis")])
+                       for broker in brokers])
     if "processes" in parts:
         counts = [int(n) for n in args.processes.split(",")]
         groups.append([Setup("processes", f"rooms{args.small_rooms}x2", "rooms", "redis", n, **small)  # type: ignore[arg-type]
                        for n in counts])
         groups.append([Setup("processes", "c100-s10", "rooms", "redis", n) for n in counts])
+    if args.baseline:
+        tree = args.baseline.resolve()
+        groups = [[s for setup in group for s in (setup, dataclasses.replace(setup, tree=tree))] for group in groups]
     return groups
 
 
@@ -213,35 +224,46 @@ def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    baseline = f"; baseline {meta['baseline']}, each run right after the same one here" if meta.get("baseline") else ""
     out = [f"# wsapp scale-out benchmark ({meta['started']}, commit {meta['commit']})", "",
            f"{meta['cpu']}, {meta['cores']} cores; wsapp on core {base.SERVER_CORE}, load generator on core "
            f"{base.LOADGEN_CORE}, Redis on core {meta['redis_core']}; {meta['duration']} s windows, median of "
            f"{meta['repeat']}; load average before {' '.join(meta['loadavg_before'])}, after "
-           f"{' '.join(meta['loadavg_after'])}.", "",
+           f"{' '.join(meta['loadavg_after'])}{baseline}.",
+           "",
            "| case | setup | messages/s | deliveries/s | p50 / p99 ms | lost | wsapp CPU µs/message | "
-           "Redis CPU µs/message | Redis CPU % | broker messages in per message sent | limit | runs (messages/s) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Redis CPU µs/message | Redis CPU % | broker messages in per message sent | limit | runs (messages/s) | "
+           "runs (wsapp CPU µs/message) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['case']} | {r['label']} | error: {r['error']} |||||||||||")
+            out.append(f"| {r['case']} | {r['label']} | error: {r['error']} ||||||||||||")
             continue
         lg = r["loadgen"]
         # Over the whole run (joins' presence events included) per message sent.
         per_in = (r["broker_messages_in"] / lg["sent"]
                   if r.get("broker_messages_in") is not None and lg["sent"] else None)
         runs = ", ".join(f"{x['messages_per_s']:,.0f}" for x in r["repeats"] if x.get("messages_per_s"))
+        cpu_runs = ", ".join(base.fmt(x.get("server_us_per_message"), 1) for x in r["repeats"]
+                             if x.get("messages_per_s"))
         out.append(
             f"| {r['case']} | {r['label']} | {r['messages_per_s']:,.0f} | {r['deliveries_per_s']:,.0f} | "
             f"{base.fmt(r['p50_ms'], 2)} / {base.fmt(r['p99_ms'], 2)} | {r['lost']} | "
             f"{base.fmt(r.get('server_us_per_message'), 1)} | {base.fmt(r.get('redis_us_per_message'), 1)} | "
-            f"{base.fmt(r.get('redis_cpu_pct'), 0)} | {base.fmt(per_in, 2)} | {r['limit']} | {runs} |")
-    by = {(r["part"], r["case"], r["mode"], r["broker"], r["processes"]): r for r in rows}
+            f"{base.fmt(r.get('redis_cpu_pct'), 0)} | {base.fmt(per_in, 2)} | {r['limit']} | {runs} | {cpu_runs} |")
+    by = {(r["part"], r["case"], r["mode"], r["broker"], r["processes"], r.get("baseline", False)): r for r in rows}
     lines = []
-    for (part, case, mode, broker, procs), r in by.items():
-        mem = by.get((part, case, mode, "memory", procs))
+    for (part, case, mode, broker, procs, baseline), r in by.items():
+        mem = by.get((part, case, mode, "memory", procs, baseline))
+        which = " (baseline)" if baseline else ""
         if broker == "redis" and mem and r.get("messages_per_s") and mem.get("messages_per_s"):
-            lines.append(f"- {case} {mode}: Redis ÷ in-process = {r['messages_per_s'] / mem['messages_per_s']:.2f}x "
-                         f"messages/s")
+            lines.append(f"- {case} {mode}{which}: Redis ÷ in-process = "
+                         f"{r['messages_per_s'] / mem['messages_per_s']:.2f}x messages/s")
+        old = by.get((part, case, mode, broker, procs, True))
+        if not baseline and old and r.get("server_us_per_message") and old.get("server_us_per_message"):
+            lines.append(f"- {case} {mode} {broker}, {procs} process(es): this checkout ÷ baseline = "
+                         f"{r['messages_per_s'] / old['messages_per_s']:.2f}x messages/s, "
+                         f"{r['server_us_per_message'] / old['server_us_per_message']:.2f}x wsapp CPU per message")
     if lines:
         out += ["", *lines]
     return "\n".join(out) + "\n"
@@ -258,6 +280,9 @@ def main() -> int:
     p.add_argument("--drain", type=float, default=3.0)
     p.add_argument("--payload", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--brokers", default="memory,redis", help="in-process (memory) and/or redis")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="also run every setup from this other checkout, taking turns with this one")
     p.add_argument("--wsapp-env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -265,7 +290,7 @@ def main() -> int:
     os.sched_setaffinity(0, {base.LOADGEN_CORE})
     meta = base.metadata(argparse.Namespace(duration=args.duration, warmup=args.warmup, payload=args.payload,
                                             repeat=args.repeat, client="raw", wsapp_env=args.wsapp_env,
-                                            baseline=None))
+                                            baseline=args.baseline))
     meta["redis_core"] = args.redis_core
     raw = args.out / "raw" / ("scaling-" + time.strftime("%Y%m%d-%H%M%S"))
     raw.mkdir(parents=True, exist_ok=True)

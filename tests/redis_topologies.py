@@ -5,9 +5,12 @@ primary and a replica. All on free loopback ports, without persistence, always s
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -179,35 +182,42 @@ def _make_certificates(directory: Path) -> tuple[Path, Path, Path]:
 
 
 class RedisClusterProcs:
-    """Three masters, no replicas, created with `redis-cli --cluster create`. `stop_node(i)` /
-    `kill_node(i)` take one shard away (its slots fail), `start_node(i)` brings it back with its slots
-    (and no data: nothing is persisted). `full_coverage=False` is `cluster-require-full-coverage no`: the
-    other shards keep serving their slots while one is down (with the default, every node refuses)."""
+    """`masters` masters, each with `replicas` replicas, created with `redis-cli --cluster create`.
+    `stop_node(i)` / `kill_node(i)` take one node away (a master without a replica: its slots fail),
+    `start_node(i)` brings it back with its slots (and no data: nothing is persisted).
+    `full_coverage=False` is `cluster-require-full-coverage no`: the other shards keep serving their
+    slots while one is down (with the default, every node refuses). With replicas, `replica_of(port)`,
+    `kill_primary(port)` / `manual_failover(port)` and `replication_cut(port)` act out failovers."""
 
     def __init__(self, directory: Path, masters: int = 3, node_timeout_ms: int = 1000,
-                 full_coverage: bool = True) -> None:
+                 full_coverage: bool = True, replicas: int = 0) -> None:
         self.nodes: list[RedisProc] = []
+        self._frozen: dict[int, RedisProc] = {}  # master port -> its replica, SIGSTOPped by replication_cut
         try:
-            for _ in range(masters):
+            for _ in range(masters * (1 + replicas)):
                 port = free_port(with_bus=True)
                 args = plain_args(port, "--cluster-enabled", "yes", "--cluster-config-file",
                                   str(directory / f"nodes-{port}.conf"), "--cluster-node-timeout", str(node_timeout_ms),
                                   "--dir", str(directory), "--cluster-require-full-coverage",
-                                  "yes" if full_coverage else "no")
+                                  "yes" if full_coverage else "no",
+                                  # a replica's first sync starts at once (Redis waits 5 s for more replicas)
+                                  "--repl-diskless-sync-delay", "0")
                 self.nodes.append(RedisProc(args, port))
             subprocess.run(
                 [_binary("redis-cli", "redis-tools"), "--cluster", "create",
-                 *(f"{LOOPBACK}:{node.port}" for node in self.nodes), "--cluster-replicas", "0", "--cluster-yes"],
+                 *(f"{LOOPBACK}:{node.port}" for node in self.nodes), "--cluster-replicas", str(replicas),
+                 "--cluster-yes"],
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30,
             )
             self.wait_ok()
+            self.wait_replicas_in_sync()
         except BaseException:
             self.stop()
             raise
         self.url = f"redis://{LOOPBACK}:{self.nodes[0].port}"
 
     def wait_ok(self, timeout: float = 15.0) -> None:
-        """Until every running node says cluster_state:ok and knows all masters."""
+        """Until every running node says cluster_state:ok and knows all nodes."""
         def ok() -> bool:
             for node in self.nodes:
                 if node.proc is None:
@@ -218,6 +228,89 @@ class RedisClusterProcs:
             return True
 
         poll(ok, timeout, "cluster_state:ok on every node")
+
+    def wait_replicas_in_sync(self, timeout: float = 15.0) -> None:
+        """Until every running replica has finished its sync with its master (master_link_status:up)."""
+        def synced() -> bool:
+            for node in self.nodes:
+                if node.proc is not None:
+                    info = node.client().info("replication")
+                    if info["role"] == "slave" and info.get("master_link_status") != "up":
+                        return False
+            return True
+
+        poll(synced, timeout, "every replica in sync with its master")
+
+    def node_at(self, port: int) -> RedisProc:
+        return next(node for node in self.nodes if node.port == port)
+
+    def replica_of(self, port: int) -> RedisProc:
+        """The replica of the master on `port` (the frozen one inside `replication_cut`)."""
+        if port in self._frozen:
+            return self._frozen[port]
+        for node in self.nodes:
+            if node.proc is not None and node.port != port and node not in self._frozen.values():
+                info = node.client().info("replication")
+                if info["role"] == "slave" and int(info["master_port"]) == port:
+                    return node
+        raise LookupError(f"no replica of the master on port {port}")
+
+    def kill_primary(self, port: int) -> tuple[RedisProc, int]:
+        """The master on `port` crashes (SIGKILL). Returns its replica and one of its slots, for
+        `wait_promoted`: the replica is elected in its place once the other masters agree it failed
+        (cluster-node-timeout, then an election)."""
+        replica = self.replica_of(port)
+        slot = self._first_slot(port)
+        self.node_at(port).stop(kill=True)
+        return replica, slot
+
+    def manual_failover(self, port: int, timeout: float = 20.0) -> int:
+        """`CLUSTER FAILOVER` on the replica of the master on `port`: the graceful hand-over (the master
+        stops taking writes, the replica catches up, then takes over). Returns the new master's port
+        once every node maps the slots to it and the old master has become its replica."""
+        replica = self.replica_of(port)
+        slot = self._first_slot(port)
+        replica.client().execute_command("CLUSTER", "FAILOVER")
+        new = self.wait_promoted(replica, slot, timeout)
+        poll(lambda: self.node_at(port).client().info("replication")["role"] == "slave", timeout,
+             "the old master to become a replica")
+        return new
+
+    @contextlib.contextmanager
+    def replication_cut(self, port: int) -> Iterator[RedisProc]:
+        """Within the block the master on `port` takes writes its replica will never get: the replica is
+        frozen (SIGSTOP) and the master drops its link to it (`CLIENT KILL TYPE replica`), so what the
+        master acknowledges now is lost if the replica takes over. The replica resumes (SIGCONT) after
+        the block (which may kill the master first)."""
+        replica = self.replica_of(port)
+        assert replica.proc is not None
+        master = self.node_at(port).client()
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        self._frozen[port] = replica
+        try:
+            master.execute_command("CLIENT", "KILL", "TYPE", "replica")
+            # The frozen replica cannot connect again, so once the master lists none it gets nothing more.
+            poll(lambda: int(master.info("replication")["connected_slaves"]) == 0, 5, "the link cut")
+            yield replica
+        finally:
+            del self._frozen[port]
+            os.kill(replica.proc.pid, signal.SIGCONT)
+
+    def _first_slot(self, port: int) -> int:
+        for start, _end, (_, owner, *_rest), *_ in self.node_at(port).client().execute_command("CLUSTER", "SLOTS"):
+            if int(owner) == port:
+                return int(start)
+        raise LookupError(f"the node on port {port} is not a master")
+
+    def wait_promoted(self, replica: RedisProc, slot: int, timeout: float = 20.0) -> int:
+        """Until `replica` is a master and every running node maps `slot` to it; returns its port."""
+        def promoted() -> bool:
+            if replica.client().info("replication")["role"] != "master":
+                return False
+            return all(self._owner_port(node, slot) == replica.port for node in self.nodes if node.proc is not None)
+
+        poll(promoted, timeout, f"the replica on port {replica.port} to take over slot {slot}")
+        return replica.port
 
     def wait_failed(self, timeout: float = 10.0) -> None:
         """Until the running nodes have noticed a missing shard (cluster_state:fail)."""

@@ -5,6 +5,7 @@ silently; a process receives only the traffic of rooms it has members in."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import threading
@@ -56,7 +57,10 @@ class Publisher(threading.Thread):
         self.room = r
         self.name = name
         self.acked: list[int] = []
+        self.acks: list[tuple[int, int]] = []  # (n of the message's data [name, n], its seq)
         self.refused = 0
+        self.refusals: list[str] = []  # what each `unavailable` said
+        self.acked_before_refusal = 0  # acks before the first `unavailable`
         self.stop = threading.Event()
         self.error: BaseException | None = None
 
@@ -71,9 +75,13 @@ class Publisher(threading.Thread):
                         break
                 if reply["type"] == "ack":
                     self.acked.append(reply["seq"])
+                    self.acks.append((n, reply["seq"]))
                 else:
                     assert reply["code"] == "unavailable", reply
+                    if not self.refused:
+                        self.acked_before_refusal = len(self.acks)
                     self.refused += 1
+                    self.refusals.append(reply["message"])
                     self.stop.wait(0.05)  # back-off before retrying, not synchronisation
                 n += 1
         except BaseException as exc:  # reported by the test
@@ -88,7 +96,9 @@ class Publisher(threading.Thread):
 
 
 class Listener(threading.Thread):
-    """Reads every frame of one member and keeps the `message` seqs (and anything else) in order."""
+    """Reads every frame of one member and keeps the `message` seqs (and anything else) in order;
+    `messages` has each message's (epoch, seq, data), the epoch being the joined one until an `error`
+    `history_gone` names another."""
 
     def __init__(self, srv: ServerProcess, r: str, name: str, **join: Any) -> None:
         super().__init__(daemon=True)
@@ -96,7 +106,9 @@ class Listener(threading.Thread):
         self.ws.settimeout(30)
         send_json(self.ws, type="join", room=r, **join)
         self.first = recv_json(self.ws)  # nothing may come before `joined`
+        self.epoch: str | None = self.first.get("epoch")
         self.seqs: list[int] = []
+        self.messages: list[tuple[str | None, int, Any]] = []
         self.other: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self.closing = False
@@ -107,8 +119,11 @@ class Listener(threading.Thread):
                 msg = recv_json(self.ws)
                 if msg["type"] == "message":
                     self.seqs.append(msg["seq"])
+                    self.messages.append((self.epoch, msg["seq"], msg["data"]))
                 elif msg["type"] != "presence":
                     self.other.append(msg)
+                    if msg.get("code") == "history_gone":
+                        self.epoch = msg["epoch"]
         except (websocket.WebSocketConnectionClosedException, OSError):
             pass
         except BaseException as exc:
@@ -326,6 +341,38 @@ def test_flushall_changes_the_epoch_and_an_old_since_gets_history_gone(
     admin.close()
 
 
+def test_messages_numbered_in_a_new_life_before_a_process_is_back_reach_its_members(
+    make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess]
+) -> None:
+    """Redis comes back empty (or a replica takes over) and a room is numbered anew before a process
+    has subscribed again: once back, the process delivers the new life from its start (after telling
+    its members the epoch changed), not just from the next message on."""
+    broker = make_redis()
+    srv = make_server(REDIS_URL=broker.url, **ENV)
+    r = room()
+    listener = Listener(srv, r, "l")
+    listener.start()
+    old_epoch = listener.epoch
+    with Emitter(broker.url, history=HISTORY) as emitter:
+        assert emitter.publish(r, "old") == 1
+    wait_for(lambda: listener.messages, what="the first message")
+    broker.stop()
+    wait_for(lambda: get_json(srv.http("/healthz"))[0] == 503, what="degraded")
+    os.kill(srv.proc.pid, signal.SIGSTOP)  # so the room's new life is numbered before it subscribes again
+    try:
+        broker.start()
+        with Emitter(broker.url, history=HISTORY) as emitter:
+            assert [emitter.publish(r, ["new", i]) for i in range(3)] == [1, 2, 3]
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+    wait_for(lambda: len(listener.messages) == 4, timeout=10, what="the new life's messages")
+    listener.close()
+    new_epoch = listener.epoch
+    assert new_epoch != old_epoch and listener.error is None
+    assert listener.messages == [(old_epoch, 1, "old"), *((new_epoch, i + 1, ["new", i]) for i in range(3))]
+    assert [(m["code"], m["epoch"]) for m in listener.other] == [("history_gone", new_epoch)]
+
+
 def test_publish_api_answers_503_unavailable_while_redis_is_away(
     make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess]
 ) -> None:
@@ -337,6 +384,56 @@ def test_publish_api_answers_503_unavailable_while_redis_is_away(
     wait_for(lambda: get_json(srv.http("/healthz"))[0] == 503, what="degraded")
     status, headers, body = post(srv, {"room": r, "data": 2}, AUTH)
     assert (status, body["error"], headers.get("Retry-After")) == (503, "unavailable", "1")
+
+
+def test_publishes_sent_without_waiting_keep_their_order_when_the_script_cache_is_lost(
+    two: tuple[RedisServer, ServerProcess, ServerProcess],
+) -> None:
+    """A client may send publishes without waiting for each ack (its reader does not wait for Redis
+    either: several are in flight). They are numbered in the order sent and acked in that order, also
+    when SCRIPT FLUSH makes those in flight fail NOSCRIPT (they did not run): the stream holds the
+    rest back, loads the script once and sends them again in their order, so no later one overtakes."""
+    broker, a, b = two
+    admin = broker.client()
+
+    def noscript_replies() -> int:
+        return int(admin.info("errorstats").get("errorstat_NOSCRIPT", {}).get("count", 0))
+
+    r = room()
+    hearer = Listener(b, r, "hearer")
+    hearer.start()
+    talker = member(a, "talker")
+    send_json(talker, type="join", room=r)
+    recv_type(talker, "joined")
+    replies: list[dict[str, Any]] = []
+    sent = 0
+    for _ in range(5):
+        admin.script_flush()  # the next script calls fail NOSCRIPT: the first one and those in flight behind it
+        burst = []
+        for _ in range(40):  # in one write: the server reads them at once and has several in flight
+            message = json.dumps({"type": "publish", "room": r, "data": sent, "id": sent})
+            burst.append(websocket.ABNF.create_frame(message, websocket.ABNF.OPCODE_TEXT).format())
+            sent += 1
+        talker.sock.sendall(b"".join(burst))
+        send_json(talker, type="ping", id=sent)
+        while True:
+            reply = recv_json(talker)
+            if reply["type"] != "presence":
+                replies.append(reply)
+            if reply["type"] == "pong":
+                break
+    # The retry path really ran: a flush makes a whole batch of calls in flight fail, every time.
+    assert noscript_replies() >= 5 * 2
+    expected = [[("ack", n) for n in range(burst * 40, burst * 40 + 40)] + [("pong", burst * 40 + 40)]
+                for burst in range(5)]
+    assert [(m["type"], m["id"]) for m in replies] == [reply for burst in expected for reply in burst]
+    acked = [m["seq"] for m in replies if m["type"] == "ack"]
+    assert acked == list(range(1, sent + 1))  # numbered in the order sent
+    wait_for(lambda: len(hearer.seqs) >= sent, what="every message delivered")
+    hearer.close()
+    assert hearer.error is None and hearer.seqs == list(range(1, sent + 1))
+    talker.close()
+    admin.close()
 
 
 def test_script_cache_lost_under_traffic_on_many_rooms_runs_each_publish_once(

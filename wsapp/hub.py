@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from wsapp import protocol
-from wsapp.backends import Broker, BrokerUnavailable
+from wsapp.backends import Broker, BrokerUnavailable, Published
 from wsapp.exceptions import MessageError
 from wsapp.metrics import Stats
 
@@ -68,6 +68,11 @@ class JoinGate:
         if frame is not None:
             self.held.append(frame)
         return self.announced
+
+
+def unavailable(exc: BaseException, msg_id: object = None) -> MessageError:
+    """The `unavailable` error for a publish the broker could not number (BrokerUnavailable)."""
+    return MessageError(protocol.UNAVAILABLE, f"{exc}; retry later", msg_id)
 
 
 class Hub:
@@ -213,19 +218,37 @@ class Hub:
 
     def publish(self, member: Member, room: str, data: Any, msg_id: object = None) -> int:
         """Deliver `data` from `member` to the room; returns the room sequence number assigned."""
+        self._check_member(member, room, msg_id)
+        return self.post(room, data, member.name, member, msg_id)
+
+    def publish_nowait(self, member: Member, room: str, data: Any, done: Published, msg_id: object = None) -> None:
+        """`publish` without waiting for the broker: `done(seq, None)` once the message is numbered,
+        `done(0, BrokerUnavailable)` when it was not (see `unavailable`); in-process, before this
+        returns. A member's publishes into a room are numbered in the order it made them.
+        MessageError at once for what is refused without asking the broker."""
+        self._check_member(member, room, msg_id)
+        head, tail = self._message_parts(room, member.name, data)
+        try:
+            self._backend.publish_nowait(room, head, tail, member.id, done)
+        except BrokerUnavailable as exc:
+            raise unavailable(exc, msg_id) from None
+
+    def _check_member(self, member: Member, room: str, msg_id: object) -> None:
         if room not in self._member_rooms.get(member, ()):
             raise MessageError(protocol.NOT_IN_ROOM, f"join {room!r} before publishing to it", msg_id)
-        return self.post(room, data, member.name, member, msg_id)
+
+    def _message_parts(self, room: str, sender: str, data: Any) -> tuple[bytes, bytes]:
+        return protocol.message_parts(room, sender, int(self._clock() * 1000), data)
 
     def post(self, room: str, data: Any, sender: str, origin: Member | None = None, msg_id: object = None) -> int:
         """Number, keep and deliver `data` in `room` under the name `sender`, whether or not anyone
         here is in the room (server-side publishes); `origin` gets it only if it joined with echo.
         MessageError `unavailable` when the broker cannot number it now."""
-        head, tail = protocol.message_parts(room, sender, int(self._clock() * 1000), data)
+        head, tail = self._message_parts(room, sender, data)
         try:
             return self._backend.publish(room, head, tail, origin.id if origin is not None else None)
         except BrokerUnavailable as exc:
-            raise MessageError(protocol.UNAVAILABLE, f"{exc}; retry later", msg_id) from None
+            raise unavailable(exc, msg_id) from None
 
     def deliver(self, room: str, seq: int, origin: str | None, payload: bytes) -> None:
         """One room event from the broker, in the room's order: to every live member (the origin only

@@ -83,7 +83,9 @@ def parse(raw: bytes | str, max_depth: int = 32) -> Command:
         if "data" not in obj:
             raise MessageError(BAD_MESSAGE, "publish needs a 'data' field", msg_id)
         data = obj["data"]
-        if json_depth(data) > max_depth:
+        # Nesting needs an opening bracket per level, the message's own object is one: a message with
+        # few brackets (nearly all) cannot be too deep, and the walk over `data` is skipped.
+        if _brackets(raw) - 1 > max_depth and json_depth(data) > max_depth:
             raise MessageError(BAD_MESSAGE, f"data is nested deeper than {max_depth} levels", msg_id)
         return Publish(_room(obj, msg_id), data, msg_id)
     if kind == "join":
@@ -102,6 +104,13 @@ def parse(raw: bytes | str, max_depth: int = 32) -> Command:
     if kind == "ping":
         return Ping(msg_id)
     raise MessageError(UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}", msg_id)
+
+
+def _brackets(raw: bytes | str) -> int:
+    """Opening brackets in a JSON text, strings' included: at least its nesting depth."""
+    if isinstance(raw, str):
+        return raw.count("{") + raw.count("[")
+    return raw.count(b"{") + raw.count(b"[")
 
 
 def _valid_id(value: object) -> bool:
@@ -138,11 +147,6 @@ def json_depth(value: Any) -> int:
     one with max() and a generator per node, measured on publish payloads)."""
     if not isinstance(value, _CONTAINERS):
         return 0
-    for child in value.values() if isinstance(value, dict) else value:
-        if isinstance(child, _CONTAINERS):
-            break
-    else:
-        return 1  # flat (most chat and event payloads): no stack (0.2 against 0.5 µs)
     deepest = 0
     stack = [(value, 1)]
     pop, push = stack.pop, stack.append

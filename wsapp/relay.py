@@ -27,7 +27,9 @@ class RelayGroup:
         self._settings = settings
         self._stats = stats
         self._after_remote = after_remote
-        self._members: set[Connection] = set()
+        # Insertion-ordered (a dict, not a set): the fan-out goes out in connection order, as Node's
+        # `ws` iterates its clients.
+        self._members: dict[Connection, None] = {}
         # None = this process is alone (memory backend): the hot path below skips sharing entirely.
         self._share = backend.attach_relay(self.deliver_remote) if backend is not None else None
 
@@ -45,8 +47,11 @@ class RelayGroup:
             if share is not None:
                 share(frame)
 
-        self._members.add(conn)
-        return on_message, self._members.discard
+        self._members[conn] = None
+        return on_message, self._discard
+
+    def _discard(self, conn: Connection) -> None:
+        self._members.pop(conn, None)
 
     def deliver_remote(self, frame: bytes) -> None:
         """A frame a client of another process sent: to every local client."""

@@ -18,7 +18,9 @@ def test_publish_call_names_the_rooms_keys_and_the_envelope_prefix() -> None:
     new_epoch = call.args[7]
     assert isinstance(new_epoch, str) and len(new_epoch) == 12
     assert call.args == [head, tail, 50, "p1.3 lobby ", "wsapp:room:{lobby}", wire.ROOM_TTL, "m7", new_epoch,
-                         "PUBLISH"]
+                         "PUBLISH", wire.UNKNOWN_LIFE]
+    # A server passes the replication id its connection reported; the script looks it up without one.
+    assert wire.publish_call("p1.3", "lobby", head, tail, 50, life="9f" * 20).args[9] == "9f" * 20
     # On a Redis Cluster the script announces on the room's sharded channel (same name, same slot).
     assert wire.publish_call("p1.3", "lobby", head, tail, 50, "m7", sharded=True).args[8] == "SPUBLISH"
     # What the script publishes (prefix + seq + " " + epoch + " " + origin + " " + payload) is an
@@ -40,7 +42,8 @@ def test_join_call_with_and_without_presence_since_and_epoch() -> None:
     assert call.args[:7] == [
         "p1.0:m9", "alice", 4, b'p1.0 r 0 - m9 {"type":"presence"}', "wsapp:room:{r}", wire.PROC_TTL * 1000, 60
     ]
-    assert call.args[8:] == ["e1", "PUBLISH"]
+    assert call.args[8:] == ["e1", "PUBLISH", wire.UNKNOWN_LIFE]
+    assert wire.join_call("p1.0", "r", "m9", "alice", None, None, life="9f" * 20).args[10] == "9f" * 20
     assert wire.join_call("p1.0", "r", "m9", "alice", None, None, sharded=True).args[9] == "SPUBLISH"
     again = wire.join_call("p1.0", "r", "m9", "alice", None, None)
     assert again.args[2:4] == [-1, b""]  # no since, no presence on a repeated join
@@ -50,7 +53,8 @@ def test_join_call_with_and_without_presence_since_and_epoch() -> None:
 def test_channels_and_process_keys() -> None:
     assert wire.channel_room(wire.room_channel("a:b.c-d_e").encode()) == "a:b.c-d_e"
     assert wire.channel_room(wire.RELAY_CHANNEL.encode()) is None
-    assert wire.catch_up_call("r", 41) == wire.ScriptCall(["wsapp:room:{r}:ctr", "wsapp:room:{r}:log"], [41])
+    assert wire.catch_up_call("r", 41, "e1") == wire.ScriptCall(["wsapp:room:{r}:ctr", "wsapp:room:{r}:log"],
+                                                                [41, "e1"])
     assert wire.heartbeat_call("abc.2", "r") == wire.ScriptCall(
         ["wsapp:room:{r}:members", "wsapp:room:{r}:procs"], ["abc.2", wire.PROC_TTL * 1000, wire.MEMBERS_TTL])
     assert wire.member_field("abc.2", "m1") == "abc.2:m1"
@@ -163,11 +167,20 @@ def test_publish_commands_pack_what_publish_call_would() -> None:
 
     commands = wire.PublishCommands("ab" * 20, 50)
     head, tail = message_parts("lobby", "server", 7, {"a": "é"})
-    for incarnation, origin in (("p1.3", "m7"), ("p1.3", None), ("p1.4", "m7")):  # a new incarnation, too
-        call = wire.publish_call(incarnation, "lobby", head, tail, 50, origin, "e1")
+    cases = (("p1.3", "m7", ""), ("p1.3", None, ""), ("p1.4", "m7", "9f" * 20), ("p1.4", "m7", "-"))
+    for incarnation, origin, life in cases:  # a new incarnation, a new connection's life, too
+        call = wire.publish_call(incarnation, "lobby", head, tail, 50, origin, "e1", life=life)
         expected = pack_command((b"EVALSHA", "ab" * 20, 2, *call.keys, *call.args))
-        assert commands.command(incarnation, "lobby", head, tail, origin, "e1") == expected
+        assert commands.command(incarnation, "lobby", head, tail, origin, "e1", life) == expected
     sharded = wire.PublishCommands("ab" * 20, 50, sharded=True)  # a Cluster: SPUBLISH from the script
     call = wire.publish_call("p1.3", "lobby", head, tail, 50, "m7", "e1", sharded=True)
     expected = pack_command((b"EVALSHA", "ab" * 20, 2, *call.keys, *call.args))
     assert sharded.command("p1.3", "lobby", head, tail, "m7", "e1") == expected
+
+
+def test_replication_life_is_the_replication_id_and_on_a_cluster_the_node_id_too() -> None:
+    info = (b"# Replication\r\nrole:master\r\nconnected_slaves:1\r\nmaster_failover_state:no-failover\r\n"
+            b"master_replid:" + b"9f" * 20 + b"\r\nmaster_replid2:" + b"0" * 40 + b"\r\n")
+    assert wire.replication_life(info) == ("master", "9f" * 20)
+    assert wire.replication_life(info, b"ab" * 20) == ("master", "ab" * 20 + "-" + "9f" * 20)
+    assert wire.replication_life(b"# Replication\r\nrole:slave\r\n") == ("slave", wire.NO_LIFE)

@@ -14,6 +14,9 @@ Deliver = Callable[[str, int, str | None, bytes], None]
 # Called with a ready-made frame one of another process's relay (`/`) clients sent; also the type of
 # the function that shares one of this process's relay frames with the others.
 RelayFrames = Callable[[bytes], None]
+# Told how a publish that nobody waits for ended: (seq, None) once numbered, (0, BrokerUnavailable)
+# when it could not be (it did not run, or its outcome is unknown). Must not block.
+Published = Callable[[int, BaseException | None], None]
 
 
 class BrokerUnavailable(Exception):
@@ -58,6 +61,12 @@ class Broker(Protocol):
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
         """Number `head + seq + tail`, keep it and deliver it; returns its seq. BrokerUnavailable
         when it cannot be numbered now."""
+
+    def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
+        """`publish` without waiting for the number: `done(seq, None)` once numbered (in-process:
+        before this returns), `done(0, BrokerUnavailable)` when it was not; BrokerUnavailable
+        raised at once when the broker is known to be away. A caller's publishes into one room
+        are numbered in the order it made them, and `done` is called in that order."""
 
     def join(
         self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None, epoch: str | None

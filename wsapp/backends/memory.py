@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict, deque
 
-from wsapp.backends import Deliver, RelayFrames, RoomView
+from wsapp.backends import Deliver, Published, RelayFrames, RoomView
 
 
 class _RoomLog:
@@ -62,6 +62,9 @@ class MemoryBackend:
         if self._deliver is not None:
             self._deliver(room, seq, origin, payload)
         return seq
+
+    def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
+        done(self.publish(room, head, tail, origin), None)
 
     def join(
         self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None, epoch: str | None

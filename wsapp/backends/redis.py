@@ -43,7 +43,7 @@ from gevent.lock import Semaphore
 from redis.commands.core import Script
 
 from wsapp import protocol
-from wsapp.backends import BrokerUnavailable, Deliver, RelayFrames, RoomView
+from wsapp.backends import BrokerUnavailable, Deliver, Published, RelayFrames, RoomView
 from wsapp.backends import redis_stream as stream
 from wsapp.backends import redis_wire as wire
 from wsapp.backends.redis_connect import detect_cluster, make_client, node_client, where
@@ -58,6 +58,10 @@ HEARTBEAT_SECONDS = 2.0
 LISTEN_POLL = 0.25  # how long the subscriber waits for a message before looking at its own state
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
+# While a Cluster shard is down, how often the slot map is read again: a promoted replica is taken up
+# this long after the Cluster names it, not after the failed shard's next reconnection attempt (up to
+# MAX_BACKOFF later). One CLUSTER SLOTS per process each time, only while degraded.
+TOPOLOGY_POLL = 0.5
 PUBLISH_BATCH = 512  # rooms per pipeline when registering or keeping members alive
 RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
 RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this the sender waits (pacing) until half have gone
@@ -65,6 +69,18 @@ RESTARTED_TEXT = "the room's numbering restarted (its counter was lost in the br
 GAP_TEXT = "some messages were missed while the broker was away and are no longer kept"
 SUBSCRIBED = frozenset({"subscribe", "ssubscribe"})
 MESSAGES = frozenset({"message", "smessage"})
+MESSAGE_KINDS = frozenset({b"message", b"smessage"})  # the same, as the subscription's replies name them
+
+
+def _script_missing(error: Exception) -> bool:
+    """NOSCRIPT: the call did not run; it can once the scripts are loaded again."""
+    return isinstance(error, redis.exceptions.NoScriptError)
+
+
+def _another_primary(reply: Exception) -> bool:
+    """An error reply saying the connection no longer leads to the primary it was opened on (demoted
+    to a replica, or demoted and promoted again since)."""
+    return isinstance(reply, redis.exceptions.ReadOnlyError) or str(reply).startswith(wire.STALE_LIFE)
 
 
 def _cluster_settling(exc: BaseException) -> bool:
@@ -202,10 +218,16 @@ class RedisBackend:
         return self._share_relay
 
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
+        return self._healthy_shard(room).publish(room, head, tail, origin)
+
+    def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
+        self._healthy_shard(room).publish_nowait(room, head, tail, origin, done)
+
+    def _healthy_shard(self, room: str) -> Shard:
         shard = self.shard_of(room)
         if shard is None or not shard.healthy:
             raise BrokerUnavailable("the broker is unreachable")
-        return shard.publish(room, head, tail, origin)
+        return shard
 
     def join(
         self, room: str, member_id: str, name: str, presence: bytes | None, since: int | None, epoch: str | None
@@ -219,7 +241,7 @@ class RedisBackend:
                     self._marking.add(member_id)
                 with shard.members_lock.shared(self._timeout):
                     call = wire.join_call(shard.incarnation, room, member_id, name, presence, since, epoch,
-                                          self.sharded)
+                                          self.sharded, shard.life)
                     reply = shard.stream_call(shard.script_command(shard.join_script, call))
                 if isinstance(reply, Exception):
                     raise reply
@@ -295,6 +317,8 @@ class RedisBackend:
 
     def shard_of(self, room: str) -> Shard | None:
         """The shard that owns `room`'s slot; None while a Cluster's slot map is unknown."""
+        if not self.sharded:  # one shard: no channel name to make (every publish asks)
+            return self._shards.get("primary")
         return self._shard_of_channel(wire.room_channel(room))
 
     def _shard_of_channel(self, channel: str) -> Shard | None:
@@ -327,7 +351,8 @@ class RedisBackend:
 
     def _map_cluster(self) -> None:
         """Build the Cluster client (retrying until a node answers), make a shard per master, and make
-        them again whenever the slot map's masters change."""
+        them again whenever the slot map's masters change (looked at when a shard fails, and every
+        TOPOLOGY_POLL while one is down)."""
         backoff = MIN_BACKOFF
         while not self._closing.is_set():
             try:
@@ -348,59 +373,67 @@ class RedisBackend:
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             self._topology_wake.clear()
-            self._topology_wake.wait()
+            self._topology_wake.wait(None if self.healthy else TOPOLOGY_POLL)
             if self._closing.wait(MIN_BACKOFF):  # several shards may report at once
                 return
 
     def _adopt_masters(self) -> None:
         """Shards for the slot map's masters; rooms whose slot changed owner are subscribed again on
-        their new shard (the shards they left and joined start over: subscribe, register, catch up)."""
+        their new shard (the shards they left and joined start over: subscribe, register, catch up).
+        A shard made here subscribes to its rooms as it starts, and the others' rooms stay as they
+        were: a failover interrupts only the rooms of the shard that failed over."""
         masters = {node.name: node for node in self._cluster.get_primaries()}
         gone = [shard for name, shard in self._shards.items() if name not in masters]
+        started = set()
         for name, node in masters.items():
             if name not in self._shards:
                 shard = Shard(self, name, node_client(self._cluster, node))
                 self._shards[name] = shard
+                started.add(shard)
                 shard.start()
-        for shard in gone:  # no longer a master (a replica took over): its rooms belong to another shard
-            del self._shards[shard.name]
-            shard.close()
         moved = {(shard, self.shard_of(room)) for shard in self._shards.values()
                  for room in shard.subscribed_rooms() if room in self._members and self.shard_of(room) is not shard}
+        for shard in gone:  # no longer a master (a replica took over): its rooms belong to another shard
+            del self._shards[shard.name]
         if gone or moved:
             log.warning("broker: the Cluster's slot map changed (%s); rooms move to their new shards",
                         ", ".join([f"{shard.name} is no longer a master" for shard in gone]
-                                  + [f"rooms moved from {a.name}" for a, _ in moved]))
-            restart = set(self._shards.values()) if gone else {s for pair in moved for s in pair if s is not None}
-            for shard in restart:
+                                  + [f"rooms moved from {a.name}" for a, _ in moved if a not in gone]))
+            restart = {s for pair in moved for s in pair if s is not None}
+            relay = self.relay_shard()
+            if relay is not None and not relay.relay_subscribed:  # the relay's slot came here too
+                restart.add(relay)
+            for shard in restart - started - set(gone):
                 shard.restart()
+        for shard in gone:
+            shard.close()
 
     # ---- deliveries -----------------------------------------------------------------------------
 
     def on_message(self, data: bytes) -> None:
         self._messages_in += 1
         try:
-            message = wire.parse_envelope(data)
+            _, room, seq, epoch, origin, payload = wire.parse_envelope(data)  # unpacked: once per message
         except ValueError:
             log.warning("broker: malformed message ignored")
             return
         own = self._bus.is_echo(data)
-        if message.is_relay:
+        if room == wire.RELAY_ROOM:
             if not own:
-                self._on_relay(message.payload)
+                self._on_relay(payload)
             return
-        if not message.seq and message.origin is not None and message.room in self._members:
+        if not seq and origin is not None and room in self._members:
             try:
-                event = orjson.loads(message.payload)
-                news = self.rosters.apply(message.room, event["event"], message.origin, event["who"])
+                event = orjson.loads(payload)
+                news = self.rosters.apply(room, event["event"], origin, event["who"])
             except (ValueError, KeyError, TypeError):
                 news = True  # not a presence event this version knows: deliver it as before
-            if own and message.origin in self._marking:
-                self._marking.discard(message.origin)
+            if own and origin in self._marking:
+                self._marking.discard(origin)
                 news = True
             if not news:
                 return
-        self.on_room_event(message.room, message.seq, message.epoch, message.origin if own else None, message.payload)
+        self.on_room_event(room, seq, epoch, origin if own else None, payload)
 
     def on_room_event(self, room: str, seq: int, epoch: str, origin: str | None, payload: bytes) -> None:
         if room not in self._members:
@@ -501,11 +534,17 @@ class Shard:
         self._catch_up_script: Script = client.register_script(wire.CATCH_UP_SCRIPT)
         self._heartbeat_script: Script = client.register_script(wire.HEARTBEAT_SCRIPT)
         self.incarnation = backend._bus.next_incarnation()
+        # The primary's life (replication id, and node id on a Cluster) as the stream's connection
+        # reported it when opened: the scripts make a room's counter again (a new epoch) when it was
+        # written under another life (redis_wire's _COUNTER: a replica promoted by a failover may miss
+        # the last numbers its primary gave).
+        self.life = wire.UNKNOWN_LIFE
         # Joins and leaves (shared) against heartbeats and re-registration (exclusive): members in Redis
         # are exactly the local ones, and joins of many members run at once.
         self.members_lock = SharedLock()
         self.healthy = False
         self._up = False  # what the log last said
+        self._said_no_life = False  # the warning that INFO is refused, once per shard
         self._down_since = time.monotonic()
         self._backoff = MIN_BACKOFF
         self._closing = Event()
@@ -514,6 +553,7 @@ class Shard:
         # The live subscription: rooms subscribed (set once Redis confirmed) and confirmations awaited.
         self._pubsub: Any = None
         self._subscribed: dict[str, Event] = {}
+        self.relay_subscribed = False  # the relay's channel is in the subscription (its slot is here)
         self._confirming: dict[bytes, deque[Event]] = {}
         # SUNSUBSCRIBEs sent and not yet confirmed, by channel: any other `sunsubscribe` is Redis
         # dropping a subscription because the slot moved to another shard.
@@ -521,7 +561,7 @@ class Shard:
         # Room publishes, joins and leaves: written to one connection as they come, replies read as they arrive.
         pool = client.connection_pool
         self._stream = stream.CommandStream(pool.get_connection, pool.release, self.lost, lambda: self.healthy,
-                                            self._retry_script)
+                                            _script_missing, self._load_scripts, self._identify)
         self._publish_commands = wire.PublishCommands(self.publish_script.sha, backend._history, self._sharded)
 
     @property
@@ -616,12 +656,35 @@ class Shard:
     # ---- room publishes, joins and leaves: a stream of commands on one connection (redis_stream) --
 
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
-        command = self._publish_commands.command(self.incarnation, room, head, tail, origin,
-                                                 self.backend.epochs.propose())
-        reply = self.stream_call(command)
+        return self._numbered(self.stream_call(self._publish_command(room, head, tail, origin)))
+
+    def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
+        """`publish` whose caller does not wait: `done` is told from the stream's reader."""
+
+        def answered(reply: Any, failure: BaseException | None) -> None:
+            if failure is None:
+                try:
+                    seq = self._numbered(reply)
+                except BrokerUnavailable as exc:
+                    failure = exc
+                else:
+                    done(seq, None)
+                    return
+            done(0, failure)
+
+        self._stream.submit(self._publish_command(room, head, tail, origin), answered)
+
+    def _publish_command(self, room: str, head: bytes, tail: bytes, origin: str | None) -> bytes:
+        return self._publish_commands.command(self.incarnation, room, head, tail, origin,
+                                              self.backend.epochs.propose(), self.life)
+
+    def _numbered(self, reply: Any) -> int:
+        """The seq a publish script's reply gives; BrokerUnavailable for an error reply."""
         if isinstance(reply, Exception):  # refused (out of memory, a read-only replica, MOVED): it did not run
             if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
                 self.backend.topology_changed()
+            elif _another_primary(reply):
+                self.lost(reply)  # start over on a connection that knows where it leads
             raise BrokerUnavailable(f"the broker refused the message ({reply})")
         return int(reply[0])
 
@@ -639,14 +702,34 @@ class Shard:
         # every command, its socket reads and writes time out, and closing it fails what is left.
         return [result.get() for result in results][-1]
 
-    def _retry_script(self, error: Exception) -> bool:
-        """NOSCRIPT: Redis lost its script cache (a restart, SCRIPT FLUSH) and the call did not run.
-        Load the scripts; the stream sends the call again."""
-        if not isinstance(error, redis.exceptions.NoScriptError):
-            return False
+    def _identify(self, conn: Any) -> str:
+        """The life of the primary a new stream connection reached (its replication id, and on a Cluster
+        its node id: INFO replication, CLUSTER MYID), which the scripts check each room's counter
+        against; refused if the server is not a primary (any more); NO_LIFE when the server will not
+        run INFO (then counters are not checked)."""
+        node_id = None
+        try:
+            if self._sharded:
+                conn.send_command("CLUSTER", "MYID", check_health=False)
+                node_id = conn.read_response()
+            conn.send_command("INFO", "replication", check_health=False)
+            info = conn.read_response()
+        except redis.ResponseError as exc:  # INFO renamed away or not granted to this user
+            if not self._said_no_life:
+                self._said_no_life = True
+                log.warning("broker: redis %s refuses INFO (%s): a failover that lost the last messages of a "
+                            "room cannot be detected, and their seqs may be given again", self.where, exc)
+            return wire.NO_LIFE
+        role, life = wire.replication_life(info, node_id)
+        if role != "master":
+            raise redis.ConnectionError(f"{self.where} is not a primary (role {role})")
+        return life
+
+    def _load_scripts(self) -> None:
+        """After NOSCRIPT replies (Redis lost its script cache: a restart, a failover, SCRIPT FLUSH;
+        those calls did not run): load the stream's scripts; the stream sends the calls again."""
         for script in (wire.PUBLISH_SCRIPT, wire.JOIN_SCRIPT):
             self.client.script_load(script)
-        return True
 
     # ---- Redis calls ----------------------------------------------------------------------------
 
@@ -678,7 +761,7 @@ class Shard:
             pubsub = self.client.pubsub()
             try:
                 early = self._subscribe_all(pubsub)
-                self._stream.reset()
+                self.life = self._stream.open()
                 with self.members_lock.exclusive(self._timeout):
                     # From here joins and leaves wait for this lock instead of skipping Redis, so the
                     # members registered below are exactly this process's members.
@@ -724,7 +807,8 @@ class Shard:
         self._confirming = {}
         self._unsubscribing = {}
         channels = [wire.room_channel(room) for room in rooms]
-        if self.backend.relay_shard() is self:
+        self.relay_subscribed = self.backend.relay_shard() is self
+        if self.relay_subscribed:
             channels.insert(0, wire.RELAY_CHANNEL)
         if not channels:
             self.client.ping()  # nothing to subscribe to yet: a shard that does not answer shows now
@@ -780,13 +864,17 @@ class Shard:
     def _catch_up(self) -> None:
         """After a reconnection: deliver what each room's members missed meanwhile, from its log."""
         for room, epoch, last in self.backend.cursor_rooms(self):
-            current_epoch, current, missed = self.run(self._catch_up_script, wire.catch_up_call(room, last))
-            if current_epoch is None or current_epoch.decode() != epoch:
-                continue  # a new life: the room's next message tells its members (RESTARTED)
-            if current > last and (not missed or int(wire.message_seq(missed[0])) > last + 1):
+            found, current, missed = self.run(self._catch_up_script, wire.catch_up_call(room, last, epoch))
+            if found is None:
+                continue  # no counter: the room's next life starts with its next message (RESTARTED)
+            current_epoch = found.decode()
+            if current_epoch == epoch and current > last and (
+                    not missed or int(wire.message_seq(missed[0])) > last + 1):
                 self.backend.notify(room, protocol.error(protocol.HISTORY_GONE, GAP_TEXT, room=room, epoch=epoch))
+            # In a new life (a failover, a flush) the first of its messages tells members (RESTARTED)
+            # before it is delivered; without any yet, the next live one will.
             for payload in missed:
-                self.backend.on_room_event(room, wire.message_seq(payload), epoch, None, payload)
+                self.backend.on_room_event(room, wire.message_seq(payload), current_epoch, None, payload)
 
     def _resync_presence(self) -> None:
         """After a reconnection: re-read each of this shard's local rooms' live members (those of
@@ -826,19 +914,30 @@ class Shard:
     def _listen(self, pubsub: Any) -> None:
         self.settled.set()
         next_beat = time.monotonic() + HEARTBEAT_SECONDS
-        # Messages are read off the subscription's connection directly: PubSub.get_message's layers
-        # cost 3.5 us a message against 1.2; everything else (subscribe and unsubscribe confirmations)
-        # still goes through PubSub.handle_message, which keeps its own bookkeeping right.
+        # Messages are read off the subscription's connection directly (stream.ReplyReader: as many as
+        # a socket read brought, each straight from hiredis): PubSub.get_message's layers cost 3.5 us
+        # a message against 1.2, and the connection's can_read and read_response more than 1 again.
+        # Everything else (subscribe and unsubscribe confirmations) still goes through
+        # PubSub.handle_message, which keeps its own bookkeeping right.
+        replies: stream.ReplyReader | None = None
+        response: Any
+        on_message = self.backend.on_message
         while self.healthy and not self._closing.is_set():
             conn = pubsub.connection
             if conn is None:  # nothing subscribed yet (a shard without local rooms): PubSub waits
                 message = pubsub.get_message(timeout=LISTEN_POLL)
                 if message is not None and message["type"] in SUBSCRIBED:
                     self._on_confirmation(message)
-            elif conn.can_read(timeout=LISTEN_POLL):
-                response = conn.read_response()
-                if response[0] in (b"message", b"smessage"):
-                    self.backend.on_message(response[2])
+                response = stream.NOTHING
+            else:
+                if replies is None:
+                    replies = stream.ReplyReader(conn)
+                response = replies.read(LISTEN_POLL)
+            if response is not stream.NOTHING:
+                if isinstance(response, redis.ResponseError):
+                    raise response  # Redis refused a (un)subscription: the supervisor says so, starts over
+                if response[0] in MESSAGE_KINDS:
+                    on_message(response[2])
                 else:
                     message = pubsub.handle_message(response)
                     if message is not None:

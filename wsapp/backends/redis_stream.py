@@ -8,7 +8,7 @@ and another reads replies in order, so Redis runs one batch while the next is be
 which is how each reply finds its caller.
 
 Commands are packed here (RESP arrays of bytes) rather than by redis-py's serializer, which cost a
-fifth of a publish's CPU; replies are read by redis-py's parser (hiredis when installed).
+fifth of a publish's CPU; replies are parsed by hiredis, asked directly (`ReplyReader`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import gevent
 import redis
 from gevent.event import Event
 from gevent.hub import Waiter, get_hub
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _HiredisParser
 
 from wsapp.backends import BrokerUnavailable
 
@@ -49,20 +50,76 @@ def pack_command(args: Sequence[Arg]) -> bytes:
     return b"".join(parts)
 
 
+# Told a command's reply (an error reply as an exception value) or, as its second argument, the
+# stream's failure (BrokerUnavailable); runs in whichever greenlet answered, so it must not block.
+Answered = Callable[[Any, BaseException | None], None]
+
+
+NOTHING = object()  # ReplyReader.read: nothing came within the time given
+
+
+class ReplyReader:
+    """The replies on one redis-py connection, read as they come: each socket read brings as many
+    as it holds, and each is then taken straight from hiredis's reader.
+
+    redis-py's `read_response` costs, per reply, the text of its error message (an f-string) and a
+    few checks, and `can_read` on an empty buffer a poll() and a MSG_PEEK recv: more than a small
+    room's message costs to deliver. Error replies come back as values (`redis.ResponseError` and
+    its kinds, e.g. NoScriptError); a connection that failed raises, as in redis-py. Without hiredis
+    (redis-py's own parser), redis-py's calls, with the same results."""
+
+    __slots__ = ("_conn", "_parser")
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        parser = conn._parser
+        self._parser = parser if isinstance(parser, _HiredisParser) else None
+
+    def read(self, timeout: float | None = None) -> Any:
+        """The next reply; with `timeout`, NOTHING when none came within it (else the connection's
+        socket timeout applies: redis.TimeoutError)."""
+        parser = self._parser
+        if parser is None:
+            return self._read_response(timeout)
+        reader = parser._reader
+        if reader is None:
+            raise redis.ConnectionError("the connection is closed")
+        reply = reader.gets()
+        while reply is NOT_ENOUGH_DATA:
+            if timeout is None:
+                parser.read_from_socket()
+            elif not parser.read_from_socket(timeout=timeout, raise_on_timeout=False):
+                return NOTHING
+            reply = reader.gets()
+        if isinstance(reply, redis.ConnectionError):
+            raise reply
+        return reply
+
+    def _read_response(self, timeout: float | None) -> Any:
+        conn = self._conn
+        if timeout is not None and not conn.can_read(timeout=timeout):
+            return NOTHING
+        try:
+            return conn.read_response()
+        except redis.ResponseError as error:
+            return error
+
+
 class Reply:
-    """One command's reply, waited for by its caller (`get`).
+    """One command's reply, waited for by its caller (`get`), or handed to its `callback`.
 
     Lighter than a gevent `AsyncResult` per command (its own callback on the event loop per set,
     a link list, a dummy timeout per get): the stream's reader collects the replies it read and
     wakes all their callers from one event-loop callback (`CommandStream._wake`)."""
 
-    __slots__ = ("done", "error", "value", "waiter")
+    __slots__ = ("callback", "done", "error", "value", "waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, callback: Answered | None = None) -> None:
         self.value: Any = None
         self.error: BaseException | None = None
         self.done = False
         self.waiter: Waiter | None = None
+        self.callback = callback
 
     def get(self) -> Any:
         """The reply (an error reply as an exception value), or the stream's failure raised."""
@@ -81,11 +138,18 @@ class CommandStream:
     """Commands to one Redis, many in flight on one connection, each caller answered with its own reply.
 
     `get_connection` gives a connected redis-py `Connection` (the client's pool: one server, the
-    Sentinel-watched primary, TLS), `release_connection` takes it back. `on_lost(exc)` is told when
-    the connection fails; the stream then fails what was in flight (`BrokerUnavailable`) and takes a
-    new connection for the next command. While `usable()` is False commands fail at once. `retry`
-    is asked about an error reply: True when the command may be sent again as it was (the error says
-    it did not run and the cause was repaired: NOSCRIPT after loading the script).
+    Sentinel-watched primary, TLS), `release_connection` takes it back. The owner opens a connection
+    with `open()`, which asks `identify(conn)` about it first (commands may carry what it says: the
+    primary's replication id). `on_lost(exc)` is told when the connection fails; the stream then fails
+    what was in flight (`BrokerUnavailable`), and commands fail at once until the next `open()`. While
+    `usable()` is False commands fail at once too.
+
+    `retryable(error)` is asked about an error reply: True when it says the command did not run for
+    a cause `repair()` removes (NOSCRIPT: Redis lost its script cache; repair loads the scripts).
+    The stream then holds back what has not been written yet, reads what is in flight (setting
+    aside each command that failed the same way), repairs once, and sends those again first, in
+    their order: so commands run in the order they were submitted, retried or not (a caller with
+    several publishes in flight keeps their order), and the repair runs once, not per reply.
     """
 
     def __init__(
@@ -94,15 +158,21 @@ class CommandStream:
         release_connection: Callable[[Any], None],
         on_lost: Callable[[BaseException], None],
         usable: Callable[[], bool],
-        retry: Callable[[Exception], bool] | None = None,
+        retryable: Callable[[Exception], bool] | None = None,
+        repair: Callable[[], None] | None = None,
+        identify: Callable[[Any], str] | None = None,
     ) -> None:
         self._get_connection = get_connection
+        self._identify = identify
         self._release_connection = release_connection
         self._on_lost = on_lost
         self._usable = usable
-        self._retry = retry
+        self._retryable = retryable
+        self._repair = repair
         self._queue: deque[tuple[bytes, Reply]] = deque()
         self._inflight: deque[list[tuple[bytes, Reply]]] = deque()
+        # Commands that did not run and go again after the repair; while any, nothing new is written.
+        self._again: list[tuple[bytes, Reply]] = []
         self._answered: list[Reply] = []  # replies whose callers the next `_wake` switches to
         self._conn: Any = None
         self._write_wake = Event()
@@ -123,15 +193,32 @@ class CommandStream:
         while self._queue:  # nobody will send these now
             self._answer(self._queue.popleft()[1], None, failure)
 
-    def reset(self) -> None:
-        """Take a new connection for the next command (the broker was away: the one held may be dead
-        without knowing it); what is still in flight on the old one fails."""
-        self._drop_connection(BrokerUnavailable(UNREACHABLE))
+    def open(self) -> str:
+        """Take a new connection for the commands from now on (the broker was away: the one held may be
+        dead without knowing it, or lead to another server now) and return what `identify` says of it.
+        What is still queued or in flight fails: it was made for the old connection."""
+        failure = BrokerUnavailable(UNREACHABLE)
+        self._drop_connection(failure)
+        while self._queue:
+            self._answer(self._queue.popleft()[1], None, failure)
+        conn = self._get_connection()
+        try:
+            identity = self._identify(conn) if self._identify is not None else ""
+        except BaseException:
+            try:
+                conn.disconnect()
+            finally:
+                self._release_connection(conn)
+            raise
+        self._conn = conn
+        return identity
 
-    def submit(self, command: bytes) -> Reply:
+    def submit(self, command: bytes, callback: Answered | None = None) -> Reply:
         """Queue one packed command (`pack_command`); the result's `get()` is its reply (an error
-        reply as an exception value), or `BrokerUnavailable` raised."""
-        result = Reply()
+        reply as an exception value), or `BrokerUnavailable` raised. With a `callback`, nobody waits:
+        it is called with the reply, or with `BrokerUnavailable` as its second argument, from the
+        greenlet that got the answer (the stream's reader, mostly), in the order commands were sent."""
+        result = Reply(callback)
         self._queue.append((command, result))
         if len(self._queue) == 1:
             self._write_wake.set()
@@ -142,7 +229,7 @@ class CommandStream:
     def _write_forever(self) -> None:
         queue = self._queue
         while True:
-            if not queue:
+            if not queue or self._again:
                 self._write_wake.clear()
                 self._write_wake.wait()
                 continue
@@ -152,12 +239,9 @@ class CommandStream:
                     self._answer(queue.popleft()[1], None, failure)
                 continue
             conn = self._conn
-            if conn is None:
-                try:
-                    conn = self._conn = self._get_connection()
-                except (redis.RedisError, OSError) as exc:
-                    self._fail_queue(exc)
-                    continue
+            if conn is None:  # lost, and not opened again yet: the owner's supervisor does that
+                self._fail_queue(redis.ConnectionError("no connection to the broker"))
+                continue
             batch = [queue.popleft() for _ in range(min(len(queue), BATCH))]
             self._inflight.append(batch)
             self._read_wake.set()
@@ -179,43 +263,62 @@ class CommandStream:
 
     def _read_forever(self) -> None:
         inflight = self._inflight
+        again = self._again
+        retryable = self._retryable
+        replies: ReplyReader | None = None
+        replies_of: Any = None  # the connection `replies` reads
         while True:
             if not inflight:
+                if again:  # all that was in flight is read: repair, then send those again first
+                    self._send_again()
+                    continue
                 self._read_wake.clear()
                 self._read_wake.wait()
                 continue
             conn = self._conn
+            if replies is None or conn is not replies_of:
+                replies, replies_of = ReplyReader(conn), conn
             batch = inflight[0]
-            again: list[tuple[bytes, Reply]] = []
             try:
                 while batch:
-                    try:
-                        reply = conn.read_response()
-                    except redis.ResponseError as error:  # an error reply: the connection is fine
-                        if self._retry is not None and self._retry(error):
-                            again.append(batch[0])
-                            del batch[0]
-                            continue
-                        reply = error
+                    reply = replies.read()
+                    # An error reply leaves the connection fine; some say the command can run later.
+                    if retryable is not None and isinstance(reply, redis.ResponseError) and retryable(reply):
+                        again.append(batch[0])
+                        del batch[0]
+                        continue
                     self._answer(batch[0][1], reply, None)
                     del batch[0]
             except Exception as exc:  # the reader must live on: whatever broke, this connection is done
                 if not isinstance(exc, (redis.RedisError, OSError)):
                     log.exception("broker: reading from Redis failed")
-                if again:
-                    failure = BrokerUnavailable(UNREACHABLE)  # these did not run
-                    for _, result in again:
-                        self._answer(result, None, failure)
                 self._lost(conn, exc)
                 continue
             inflight.popleft()
-            if again:
-                self._queue.extendleft(reversed(again))
-                self._write_wake.set()
+
+    def _send_again(self) -> None:
+        try:
+            if self._repair is not None:
+                self._repair()
+        except Exception as exc:  # could not repair: this connection is done (what was set aside fails)
+            if not isinstance(exc, (redis.RedisError, OSError)):
+                log.exception("broker: repairing after an error reply failed")
+            self._lost(self._conn, exc)
+            return
+        self._queue.extendleft(reversed(self._again))
+        self._again.clear()
+        self._write_wake.set()
 
     # ---- answering callers ----------------------------------------------------------------------
 
     def _answer(self, result: Reply, value: Any, error: BaseException | None) -> None:
+        callback = result.callback
+        if callback is not None:
+            try:
+                callback(value, error)
+            except Exception:  # the reader must live on
+                log.exception("broker: handling a reply failed")
+            return
         result.value = value
         result.error = error
         result.done = True
@@ -244,6 +347,12 @@ class CommandStream:
 
     def _drop_connection(self, sent: BrokerUnavailable) -> None:
         conn, self._conn = self._conn, None
+        if self._again:
+            again, self._again[:] = list(self._again), []
+            failure = BrokerUnavailable(UNREACHABLE)  # these did not run
+            for _, result in again:
+                self._answer(result, None, failure)
+            self._write_wake.set()  # the writer held back the queue for them
         while self._inflight:
             for _, result in self._inflight.popleft():
                 self._answer(result, None, sent)

@@ -56,19 +56,61 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# Make the counter (with a new epoch, dropping the old life's log) when it is missing; leaves `epoch` set.
+# Make the counter (with a new epoch, dropping the old life's log) when it is missing, or when it was
+# written under another `life` of the server: a replica promoted in a failover, or a server restarted
+# from a snapshot, may miss the last numbers it gave, and numbering on from there would hand them out
+# again in the same epoch. A life is the server's replication id (INFO's master_replid: new at every
+# restart and promotion), prefixed on a Cluster with the node id and a dash. One exception keeps the
+# epoch: on a Cluster, a counter written by another node that is a healthy master now, read by a node
+# that has not been promoted since it started (no master_replid2): the room's slot was resharded here,
+# and MIGRATE moved its keys whole. ARGV[LIFE_ARG] is the life the caller's connection reported when it
+# was opened ('' = look it up here, '-' = the server will not say: no check); INFO runs only when the
+# stored life differs from it (a new room, the first use after a failover), and a caller whose
+# connection no longer reaches that life (its server was demoted, and promoted again) is refused
+# before anything is written (STALE_LIFE). A counter from before lives were kept adopts the current
+# one. Leaves `epoch` set.
 _COUNTER = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[NEW_EPOCH]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+local found = redis.call('HMGET', KEYS[1], 'epoch', 'life')
+local epoch, written = found[1], found[2]
+if not epoch or written ~= ARGV[LIFE_ARG] then
+  local life, moved = ARGV[LIFE_ARG], false
+  if life ~= '-' then
+    local info = redis.pcall('INFO', 'replication')
+    local replid, replid2 = '-', ''
+    if type(info) == 'string' then
+      replid = string.match(info, 'master_replid:(%x+)') or '-'
+      replid2 = string.match(info, 'master_replid2:(%x+)') or ''
+    end
+    local me = redis.pcall('CLUSTER', 'MYID')
+    local actual = replid
+    if type(me) == 'string' then actual = me .. '-' .. replid end
+    if life ~= '' and life ~= actual then return redis.error_reply('STALE_LIFE ' .. actual) end
+    life = actual
+    local writer = written and string.match(written, '^(%x+)-')
+    if writer and writer ~= me and replid2 == string.rep('0', 40) then
+      for line in string.gmatch(redis.call('CLUSTER', 'NODES'), '[^\\n]+') do
+        local id, flags = string.match(line, '^(%x+) %S+ (%S+)')
+        if id == writer then moved = string.find(flags, 'master') ~= nil and string.find(flags, 'fail') == nil end
+      end
+    end
+  end
+  if epoch and written and written ~= life and not moved then epoch = false end
+  if not epoch then
+    epoch = ARGV[NEW_EPOCH]
+    redis.call('DEL', KEYS[2])
+    redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'life', life)
+  else
+    redis.call('HSET', KEYS[1], 'life', life)
+  end
 end
 """
+STALE_LIFE = "STALE_LIFE"  # the error a script answers when the caller's replication id is not the server's
+UNKNOWN_LIFE = ""  # a caller that does not know its primary's replication id: the script looks it up
+NO_LIFE = "-"  # the server will not tell its replication id (INFO refused): counters are not checked
 
 # KEYS: ctr, log. ARGV: head, tail, history length, envelope prefix "<incarnation> <room> ", channel,
-# ttl, origin, new epoch, PUBLISH or SPUBLISH. Returns {seq, epoch}.
-PUBLISH_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8") + """
+# ttl, origin, new epoch, PUBLISH or SPUBLISH, life. Returns {seq, epoch}.
+PUBLISH_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8").replace("LIFE_ARG", "10") + """
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local s = string.format('%d', seq)
 local payload = ARGV[1] .. s .. ARGV[2]
@@ -87,9 +129,9 @@ return {seq, epoch}
 """
 
 # KEYS: ctr, log, members, procs. ARGV: field, name, since (-1 = none), presence envelope ('' = none),
-# channel, liveness ttl (ms), members ttl, new epoch, the client's epoch ('' = none), PUBLISH or SPUBLISH.
-# Returns {seq, live member names, replay, history gone, epoch, their fields (in the names' order)}.
-JOIN_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8") + _NOW + """
+# channel, liveness ttl (ms), members ttl, new epoch, the client's epoch ('' = none), PUBLISH or SPUBLISH,
+# life. Returns {seq, live member names, replay, history gone, epoch, their fields (in the names' order)}.
+JOIN_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8").replace("LIFE_ARG", "11") + _NOW + """
 local me = string.match(ARGV[1], '^([^:]*):')
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), me)
@@ -148,13 +190,17 @@ if deadline and tonumber(deadline) > now then return 1 end
 return 0
 """
 
-# KEYS: ctr, log. ARGV: after (the last seq delivered). Returns {epoch or false, seq, entries after}.
+# KEYS: ctr, log. ARGV: after (the last seq delivered), the epoch it was delivered in. Returns {epoch or
+# false, seq, entries after}: after `after` in the same epoch, from the start of the log in another (its
+# messages numbered before the caller came back are delivered too, after the notice of the new epoch).
 CATCH_UP_SCRIPT = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local out = {}
-for _, entry in ipairs(redis.call('XRANGE', KEYS[2], string.format('%d', tonumber(ARGV[1]) + 1), '+')) do
-  out[#out + 1] = entry[2][2]
+if epoch then
+  local from = '-'
+  if epoch == ARGV[2] then from = string.format('%d', tonumber(ARGV[1]) + 1) end
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], from, '+')) do out[#out + 1] = entry[2][2] end
 end
 return {epoch, current, out}
 """
@@ -195,6 +241,14 @@ def field_member(field: bytes) -> tuple[bytes, str]:
     """(incarnation, member id) of a members-hash field."""
     incarnation, _, member_id = field.partition(b":")
     return incarnation, member_id.decode()
+
+
+def replication_life(info: bytes, node_id: bytes | None = None) -> tuple[str, str]:
+    """(role, life) from an `INFO replication` reply and, on a Cluster, the node's id (CLUSTER MYID):
+    the life the scripts compare each counter's with (see _COUNTER)."""
+    fields = dict(line.split(":", 1) for line in info.decode(errors="replace").splitlines() if ":" in line)
+    replid = fields.get("master_replid") or NO_LIFE
+    return fields.get("role", ""), replid if node_id is None else f"{node_id.decode()}-{replid}"
 
 
 def new_epoch() -> str:
@@ -238,13 +292,15 @@ def publish_call(
     origin: str | None = None,
     epoch: str | None = None,
     sharded: bool = False,
+    life: str = UNKNOWN_LIFE,
 ) -> ScriptCall:
     """PUBLISH_SCRIPT for one message `head + seq + tail` of `room`, keeping the last `history`;
-    `epoch` is the one to give the room if its counter is missing (a fresh random one if None)."""
+    `epoch` is the one to give the room if its counter must be made (a fresh random one if None);
+    `life` the primary's replication id as the caller's connection reported it (see _COUNTER)."""
     return ScriptCall(
         keys=[room_key(room, "ctr"), room_key(room, "log")],
         args=[head, tail, history, f"{incarnation} {room} ", room_channel(room), ROOM_TTL, origin or NO_ORIGIN,
-              epoch or new_epoch(), publish_command(sharded)],
+              epoch or new_epoch(), publish_command(sharded), life],
     )
 
 
@@ -257,17 +313,21 @@ class PublishCommands:
     `publish_call`'s keys and args, with what does not change per message (the script, the history
     length, a room's keys and channel) packed once. A publish's hottest path (docs/SCALING.md)."""
 
-    __slots__ = ("_command", "_head", "_history", "_rooms", "_ttl")
+    __slots__ = ("_command", "_head", "_history", "_life", "_rooms", "_ttl")
     ROOMS_KEPT = 10000  # rooms whose packed names are kept (forgotten all at once past it)
 
     def __init__(self, sha: str, history: int, sharded: bool = False) -> None:
         self._command = _bulk(publish_command(sharded).encode())
-        self._head = b"*14\r\n" + _bulk(b"EVALSHA") + _bulk(sha.encode()) + _bulk(b"2")
+        self._life = (UNKNOWN_LIFE, self._command + _bulk(UNKNOWN_LIFE.encode()))  # the last two args, packed
+        self._head = b"*15\r\n" + _bulk(b"EVALSHA") + _bulk(sha.encode()) + _bulk(b"2")
         self._history = _bulk(b"%d" % history)
         self._ttl = _bulk(b"%d" % ROOM_TTL)
         self._rooms: dict[str, tuple[str, bytes, bytes, bytes]] = {}
 
-    def command(self, incarnation: str, room: str, head: bytes, tail: bytes, origin: str | None, epoch: str) -> bytes:
+    def command(self, incarnation: str, room: str, head: bytes, tail: bytes, origin: str | None, epoch: str,
+                life: str = UNKNOWN_LIFE) -> bytes:
+        if life != self._life[0]:
+            self._life = (life, self._command + _bulk(life.encode()))
         packed = self._rooms.get(room)
         if packed is None or packed[0] != incarnation:
             if len(self._rooms) >= self.ROOMS_KEPT:
@@ -279,8 +339,12 @@ class PublishCommands:
                 self._history,
             )
         _, keys, middle, history = packed
-        return b"".join((keys, _bulk(head), _bulk(tail), history, middle,
-                         _bulk((origin or NO_ORIGIN).encode()), _bulk(epoch.encode()), self._command))
+        sender = (origin or NO_ORIGIN).encode()
+        proposed = epoch.encode()
+        # One formatting operation (four bulk strings made apart and joined cost twice as much).
+        return b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+            keys, len(head), head, len(tail), tail, history, middle, len(sender), sender, len(proposed), proposed,
+            self._life[1])
 
 
 def join_call(
@@ -292,8 +356,10 @@ def join_call(
     since: int | None,
     epoch: str | None = None,
     sharded: bool = False,
+    life: str = UNKNOWN_LIFE,
 ) -> ScriptCall:
-    """JOIN_SCRIPT for one member; `presence` (None on a repeated join) goes out in its envelope."""
+    """JOIN_SCRIPT for one member; `presence` (None on a repeated join) goes out in its envelope;
+    `life` as for `publish_call`."""
     return ScriptCall(
         keys=[room_key(room, "ctr"), room_key(room, "log"), room_key(room, "members"), room_key(room, "procs")],
         args=[
@@ -307,6 +373,7 @@ def join_call(
             new_epoch(),
             epoch or "",
             publish_command(sharded),
+            life,
         ],
     )
 
@@ -317,9 +384,10 @@ def heartbeat_call(incarnation: str, room: str) -> ScriptCall:
                       args=[incarnation, PROC_TTL * 1000, MEMBERS_TTL])
 
 
-def catch_up_call(room: str, after: int) -> ScriptCall:
-    """CATCH_UP_SCRIPT: the room's epoch, seq and kept messages after `after`."""
-    return ScriptCall(keys=[room_key(room, "ctr"), room_key(room, "log")], args=[after])
+def catch_up_call(room: str, after: int, epoch: str) -> ScriptCall:
+    """CATCH_UP_SCRIPT: the room's epoch, seq and kept messages after `after` of `epoch` (all of them
+    if the room is in another epoch now)."""
+    return ScriptCall(keys=[room_key(room, "ctr"), room_key(room, "log")], args=[after, epoch])
 
 
 # ---- envelopes ----------------------------------------------------------------------------------
