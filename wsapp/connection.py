@@ -730,11 +730,6 @@ class Connection:
                 raise parser.failed
             if peer_closed:
                 return False
-            if park and len(data) < READ_CHUNK:
-                # A short read emptied the socket's buffer: park now instead of asking again only to
-                # be told EAGAIN (a syscall and an exception per wake-up). The watcher is
-                # level-triggered, so bytes that came meanwhile wake the socket at once.
-                return True
             if len(data) == READ_CHUNK and outbox.flush_pending:
                 # More input is probably waiting and recv would not yield: let the writes go out first.
                 gevent.sleep(0)
