@@ -83,9 +83,10 @@ def parse(raw: bytes | str, max_depth: int = 32) -> Command:
         if "data" not in obj:
             raise MessageError(BAD_MESSAGE, "publish needs a 'data' field", msg_id)
         data = obj["data"]
-        # Nesting needs an opening bracket per level, the message's own object is one: a message with
-        # few brackets (nearly all) cannot be too deep, and the walk over `data` is skipped.
-        if _brackets(raw) - 1 > max_depth and json_depth(data) > max_depth:
+        # Nesting needs an opening bracket per level, the message's own object is one: a short message
+        # with few brackets (nearly all) cannot be too deep, and the walk over `data` is skipped. The
+        # count reads every byte, so longer messages take the walk (flat data: 0.4 against 2.5 µs at 4 KiB).
+        if (len(raw) > COUNT_BRACKETS_UP_TO or _brackets(raw) - 1 > max_depth) and json_depth(data) > max_depth:
             raise MessageError(BAD_MESSAGE, f"data is nested deeper than {max_depth} levels", msg_id)
         return Publish(_room(obj, msg_id), data, msg_id)
     if kind == "join":
@@ -104,6 +105,10 @@ def parse(raw: bytes | str, max_depth: int = 32) -> Command:
     if kind == "ping":
         return Ping(msg_id)
     raise MessageError(UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}", msg_id)
+
+
+# Up to this length (bytes or characters) counting brackets is cheaper than walking the data.
+COUNT_BRACKETS_UP_TO = 512
 
 
 def _brackets(raw: bytes | str) -> int:
@@ -147,6 +152,11 @@ def json_depth(value: Any) -> int:
     one with max() and a generator per node, measured on publish payloads)."""
     if not isinstance(value, _CONTAINERS):
         return 0
+    for child in value.values() if isinstance(value, dict) else value:
+        if isinstance(child, _CONTAINERS):
+            break
+    else:
+        return 1  # flat (most chat and event payloads): no stack (0.2 against 0.5 µs)
     deepest = 0
     stack = [(value, 1)]
     pop, push = stack.pop, stack.append

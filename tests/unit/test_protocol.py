@@ -65,8 +65,9 @@ def test_depth_limit() -> None:
     ],
 )
 @pytest.mark.parametrize("as_text", [False, True])
-def test_depth_limit_agrees_with_the_walk(data: object, as_text: bool) -> None:
-    raw = orjson.dumps({"type": "publish", "room": "r", "data": data})
+@pytest.mark.parametrize("pad", [0, protocol.COUNT_BRACKETS_UP_TO])  # short: brackets counted; long: walked
+def test_depth_limit_agrees_with_the_walk(data: object, as_text: bool, pad: int) -> None:
+    raw = orjson.dumps({"type": "publish", "room": "r", "data": data, "pad": "x" * pad})
     message: bytes | str = raw.decode() if as_text else raw
     if protocol.json_depth(data) <= 4:
         assert parse(message, max_depth=4).data == data
