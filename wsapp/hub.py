@@ -107,6 +107,11 @@ class Hub:
         backend.attach(self.deliver)
 
     @property
+    def inline(self) -> bool:
+        """Whether the broker numbers and delivers a publish inside the publisher's call (in-process)."""
+        return self._backend.inline
+
+    @property
     def room_count(self) -> int:
         return len(self._rooms.keys() | self._joining.keys())
 

@@ -183,6 +183,13 @@ class RoomsSession:
                 raise MessageError(protocol.NOT_IN_ROOM, f"join {cmd.room!r} before publishing to it", cmd.id)
             policy.check(self._identity, PUBLISH, cmd.room, cmd.id)
             data = policy.filter(self._identity, cmd.room, cmd.data, cmd.id)
+            if hub.inline:
+                # An in-process broker numbers and delivers before it returns: nothing is ever in
+                # flight, so no entry to keep (1 µs per publish). Membership was checked above.
+                seq = hub.post(cmd.room, data, conn.name, conn, cmd.id)
+                if cmd.id is not None:
+                    self._reply(protocol.ack(cmd.id, cmd.room, seq))
+                return
             in_flight = self._in_flight
             if in_flight is None:
                 in_flight = self._in_flight = []

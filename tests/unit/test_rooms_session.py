@@ -22,6 +22,8 @@ from wsapp.rooms import MAX_PUBLISHES_IN_FLIGHT, RoomsSession
 class SlowBroker(MemoryBackend):
     """Numbers publishes when the test says so, in any order (as shards of a Cluster may answer)."""
 
+    inline = False  # publish_nowait answers later, as a shared broker does
+
     def __init__(self) -> None:
         super().__init__(history=10)
         self.waiting: list[tuple[bytes, bytes, Published]] = []
