@@ -710,7 +710,7 @@ class Connection:
                     return False
             now = self.last_seen = time.monotonic()
             events = feed(data)
-            outbox.write_through = outbox.read(self, len(events), now)
+            lone = outbox.write_through = outbox.read(self, len(events), now)
             queued = outbox.queued
             messages = self.messages_in
             try:
@@ -730,6 +730,12 @@ class Connection:
                 raise parser.failed
             if peer_closed:
                 return False
+            if lone and park and len(data) < READ_CHUNK:
+                # A lone message's sender waits for its fan-out (one in flight, see Outbox): nothing
+                # more is coming, so park instead of a recv that would fail with EAGAIN (a syscall and
+                # an exception per message). Otherwise, as at window 4, the next message has often
+                # come in during the fan-out and the recv takes it without another wake-up.
+                return True
             if len(data) == READ_CHUNK and outbox.flush_pending:
                 # More input is probably waiting and recv would not yield: let the writes go out first.
                 gevent.sleep(0)
