@@ -52,11 +52,11 @@ def summarize(path: Path, top: int, match: str, functions: bool = False) -> str:
 
 def diff(a: Path, b: Path, top: int, match: str, functions: bool, per_a: float, per_b: float, rate: float) -> str:
     """Inclusive wall time per frame in `a` and `b` (µs at py-spy's sampling `rate`), each divided by its
-    work units (`per_*`: handshakes, messages, ...), largest difference first: what `a` spends above `b`."""
+    work units (`per_*`: handshakes, messages, ...), largest difference (either way) first."""
     _, _, in_a = count(a, functions)
     _, _, in_b = count(b, functions)
     scale_a, scale_b = 1e6 / rate / per_a, 1e6 / rate / per_b
-    rows = sorted(set(in_a) | set(in_b), key=lambda f: in_b[f] * scale_b - in_a[f] * scale_a)
+    rows = sorted(set(in_a) | set(in_b), key=lambda f: -abs(in_a[f] * scale_a - in_b[f] * scale_b))
     out = [f"inclusive µs per unit: {a.name} ({per_a:g} units), {b.name} ({per_b:g} units), difference"]
     out += [f"  {in_a[f] * scale_a:8.2f} {in_b[f] * scale_b:8.2f} {in_a[f] * scale_a - in_b[f] * scale_b:+8.2f}  {f}"
             for f in rows if match in f][:top]
