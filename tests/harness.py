@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-_LISTEN_RE = re.compile(r"listening on http://[^:]+:(\d+)")
+_LISTEN_RE = re.compile(r"listening on https?://[^:]+:(\d+)")
 
 
 class ServerProcess:

@@ -278,3 +278,39 @@ def test_workers_without_redis_run_one_process_and_say_why(make_server: Callable
         b.close()
     srv.terminate()
     assert srv.wait(10) == 0
+
+
+def test_gunicorn_with_tls_serves_the_relay_and_rooms_encrypted(tmp_path: Path) -> None:
+    """gunicorn --certfile: every frame goes through TLS, the write-through and queued paths and the
+    writer greenlet for a message larger than the socket buffer alike (frames written to the OS socket
+    under the TLS layer would break the client's TLS stream)."""
+    sys.path.insert(0, str(ROOT / "deploy"))
+    try:
+        import selfsigned
+    finally:
+        sys.path.pop(0)
+    cert, key = selfsigned.make_pair(["localhost", "127.0.0.1"], 1)
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    srv = ServerProcess(cmd=[*GUNICORN, "-w", "1", "--certfile", str(tmp_path / "tls.crt"),
+                             "--keyfile", str(tmp_path / "tls.key"), "wsapp.app:create_app()"])
+    sslopt = {"ca_certs": str(tmp_path / "tls.crt")}
+    url = f"wss://127.0.0.1:{srv.port}"
+    clients: list[websocket.WebSocket] = []
+    try:
+        assert "listening on https://" in srv.log_text()
+        a, b = (websocket.create_connection(url + "/", sslopt=sslopt, timeout=5,
+                                            origin=f"http://127.0.0.1:{srv.port}") for _ in range(2))
+        clients += [a, b]
+        a.send("over tls")
+        assert b.recv() == "over tls"
+        big = os.urandom(1000_000)  # more than one send takes, under WSAPP_MAX_MESSAGE_BYTES: the writer greenlet
+        b.send_binary(big)
+        assert a.recv() == big
+        c = websocket.create_connection(url + "/ws", sslopt=sslopt, timeout=5, origin=f"http://127.0.0.1:{srv.port}")
+        clients.append(c)
+        assert recv_type(c, "welcome")["type"] == "welcome"
+    finally:
+        for ws in clients:
+            ws.close()
+        srv.stop()

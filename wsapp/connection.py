@@ -21,15 +21,18 @@ A lone message (one in flight at a time) skips the backlog and is written throug
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
 import gevent
+import gevent.socket as gsocket
 from gevent.event import Event
 from greenlet import greenlet
 
@@ -266,6 +269,29 @@ def _reader(conn: Connection) -> None:
         conn = hub.switch()
 
 
+class _TlsWrites:
+    """What `Connection` asks of `_raw`, for a TLS socket: `send` that never waits (the SSL object's
+    write on the non-blocking socket; BlockingIOError when the kernel buffer is full, as a plain
+    socket's) and `shutdown`. Reads stay with gevent's SSL socket (TLS sockets are never parked)."""
+
+    __slots__ = ("_tls",)
+
+    def __init__(self, tls: Any) -> None:
+        self._tls = tls
+
+    def send(self, data: bytes | memoryview) -> int:
+        sslobj = self._tls._sslobj
+        if sslobj is None:
+            raise OSError(errno.EBADF, "TLS socket closed")
+        try:
+            return int(sslobj.write(data))
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            raise BlockingIOError(errno.EAGAIN, "TLS write would block") from None
+
+    def shutdown(self, how: int) -> None:
+        self._tls._sock.shutdown(how)
+
+
 class Connection:
     """An upgraded socket: frame parsing, control frames, the send backlog and the close handshake.
 
@@ -300,7 +326,9 @@ class Connection:
         self.path = path
         self.state = State.OPEN
         self._sock = sock
-        self._raw = sock._sock  # the non-blocking OS socket under gevent's wrapper
+        # The non-blocking OS socket under gevent's wrapper; for TLS (gunicorn --certfile), its SSL
+        # object: writing to the OS socket would put frames on the wire unencrypted.
+        self._raw: Any = sock._sock if type(sock) is gsocket.socket else _TlsWrites(sock)
         self._leftover = leftover  # bytes the client sent right behind its handshake
         self._settings = settings
         self._stats = stats
