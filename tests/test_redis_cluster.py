@@ -101,17 +101,21 @@ def test_rooms_on_every_shard_share_presence_numbering_and_history_across_proces
         assert recv_type(alice, "presence") == {"type": "presence", "room": name, "event": "leave", "who": "bob"}
 
 
-def test_relay_crosses_processes_on_a_cluster(pair: tuple[ServerProcess, ServerProcess]) -> None:
-    a, b = pair
+def assert_relay_crosses(a: ServerProcess, b: ServerProcess, text: str) -> None:
+    """A text message sent to `/` on `a` reaches a `/` client on `b`, as sent."""
     sender, remote = connect(a.ws("/")), connect(b.ws("/"))
     try:
         for srv in (a, b):
             wait_for(lambda srv=srv: stats(srv)["relay_clients"] >= 1, what="relay clients")
-        sender.send("over the sharded relay channel")
-        assert remote.recv_data() == (TEXT, b"over the sharded relay channel")
+        sender.send(text)
+        assert remote.recv_data() == (TEXT, text.encode())
     finally:
         sender.close()
         remote.close()
+
+
+def test_relay_crosses_processes_on_a_cluster(pair: tuple[ServerProcess, ServerProcess]) -> None:
+    assert_relay_crosses(*pair, "over the sharded relay channel")
 
 
 def test_a_process_without_members_in_a_room_receives_none_of_its_traffic(

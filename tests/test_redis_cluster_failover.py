@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from tests.clients import TEXT, connect, get_json, recv_json, send_json, wait_for
+from tests.clients import get_json, recv_json, send_json, wait_for
 from tests.harness import ServerProcess
 from tests.redis_topologies import RedisClusterProcs
-from tests.test_redis_cluster import rooms_on, stats
-from tests.test_redis_order import Listener, Publisher, member
+from tests.test_redis_cluster import assert_relay_crosses, rooms_on
+from tests.test_redis_order import Listener, Publisher, member, traffic
 from wsapp.backends import redis_wire as wire
 
 pytestmark = pytest.mark.redis
@@ -31,17 +31,6 @@ def status(srv: ServerProcess, path: str) -> int:
 def masters(cluster: RedisClusterProcs) -> list[int]:
     return [node.port for node in cluster.nodes
             if node.proc is not None and node.client().info("replication")["role"] == "master"]
-
-
-def traffic(srv_a: ServerProcess, srv_b: ServerProcess, room: str) -> tuple[list[Listener], list[Publisher]]:
-    """A subscriber and a publisher on each process, all in `room`, running."""
-    listeners = [Listener(srv_a, room, "la"), Listener(srv_b, room, "lb")]
-    for listener in listeners:
-        listener.start()
-    publishers = [Publisher(srv_a, room, "pa"), Publisher(srv_b, room, "pb")]
-    for publisher in publishers:
-        publisher.start()
-    return listeners, publishers
 
 
 def more_acks(publishers: list[Publisher], count: int, timeout: float, what: str) -> None:
@@ -147,15 +136,7 @@ def test_a_primary_crashing_before_its_replica_has_its_last_writes_changes_the_r
     assert recv_json(late) == {"type": "pong", "id": "end"}
     late.close()
     # The relay `/` crosses processes again, through the promoted replica.
-    sender, remote = connect(a.ws("/")), connect(b.ws("/"))
-    try:
-        for srv in (a, b):
-            wait_for(lambda srv=srv: stats(srv)["relay_clients"] >= 1, what="relay clients")
-        sender.send("after the failover")
-        assert remote.recv_data() == (TEXT, b"after the failover")
-    finally:
-        sender.close()
-        remote.close()
+    assert_relay_crosses(a, b, "after the failover")
 
 
 def test_a_manual_cluster_failover_under_traffic_keeps_numbering_true(

@@ -135,6 +135,19 @@ class Listener(threading.Thread):
         self.ws.close()
         self.join(5)
 
+def traffic(
+    srv_a: ServerProcess, srv_b: ServerProcess, room: str, names: tuple[str, str] = ("la", "lb"),
+) -> tuple[list[Listener], list[Publisher]]:
+    """A subscriber (named `names`) and a publisher on each process, all in `room`, running."""
+    listeners = [Listener(srv_a, room, names[0]), Listener(srv_b, room, names[1])]
+    for listener in listeners:
+        listener.start()
+    publishers = [Publisher(srv_a, room, "pa"), Publisher(srv_b, room, "pb")]
+    for publisher in publishers:
+        publisher.start()
+    return listeners, publishers
+
+
 
 def assert_in_order_once(seqs: list[int]) -> None:
     repeated = len(seqs) - len(set(seqs))
@@ -191,12 +204,7 @@ def test_publishers_on_two_processes_and_joins_under_traffic_keep_order_without_
 ) -> None:
     _, a, b = two
     r = room()
-    watchers = [Listener(a, r, "wa"), Listener(b, r, "wb")]
-    for w in watchers:
-        w.start()
-    publishers = [Publisher(a, r, "pa"), Publisher(b, r, "pb")]
-    for p in publishers:
-        p.start()
+    watchers, publishers = traffic(a, b, r, ("wa", "wb"))
     try:
         for attempt in range(30):
             srv = (a, b)[attempt % 2]
@@ -239,12 +247,7 @@ def test_redis_paused_under_traffic_gives_no_seq_twice_and_loses_no_acked_messag
     broker, a, b = two
     assert broker.proc is not None
     r = room()
-    listeners = [Listener(a, r, "la"), Listener(b, r, "lb")]
-    for w in listeners:
-        w.start()
-    publishers = [Publisher(a, r, "pa"), Publisher(b, r, "pb")]
-    for p in publishers:
-        p.start()
+    listeners, publishers = traffic(a, b, r)
     wait_for(lambda: all(len(p.acked) >= 20 for p in publishers), what="traffic before the pause")
     os.kill(broker.proc.pid, signal.SIGSTOP)
     paused = time.monotonic()
