@@ -1,14 +1,19 @@
-"""redis_stream.ReplyReader against a real redis-server, with hiredis and with redis-py's own parser:
-replies in order, several from one socket read, error replies as values, a timeout as NOTHING."""
+"""redis_stream against a real redis-server. ReplyReader, with hiredis and with redis-py's own parser:
+replies in order, several from one socket read, error replies as values, a timeout as NOTHING.
+CommandStream: calls Redis refuses for a while are sent again, in order, within a bounded window."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 import redis
 from redis._parsers import _RESP2Parser
 
+from tests.harness import ROOT
 from tests.redis_fixture import RedisServer
 from wsapp.backends.redis_stream import NOTHING, ReplyReader, pack_command
 
@@ -34,3 +39,77 @@ def test_replies_come_in_order_with_errors_as_values(redis_server: RedisServer, 
         assert reader.read(2.0) == b"late"
     finally:
         conn.disconnect()
+
+
+# Runs in a fresh interpreter, monkey-patched as the server is: the stream's greenlets on real sockets.
+# `flaky` answers TRYAGAIN (as a settling Cluster does) while the `gate` counter is not used up, else
+# records its name; `record` records at once: the list shows the order the calls ran in.
+RETRY_SCRIPT = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, sys, time, redis
+from wsapp.backends.redis_stream import CommandStream, pack_command
+
+FLAKY = "if redis.call('DECR', 'gate') >= 0 then return redis.error_reply('TRYAGAIN settling') end " \
+        "return redis.call('RPUSH', 'ran', ARGV[1])"
+client = redis.Redis(port=int(sys.argv[1]), socket_timeout=2)
+pool = client.connection_pool
+repairs = []
+
+def repair():  # as the Cluster shard's: a short pause
+    repairs.append(1)
+    time.sleep(0.05)
+
+stream = CommandStream(pool.get_connection, pool.release, lambda exc: None, lambda: True,
+                       lambda error: isinstance(error, redis.exceptions.TryAgainError), repair,
+                       retry_window=float(sys.argv[2]))
+stream.open()
+stream.start()
+
+def flaky(name):
+    return pack_command((b"EVAL", FLAKY, 0, name))
+
+def record(name):
+    return pack_command((b"RPUSH", b"ran", name))
+
+def run(*commands):
+    calls = [stream.submit(command) for command in commands]  # all in one write
+    return [call.get() for call in calls]
+
+def outcome(reply):
+    return [type(reply).__name__, str(reply)] if isinstance(reply, Exception) else reply
+
+out = {}
+client.set("gate", 3)  # the three flaky calls are refused once, all together: sent again, in order
+out["together"] = run(record("a"), flaky("b"), flaky("c"), flaky("d"))
+out["repairs"] = len(repairs)
+client.set("gate", 1)  # only x is refused, and y behind it runs: x must not run after y
+out["overtaken"] = [outcome(reply) for reply in run(flaky("x"), record("y"))]
+client.set("gate", 1000)
+began = time.monotonic()
+out["refused"] = outcome(run(flaky("never"))[0])
+out["waited"] = time.monotonic() - began
+out["after"] = run(record("z"))
+out["ran"] = [name.decode() for name in client.lrange("ran", 0, -1)]
+print(json.dumps(out))
+"""
+
+
+def test_calls_a_settling_redis_refuses_run_again_in_order_and_are_refused_rather_than_overtaken(
+        redis_server: RedisServer) -> None:
+    """Error replies the owner calls retryable (CLUSTERDOWN, TRYAGAIN: a Cluster settling) are sent
+    again after `repair`, before anything newer and in their order. A refused call that a later one
+    overtook (Redis stopped refusing in between) gets its refusal instead of running after it, and so
+    does a call still refused when the retry window is over."""
+    window = 0.4
+    done = subprocess.run([sys.executable, "-c", RETRY_SCRIPT, str(redis_server.port), str(window)],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["together"] == [1, 2, 3, 4]  # each call's own reply (RPUSH: the list's length)
+    assert out["repairs"] == 1  # once per round of refusals, not once per refused reply
+    assert out["overtaken"] == [["TryAgainError", "settling"], 5]
+    assert out["refused"] == ["TryAgainError", "settling"]
+    assert window <= out["waited"] < window + 1.0
+    assert out["after"] == [6]  # the stream goes on after a refusal
+    assert out["ran"] == ["a", "b", "c", "d", "y", "z"]

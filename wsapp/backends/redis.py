@@ -62,6 +62,7 @@ MAX_BACKOFF = 2.0
 # this long after the Cluster names it, not after the failed shard's next reconnection attempt (up to
 # MAX_BACKOFF later). One CLUSTER SLOTS per process each time, only while degraded.
 TOPOLOGY_POLL = 0.5
+SETTLE_PAUSE = 0.05  # between sends of calls a settling Cluster refused (CLUSTERDOWN), within the stream's retry window
 PUBLISH_BATCH = 512  # rooms per pipeline when registering or keeping members alive
 RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
 RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this the sender waits (pacing) until half have gone
@@ -72,9 +73,10 @@ MESSAGES = frozenset({"message", "smessage"})
 MESSAGE_KINDS = frozenset({b"message", b"smessage"})  # the same, as the subscription's replies name them
 
 
-def _script_missing(error: Exception) -> bool:
-    """NOSCRIPT: the call did not run; it can once the scripts are loaded again."""
-    return isinstance(error, redis.exceptions.NoScriptError)
+def _briefly_refused(error: Exception) -> bool:
+    """CLUSTERDOWN or TRYAGAIN: a Cluster node did not run the call because the Cluster is settling
+    (a failover, a node briefly taken for failed, keys moving); asked again shortly, it may."""
+    return isinstance(error, (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError))
 
 
 def _another_primary(reply: Exception) -> bool:
@@ -561,7 +563,9 @@ class Shard:
         # Room publishes, joins and leaves: written to one connection as they come, replies read as they arrive.
         pool = client.connection_pool
         self._stream = stream.CommandStream(pool.get_connection, pool.release, self.lost, lambda: self.healthy,
-                                            _script_missing, self._load_scripts, self._identify)
+                                            self._runs_later, self._before_again, self._identify)
+        self._scripts_lost = False  # a NOSCRIPT reply came: load the scripts before sending again
+        self._settling = False  # a CLUSTERDOWN/TRYAGAIN reply came: pause before sending again
         self._publish_commands = wire.PublishCommands(self.publish_script.sha, backend._history, self._sharded)
 
     @property
@@ -725,11 +729,29 @@ class Shard:
             raise redis.ConnectionError(f"{self.where} is not a primary (role {role})")
         return life
 
-    def _load_scripts(self) -> None:
-        """After NOSCRIPT replies (Redis lost its script cache: a restart, a failover, SCRIPT FLUSH;
-        those calls did not run): load the stream's scripts; the stream sends the calls again."""
-        for script in (wire.PUBLISH_SCRIPT, wire.JOIN_SCRIPT):
-            self.client.script_load(script)
+    def _runs_later(self, error: Exception) -> bool:
+        """Whether an error reply on the stream says the call did not run but can soon (the stream then
+        calls `_before_again` and sends it again, in order, for a bounded time)."""
+        if isinstance(error, redis.exceptions.NoScriptError):
+            self._scripts_lost = True
+            return True
+        if self._sharded and _briefly_refused(error):
+            self._settling = True
+            return True
+        return False
+
+    def _before_again(self) -> None:
+        """After NOSCRIPT replies (Redis lost its script cache: a restart, a failover, SCRIPT FLUSH):
+        load the stream's scripts. After a Cluster's CLUSTERDOWN/TRYAGAIN: give it a moment (a node
+        that saw another briefly as failed, or a failover, settles in well under the stream's retry
+        window; a shard that stays down is refused after it)."""
+        if self._scripts_lost:
+            self._scripts_lost = False
+            for script in (wire.PUBLISH_SCRIPT, wire.JOIN_SCRIPT):
+                self.client.script_load(script)
+        if self._settling:
+            self._settling = False
+            gevent.sleep(SETTLE_PAUSE)
 
     # ---- Redis calls ----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ fifth of a publish's CPU; replies are parsed by hiredis, asked directly (`ReplyR
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 
 Arg = bytes | str | int
 BATCH = 512  # commands per write at most
+
+# How long commands keep being sent again while Redis keeps saying they can run later (a Cluster
+# settling after a failover); past it they get the refusal. Counted from the first such reply since
+# the last reply that was not one.
+RETRY_WINDOW = 2.0
 
 UNREACHABLE = "the broker is unreachable"
 UNKNOWN = "the broker did not answer in time (the message may still be delivered)"
@@ -145,11 +151,16 @@ class CommandStream:
     `usable()` is False commands fail at once too.
 
     `retryable(error)` is asked about an error reply: True when it says the command did not run for
-    a cause `repair()` removes (NOSCRIPT: Redis lost its script cache; repair loads the scripts).
-    The stream then holds back what has not been written yet, reads what is in flight (setting
-    aside each command that failed the same way), repairs once, and sends those again first, in
-    their order: so commands run in the order they were submitted, retried or not (a caller with
-    several publishes in flight keeps their order), and the repair runs once, not per reply.
+    a cause `repair()` removes or waits out (NOSCRIPT: Redis lost its script cache, repair loads the
+    scripts; CLUSTERDOWN: a Cluster settling after a failover, repair pauses). The stream then holds
+    back what has not been written yet, reads what is in flight (setting aside each command that
+    failed the same way), repairs once, and sends those again first, in their order: so commands run
+    in the order they were submitted, retried or not (a caller with several publishes in flight keeps
+    their order), and the repair runs once, not per reply. A command set aside is only sent again if
+    nothing behind it ran meanwhile (Redis may stop refusing between two replies): once a later
+    reply is not a refusal to retry, those set aside get their refusal as their answer rather than
+    run after it. For `retry_window` seconds from the first such reply (until a reply that is not
+    an error); after that the refusal is the answer.
     """
 
     def __init__(
@@ -161,6 +172,7 @@ class CommandStream:
         retryable: Callable[[Exception], bool] | None = None,
         repair: Callable[[], None] | None = None,
         identify: Callable[[Any], str] | None = None,
+        retry_window: float = RETRY_WINDOW,
     ) -> None:
         self._get_connection = get_connection
         self._identify = identify
@@ -169,10 +181,13 @@ class CommandStream:
         self._usable = usable
         self._retryable = retryable
         self._repair = repair
+        self._retry_window = retry_window
+        self._retrying_since: float | None = None  # the first retried reply since the last good one
         self._queue: deque[tuple[bytes, Reply]] = deque()
         self._inflight: deque[list[tuple[bytes, Reply]]] = deque()
-        # Commands that did not run and go again after the repair; while any, nothing new is written.
-        self._again: list[tuple[bytes, Reply]] = []
+        # Commands that did not run (and their refusals) and go again after the repair; while any,
+        # nothing new is written.
+        self._again: list[tuple[bytes, Reply, Exception]] = []
         self._answered: list[Reply] = []  # replies whose callers the next `_wake` switches to
         self._conn: Any = None
         self._write_wake = Event()
@@ -283,10 +298,16 @@ class CommandStream:
                 while batch:
                     reply = replies.read()
                     # An error reply leaves the connection fine; some say the command can run later.
-                    if retryable is not None and isinstance(reply, redis.ResponseError) and retryable(reply):
-                        again.append(batch[0])
-                        del batch[0]
-                        continue
+                    if isinstance(reply, redis.ResponseError):
+                        if retryable is not None and retryable(reply) and self._may_retry():
+                            command, result = batch[0]
+                            again.append((command, result, reply))
+                            del batch[0]
+                            continue
+                    elif self._retrying_since is not None:
+                        self._retrying_since = None
+                    if again:  # this one was not refused: those set aside would run after it, out of order
+                        self._refuse_again()
                     self._answer(batch[0][1], reply, None)
                     del batch[0]
             except Exception as exc:  # the reader must live on: whatever broke, this connection is done
@@ -295,6 +316,12 @@ class CommandStream:
                 self._lost(conn, exc)
                 continue
             inflight.popleft()
+
+    def _may_retry(self) -> bool:
+        now = time.monotonic()
+        if self._retrying_since is None:
+            self._retrying_since = now
+        return now - self._retrying_since < self._retry_window
 
     def _send_again(self) -> None:
         try:
@@ -305,9 +332,15 @@ class CommandStream:
                 log.exception("broker: repairing after an error reply failed")
             self._lost(self._conn, exc)
             return
-        self._queue.extendleft(reversed(self._again))
+        self._queue.extendleft([(command, result) for command, result, _ in reversed(self._again)])
         self._again.clear()
         self._write_wake.set()
+
+    def _refuse_again(self) -> None:
+        again, self._again[:] = list(self._again), []
+        for _, result, refusal in again:
+            self._answer(result, refusal, None)
+        self._write_wake.set()  # the writer held back the queue for them
 
     # ---- answering callers ----------------------------------------------------------------------
 
@@ -350,7 +383,7 @@ class CommandStream:
         if self._again:
             again, self._again[:] = list(self._again), []
             failure = BrokerUnavailable(UNREACHABLE)  # these did not run
-            for _, result in again:
+            for _, result, _refusal in again:
                 self._answer(result, None, failure)
             self._write_wake.set()  # the writer held back the queue for them
         while self._inflight:
