@@ -566,6 +566,7 @@ class Shard:
                                             self._runs_later, self._before_again, self._identify)
         self._scripts_lost = False  # a NOSCRIPT reply came: load the scripts before sending again
         self._settling = False  # a CLUSTERDOWN/TRYAGAIN reply came: pause before sending again
+        self._beat_refused_since: float | None = None  # the heartbeat met a settling Cluster since
         self._publish_commands = wire.PublishCommands(self.publish_script.sha, backend._history, self._sharded)
 
     @property
@@ -969,8 +970,27 @@ class Shard:
                         elif kind == "sunsubscribe":
                             self._on_sunsubscribe(message["channel"])
             if time.monotonic() >= next_beat:
-                self._heartbeat()
-                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                next_beat = self._beat()
+
+    def _beat(self) -> float:
+        """Run the heartbeat; when the next is due. A Cluster refusing it as it settles (CLUSTERDOWN,
+        TRYAGAIN: a failover elsewhere, a node briefly taking another for failed) is not this shard
+        failing: beat again shortly, as the stream sends its calls again, and take the shard for lost
+        only if that lasts past the stream's retry window (so the rooms here are not dropped and
+        resubscribed over a blip the publishes ride out)."""
+        now = time.monotonic()
+        try:
+            self._heartbeat()
+        except (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError):
+            if not self._sharded:
+                raise
+            if self._beat_refused_since is None:
+                self._beat_refused_since = now
+            elif now - self._beat_refused_since >= stream.RETRY_WINDOW:
+                raise
+            return time.monotonic() + SETTLE_PAUSE * 4
+        self._beat_refused_since = None
+        return time.monotonic() + HEARTBEAT_SECONDS
 
     def _heartbeat(self) -> None:
         """Keep this process alive in each of its rooms here; a room where it had been taken for dead
