@@ -341,7 +341,9 @@
     const item = state.pending.get(msg.id);
     if (!item) return;
     state.pending.delete(msg.id);
-    if (typeof msg.seq === "number") markSeen(msg.seq);
+    // A seq of another epoch (the room's numbering restarted; its history_gone may still be on its
+    // way) says nothing about the numbering this page follows.
+    if (typeof msg.seq === "number" && (msg.epoch === undefined || msg.epoch === state.epoch)) markSeen(msg.seq);
     setDelivery(item, "delivered", "delivered");
   }
 

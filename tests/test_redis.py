@@ -65,13 +65,14 @@ def test_publish_presence_and_members_cross_processes(
     r = room()
     alice, bob = client(a, "alice"), client(b, "bob")
     first = join(alice, r)
-    assert isinstance(first.pop("epoch"), str)
+    epoch = first.pop("epoch")
+    assert isinstance(epoch, str)
     assert first == {"type": "joined", "room": r, "seq": 0, "members": ["alice"]}
     assert sorted(join(bob, r)["members"]) == ["alice", "bob"]
     assert recv_json(alice) == {"type": "presence", "room": r, "event": "join", "who": "bob"}
 
     send_json(alice, type="publish", room=r, data={"text": "hi"}, id="m1")
-    assert recv_json(alice) == {"type": "ack", "id": "m1", "room": r, "seq": 1}
+    assert recv_json(alice) == {"type": "ack", "id": "m1", "room": r, "seq": 1, "epoch": epoch}
     msg = recv_json(bob)
     assert (msg["type"], msg["seq"], msg["from"], msg["data"]) == ("message", 1, "alice", {"text": "hi"})
     send_json(bob, type="publish", room=r, data="back", id="m2")

@@ -64,14 +64,15 @@ def test_join_publish_ack_presence_leave(client: Callable[..., websocket.WebSock
     assert recv_json(alice) == {"type": "presence", "room": r, "event": "join", "who": "bob"}
 
     send_json(bob, type="publish", room=r, data={"text": "hi", "n": [1, 2]}, id="m1")
-    assert recv_json(bob) == {"type": "ack", "id": "m1", "room": r, "seq": 1}
+    # The ack says which numbering its seq belongs to: the room's epoch, as `joined` gave it.
+    assert recv_json(bob) == {"type": "ack", "id": "m1", "room": r, "seq": 1, "epoch": joined["epoch"]}
     msg = recv_json(alice)
     assert msg["type"] == "message" and msg["room"] == r and msg["seq"] == 1 and msg["from"] == "bob"
     assert msg["data"] == {"text": "hi", "n": [1, 2]}
     assert isinstance(msg["ts"], int)
 
     send_json(alice, type="publish", room=r, data="two", id=7)
-    assert recv_json(alice) == {"type": "ack", "id": 7, "room": r, "seq": 2}
+    assert recv_json(alice) == {"type": "ack", "id": 7, "room": r, "seq": 2, "epoch": joined["epoch"]}
     assert recv_json(bob)["seq"] == 2
 
     send_json(bob, type="leave", room=r)

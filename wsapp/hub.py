@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from wsapp import protocol
-from wsapp.backends import Broker, BrokerUnavailable, Published
+from wsapp.backends import Broker, BrokerUnavailable, Numbered, Published
 from wsapp.exceptions import MessageError
 from wsapp.metrics import Stats
 
@@ -227,8 +227,8 @@ class Hub:
         return self.post(room, data, member.name, member, msg_id)
 
     def publish_nowait(self, member: Member, room: str, data: Any, done: Published, msg_id: object = None) -> None:
-        """`publish` without waiting for the broker: `done(seq, None)` once the message is numbered,
-        `done(0, BrokerUnavailable)` when it was not (see `unavailable`); in-process, before this
+        """`publish` without waiting for the broker: `done(Numbered(seq, epoch), None)` once the message
+        is numbered, `done(None, BrokerUnavailable)` when it was not (see `unavailable`); in-process, before this
         returns. A member's publishes into a room are numbered in the order it made them.
         MessageError at once for what is refused without asking the broker."""
         self._check_member(member, room, msg_id)
@@ -248,7 +248,12 @@ class Hub:
     def post(self, room: str, data: Any, sender: str, origin: Member | None = None, msg_id: object = None) -> int:
         """Number, keep and deliver `data` in `room` under the name `sender`, whether or not anyone
         here is in the room (server-side publishes); `origin` gets it only if it joined with echo.
-        MessageError `unavailable` when the broker cannot number it now."""
+        Returns its seq. MessageError `unavailable` when the broker cannot number it now."""
+        return self.number(room, data, sender, origin, msg_id).seq
+
+    def number(self, room: str, data: Any, sender: str, origin: Member | None = None,
+               msg_id: object = None) -> Numbered:
+        """`post`, returning the message's seq and the epoch it belongs to."""
         head, tail = self._message_parts(room, sender, data)
         try:
             return self._backend.publish(room, head, tail, origin.id if origin is not None else None)

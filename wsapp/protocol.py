@@ -199,8 +199,8 @@ def left(room: str) -> bytes:
     return orjson.dumps({"type": "left", "room": room})
 
 
-def ack(msg_id: object, room: str, seq: int) -> bytes:
-    return orjson.dumps({"type": "ack", "id": msg_id, "room": room, "seq": seq})
+def ack(msg_id: object, room: str, seq: int, epoch: str) -> bytes:
+    return orjson.dumps({"type": "ack", "id": msg_id, "room": room, "seq": seq, "epoch": epoch})
 
 
 def pong(msg_id: object = None) -> bytes:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from gevent.event import Event
 
 from wsapp import protocol
+from wsapp.backends import BrokerUnavailable, Numbered
 from wsapp.connection import CAUSE_PROTOCOL_ERROR, CAUSE_RATE_LIMIT
 from wsapp.exceptions import MessageError
 from wsapp.frames import OP_TEXT, CloseCode
@@ -52,14 +53,14 @@ class _InFlight:
         self.answered = False
         self.reply: bytes | None = None  # the `ack` or `error` frame's JSON; None: nothing to say
 
-    def __call__(self, seq: int, failure: BaseException | None) -> None:
+    def __call__(self, numbered: Numbered | None, failure: BaseException | None) -> None:
         """The broker's answer (hub.publish_nowait's `done`): from the broker's reader, or inline."""
-        if failure is not None:
+        if numbered is None:
             self.session._count_error(protocol.UNAVAILABLE)
-            error = unavailable(failure, self.msg_id)
+            error = unavailable(failure or BrokerUnavailable("the broker did not number it"), self.msg_id)
             self.reply = protocol.error(error.code, error.message, self.msg_id)
         elif self.msg_id is not None:
-            self.reply = protocol.ack(self.msg_id, self.room, seq)
+            self.reply = protocol.ack(self.msg_id, self.room, numbered.seq, numbered.epoch)
         self.answered = True
         self.session._answered()
 
@@ -186,9 +187,9 @@ class RoomsSession:
             if hub.inline:
                 # An in-process broker numbers and delivers before it returns: nothing is ever in
                 # flight, so no entry to keep (1 µs per publish). Membership was checked above.
-                seq = hub.post(cmd.room, data, conn.name, conn, cmd.id)
+                numbered = hub.number(cmd.room, data, conn.name, conn, cmd.id)
                 if cmd.id is not None:
-                    self._reply(protocol.ack(cmd.id, cmd.room, seq))
+                    self._reply(protocol.ack(cmd.id, cmd.room, numbered.seq, numbered.epoch))
                 return
             in_flight = self._in_flight
             if in_flight is None:

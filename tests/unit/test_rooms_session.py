@@ -33,7 +33,7 @@ class SlowBroker(MemoryBackend):
 
     def answer(self, n: int, failure: BaseException | None = None) -> None:
         head, tail, done = self.waiting[n]
-        done(0, failure) if failure is not None else done(self.publish("r", head, tail, None), None)
+        done(None, failure) if failure is not None else done(self.publish("r", head, tail, None), None)
 
 
 class Client:
@@ -87,10 +87,11 @@ def test_publishes_answered_out_of_order_are_acked_in_the_order_they_were_sent()
     broker.answer(3, BrokerUnavailable("the broker is unreachable"))
     assert client.sent == []  # "one" is still unanswered
     broker.answer(0)  # seq 2
-    assert client.sent == [{"type": "ack", "id": 1, "room": "r", "seq": 2}]
+    epoch = broker.join("r", "m", "x", None, None, None).epoch
+    assert client.sent == [{"type": "ack", "id": 1, "room": "r", "seq": 2, "epoch": epoch}]
     broker.answer(1)  # seq 3: releases "three" and "four"'s replies too
     assert client.sent[1:] == [
-        {"type": "ack", "id": 3, "room": "r", "seq": 1},
+        {"type": "ack", "id": 3, "room": "r", "seq": 1, "epoch": epoch},
         {"type": "error", "code": "unavailable", "message": "the broker is unreachable; retry later", "id": 4},
     ]
     assert stats.ws_errors[("unavailable",)] == 1

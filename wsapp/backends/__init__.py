@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # Called with (room, seq, origin, payload) for every message (seq > 0) and presence event (seq 0) of
 # a room with local members, in the room's seq order; `origin` is the id of the local member it came
@@ -14,9 +14,19 @@ Deliver = Callable[[str, int, str | None, bytes], None]
 # Called with a ready-made frame one of another process's relay (`/`) clients sent; also the type of
 # the function that shares one of this process's relay frames with the others.
 RelayFrames = Callable[[bytes], None]
-# Told how a publish that nobody waits for ended: (seq, None) once numbered, (0, BrokerUnavailable)
-# when it could not be (it did not run, or its outcome is unknown). Must not block.
-Published = Callable[[int, BaseException | None], None]
+
+
+class Numbered(NamedTuple):
+    """Where a published message stands in its room: its seq, and the epoch that seq belongs to (a
+    room's numbering restarts in a new epoch when its history is lost: see RoomView)."""
+
+    seq: int
+    epoch: str
+
+
+# Told how a publish that nobody waits for ended: (Numbered, None) once numbered, (None,
+# BrokerUnavailable) when it could not be (it did not run, or its outcome is unknown). Must not block.
+Published = Callable[[Numbered | None, BaseException | None], None]
 
 
 class BrokerUnavailable(Exception):
@@ -58,13 +68,13 @@ class Broker(Protocol):
         """Carry other processes' relay frames to `deliver`; return the function that shares this
         process's, or None when there are no other processes (the relay then stays local)."""
 
-    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> int:
-        """Number `head + seq + tail`, keep it and deliver it; returns its seq. BrokerUnavailable
-        when it cannot be numbered now."""
+    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Numbered:
+        """Number `head + seq + tail`, keep it and deliver it; returns its seq and epoch.
+        BrokerUnavailable when it cannot be numbered now."""
 
     def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
-        """`publish` without waiting for the number: `done(seq, None)` once numbered (in-process:
-        before this returns), `done(0, BrokerUnavailable)` when it was not; BrokerUnavailable
+        """`publish` without waiting for the number: `done(Numbered, None)` once numbered (in-process:
+        before this returns), `done(None, BrokerUnavailable)` when it was not; BrokerUnavailable
         raised at once when the broker is known to be away. A caller's publishes into one room
         are numbered in the order it made them, and `done` is called in that order."""
 
