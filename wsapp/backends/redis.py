@@ -819,7 +819,11 @@ class Shard:
                 self.backend.topology_changed()
             if self._closing.wait(self._backoff):
                 break
-            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+            # Behind Sentinel the next attempt is what finds the promoted replica (the pool asks the
+            # Sentinels for the primary on connect): try every TOPOLOGY_POLL at most, as a Cluster
+            # rereads its slot map, not every MAX_BACKOFF.
+            cap = TOPOLOGY_POLL if self.backend._settings.redis_sentinel_master is not None else MAX_BACKOFF
+            self._backoff = min(self._backoff * 2, cap)
 
     def _subscribe_all(self, pubsub: Any) -> list[bytes]:
         """Subscribe to every local room of this shard (and the relay if it lives here), and wait for
