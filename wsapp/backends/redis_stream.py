@@ -226,6 +226,7 @@ class CommandStream:
                 self._release_connection(conn)
             raise
         self._conn = conn
+        self._retrying_since = None  # a new connection gets a whole retry window
         return identity
 
     def submit(self, command: bytes, callback: Answered | None = None) -> Reply:
