@@ -174,3 +174,30 @@ def test_emitter_reports_an_unreachable_redis(make_redis: Any) -> None:
     broker.stop()
     with Emitter(url, timeout=1.0) as emitter, pytest.raises(redis.ConnectionError):
         emitter.publish(room(), 1)
+
+
+def test_emitter_asks_the_primary_its_life_once_and_follows_a_restart(make_redis: Any) -> None:
+    """The publish script checks each room's counter against the primary's life (replication id), which
+    costs an INFO when the caller does not know it. The Emitter passes back what the script reported:
+    INFO runs for a new room, not for every publish. After a restart (a new life, the data gone) the
+    stale life is refused before anything is written, and the Emitter publishes again: seq 1 of a new
+    life of the room, numbered once."""
+    broker: RedisServer = make_redis()
+    admin = broker.client()
+    r = room()
+
+    def info_calls() -> int:  # this INFO is counted too, by the next reading
+        return int(admin.info("commandstats").get("cmdstat_info", {}).get("calls", 0))
+
+    with Emitter(broker.url) as emitter:
+        before = info_calls()
+        assert [emitter.publish(r, n) for n in range(10)] == list(range(1, 11))
+        assert info_calls() - before == 1 + 1  # the first publish (a new room) and the reading above
+        broker.stop()
+        broker.start()
+        admin = broker.client()
+        assert emitter.publish(r, "after") == 1
+        assert admin.info("errorstats").get("errorstat_STALE_LIFE", {}).get("count") == 1
+        assert admin.hget(f"wsapp:room:{{{r}}}:ctr", "seq") == b"1"
+        assert emitter.publish(r, "next") == 2
+    admin.close()

@@ -72,6 +72,7 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 _COUNTER = """
 local found = redis.call('HMGET', KEYS[1], 'epoch', 'life')
 local epoch, written = found[1], found[2]
+local checked = ARGV[LIFE_ARG]
 if not epoch or written ~= ARGV[LIFE_ARG] then
   local life, moved = ARGV[LIFE_ARG], false
   if life ~= '-' then
@@ -86,6 +87,7 @@ if not epoch or written ~= ARGV[LIFE_ARG] then
     if type(me) == 'string' then actual = me .. '-' .. replid end
     if life ~= '' and life ~= actual then return redis.error_reply('STALE_LIFE ' .. actual) end
     life = actual
+    checked = actual
     local writer = written and string.match(written, '^(%x+)-')
     if writer and writer ~= me and replid2 == string.rep('0', 40) then
       for line in string.gmatch(redis.call('CLUSTER', 'NODES'), '[^\\n]+') do
@@ -109,7 +111,9 @@ UNKNOWN_LIFE = ""  # a caller that does not know its primary's replication id: t
 NO_LIFE = "-"  # the server will not tell its replication id (INFO refused): counters are not checked
 
 # KEYS: ctr, log. ARGV: head, tail, history length, envelope prefix "<incarnation> <room> ", channel,
-# ttl, origin, new epoch, PUBLISH or SPUBLISH, life. Returns {seq, epoch}.
+# ttl, origin, new epoch, PUBLISH or SPUBLISH, life. Returns {seq, epoch, the server's life when the
+# script looked it up, else the life given}: a caller without a connection of its own to ask (the
+# Emitter) passes that back next time, so INFO runs only when the life changed.
 PUBLISH_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8").replace("LIFE_ARG", "10") + """
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local s = string.format('%d', seq)
@@ -125,7 +129,7 @@ if keep > 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
 redis.call(ARGV[9], ARGV[5], ARGV[4] .. s .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. payload)
-return {seq, epoch}
+return {seq, epoch, checked}
 """
 
 # KEYS: ctr, log, members, procs. ARGV: field, name, since (-1 = none), presence envelope ('' = none),
