@@ -941,6 +941,7 @@ class Shard:
     def _listen(self, pubsub: Any) -> None:
         self.settled.set()
         next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        self._beat_refused_since = None  # a new subscription gets a whole retry window
         # Messages are read off the subscription's connection directly (stream.ReplyReader: as many as
         # a socket read brought, each straight from hiredis): PubSub.get_message's layers cost 3.5 us
         # a message against 1.2, and the connection's can_read and read_response more than 1 again.
