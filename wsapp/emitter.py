@@ -67,10 +67,11 @@ class Emitter:
             raise TypeError(f"data is not JSON-serializable: {exc}") from None
         node = self._node_of(room)
         for _ in range(2):
+            known = self._lives.get(node, wire.UNKNOWN_LIFE)
             call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history, sharded=self._sharded,
-                                     life=self._lives.get(node, wire.UNKNOWN_LIFE))
+                                     life=known)
             try:
-                seq, _epoch, life = self._publish_script(keys=call.keys, args=call.args)
+                reply = self._publish_script(keys=call.keys, args=call.args)
             except redis.ResponseError as exc:
                 # The primary is not the one whose life we passed (restarted, or failed over): nothing
                 # was written. Publish again, letting the script look the life up.
@@ -78,8 +79,9 @@ class Emitter:
                     raise
                 self._lives.pop(node, None)
                 continue
-            self._lives[node] = life.decode()
-            return int(seq)
+            if known == wire.UNKNOWN_LIFE:  # the script says which it looked up
+                self._lives[node] = reply[2].decode()
+            return int(reply[0])
         raise redis.ResponseError("the primary's replication id kept changing while publishing")
 
     def _node_of(self, room: str) -> str:

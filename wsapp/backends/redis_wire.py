@@ -111,9 +111,9 @@ UNKNOWN_LIFE = ""  # a caller that does not know its primary's replication id: t
 NO_LIFE = "-"  # the server will not tell its replication id (INFO refused): counters are not checked
 
 # KEYS: ctr, log. ARGV: head, tail, history length, envelope prefix "<incarnation> <room> ", channel,
-# ttl, origin, new epoch, PUBLISH or SPUBLISH, life. Returns {seq, epoch, the server's life when the
-# script looked it up, else the life given}: a caller without a connection of its own to ask (the
-# Emitter) passes that back next time, so INFO runs only when the life changed.
+# ttl, origin, new epoch, PUBLISH or SPUBLISH, life. Returns {seq, epoch}, and when no life was given
+# the server's life as a third item: a caller without a connection of its own to ask (the Emitter)
+# passes that back next time, so INFO runs only when the life changed.
 PUBLISH_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8").replace("LIFE_ARG", "10") + """
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local s = string.format('%d', seq)
@@ -129,7 +129,8 @@ if keep > 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
 redis.call(ARGV[9], ARGV[5], ARGV[4] .. s .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. payload)
-return {seq, epoch, checked}
+if ARGV[10] == '' then return {seq, epoch, checked} end
+return {seq, epoch}
 """
 
 # KEYS: ctr, log, members, procs. ARGV: field, name, since (-1 = none), presence envelope ('' = none),
