@@ -73,7 +73,7 @@ MESSAGES = frozenset({"message", "smessage"})
 MESSAGE_KINDS = frozenset({b"message", b"smessage"})  # the same, as the subscription's replies name them
 
 
-def _briefly_refused(error: Exception) -> bool:
+def _briefly_refused(error: BaseException) -> bool:
     """CLUSTERDOWN or TRYAGAIN: a Cluster node did not run the call because the Cluster is settling
     (a failover, a node briefly taken for failed, keys moving); asked again shortly, it may."""
     return isinstance(error, (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError))
@@ -87,7 +87,7 @@ def _another_primary(reply: Exception) -> bool:
 
 def _cluster_settling(exc: BaseException) -> bool:
     """A Cluster refusing for a while (a shard just back, a failover, slots moving), not a real refusal."""
-    return isinstance(exc, redis.exceptions.ClusterDownError) or any(
+    return _briefly_refused(exc) or any(
         word in str(exc) for word in ("CLUSTERDOWN", "cluster is down", "TRYAGAIN", "MOVED", "ASK ")
     )
 
@@ -566,7 +566,7 @@ class Shard:
                                             self._runs_later, self._before_again, self._identify)
         self._scripts_lost = False  # a NOSCRIPT reply came: load the scripts before sending again
         self._settling = False  # a CLUSTERDOWN/TRYAGAIN reply came: pause before sending again
-        self._beat_refused_since: float | None = None  # the heartbeat met a settling Cluster since
+        self._beat_window = stream.RetryWindow()  # how long the heartbeat rides out a settling Cluster
         self._publish_commands = wire.PublishCommands(self.publish_script.sha, backend._history, self._sharded)
 
     @property
@@ -941,7 +941,7 @@ class Shard:
     def _listen(self, pubsub: Any) -> None:
         self.settled.set()
         next_beat = time.monotonic() + HEARTBEAT_SECONDS
-        self._beat_refused_since = None  # a new subscription gets a whole retry window
+        self._beat_window.ok()  # a new subscription gets a whole retry window
         # Messages are read off the subscription's connection directly (stream.ReplyReader: as many as
         # a socket read brought, each straight from hiredis): PubSub.get_message's layers cost 3.5 us
         # a message against 1.2, and the connection's can_read and read_response more than 1 again.
@@ -983,18 +983,13 @@ class Shard:
         failing: beat again shortly, as the stream sends its calls again, and take the shard for lost
         only if that lasts past the stream's retry window (so the rooms here are not dropped and
         resubscribed over a blip the publishes ride out)."""
-        now = time.monotonic()
         try:
             self._heartbeat()
-        except (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError):
-            if not self._sharded:
-                raise
-            if self._beat_refused_since is None:
-                self._beat_refused_since = now
-            elif now - self._beat_refused_since >= stream.RETRY_WINDOW:
+        except redis.RedisError as exc:
+            if not (self._sharded and _briefly_refused(exc) and self._beat_window.refused()):
                 raise
             return time.monotonic() + SETTLE_PAUSE * 4
-        self._beat_refused_since = None
+        self._beat_window.ok()
         return time.monotonic() + HEARTBEAT_SECONDS
 
     def _heartbeat(self) -> None:

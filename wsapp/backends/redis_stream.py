@@ -37,6 +37,29 @@ BATCH = 512  # commands per write at most
 # the last reply that was not one.
 RETRY_WINDOW = 2.0
 
+
+class RetryWindow:
+    """Whether a refusal that says "later" is still worth retrying: for `seconds` from the first one
+    since the last success (`ok`). `since` is None while nothing is being retried (the hot path
+    looks at it before calling `ok`)."""
+
+    __slots__ = ("_seconds", "since")
+
+    def __init__(self, seconds: float = RETRY_WINDOW) -> None:
+        self._seconds = seconds
+        self.since: float | None = None
+
+    def refused(self) -> bool:
+        """A refusal came: True while within the window (retry), False once it is over."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        return now - self.since < self._seconds
+
+    def ok(self) -> None:
+        """A success (or a new connection): the next refusal starts a whole window."""
+        self.since = None
+
 UNREACHABLE = "the broker is unreachable"
 UNKNOWN = "the broker did not answer in time (the message may still be delivered)"
 
@@ -181,8 +204,7 @@ class CommandStream:
         self._usable = usable
         self._retryable = retryable
         self._repair = repair
-        self._retry_window = retry_window
-        self._retrying_since: float | None = None  # the first retried reply since the last good one
+        self._window = RetryWindow(retry_window)
         self._queue: deque[tuple[bytes, Reply]] = deque()
         self._inflight: deque[list[tuple[bytes, Reply]]] = deque()
         # Commands that did not run (and their refusals) and go again after the repair; while any,
@@ -226,7 +248,7 @@ class CommandStream:
                 self._release_connection(conn)
             raise
         self._conn = conn
-        self._retrying_since = None  # a new connection gets a whole retry window
+        self._window.ok()  # a new connection gets a whole retry window
         return identity
 
     def submit(self, command: bytes, callback: Answered | None = None) -> Reply:
@@ -281,6 +303,7 @@ class CommandStream:
         inflight = self._inflight
         again = self._again
         retryable = self._retryable
+        window = self._window
         replies: ReplyReader | None = None
         replies_of: Any = None  # the connection `replies` reads
         while True:
@@ -300,13 +323,13 @@ class CommandStream:
                     reply = replies.read()
                     # An error reply leaves the connection fine; some say the command can run later.
                     if isinstance(reply, redis.ResponseError):
-                        if retryable is not None and retryable(reply) and self._may_retry():
+                        if retryable is not None and retryable(reply) and window.refused():
                             command, result = batch[0]
                             again.append((command, result, reply))
                             del batch[0]
                             continue
-                    elif self._retrying_since is not None:
-                        self._retrying_since = None
+                    elif window.since is not None:
+                        window.ok()
                     if again:  # this one was not refused: those set aside would run after it, out of order
                         self._refuse_again()
                     self._answer(batch[0][1], reply, None)
@@ -317,12 +340,6 @@ class CommandStream:
                 self._lost(conn, exc)
                 continue
             inflight.popleft()
-
-    def _may_retry(self) -> bool:
-        now = time.monotonic()
-        if self._retrying_since is None:
-            self._retrying_since = now
-        return now - self._retrying_since < self._retry_window
 
     def _send_again(self) -> None:
         try:

@@ -68,13 +68,13 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 # stored life differs from it (a new room, the first use after a failover), and a caller whose
 # connection no longer reaches that life (its server was demoted, and promoted again) is refused
 # before anything is written (STALE_LIFE). A counter from before lives were kept adopts the current
-# one. Leaves `epoch` set.
+# one. Leaves `epoch` set, and `life` the life the counter was checked against.
 _COUNTER = """
 local found = redis.call('HMGET', KEYS[1], 'epoch', 'life')
 local epoch, written = found[1], found[2]
-local checked = ARGV[LIFE_ARG]
-if not epoch or written ~= ARGV[LIFE_ARG] then
-  local life, moved = ARGV[LIFE_ARG], false
+local life = ARGV[LIFE_ARG]
+if not epoch or written ~= life then
+  local moved = false
   if life ~= '-' then
     local info = redis.pcall('INFO', 'replication')
     local replid, replid2 = '-', ''
@@ -87,7 +87,6 @@ if not epoch or written ~= ARGV[LIFE_ARG] then
     if type(me) == 'string' then actual = me .. '-' .. replid end
     if life ~= '' and life ~= actual then return redis.error_reply('STALE_LIFE ' .. actual) end
     life = actual
-    checked = actual
     local writer = written and string.match(written, '^(%x+)-')
     if writer and writer ~= me and replid2 == string.rep('0', 40) then
       for line in string.gmatch(redis.call('CLUSTER', 'NODES'), '[^\\n]+') do
@@ -129,7 +128,7 @@ if keep > 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
 redis.call(ARGV[9], ARGV[5], ARGV[4] .. s .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. payload)
-if ARGV[10] == '' then return {seq, epoch, checked} end
+if ARGV[10] == '' then return {seq, epoch, life} end
 return {seq, epoch}
 """
 
