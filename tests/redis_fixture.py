@@ -14,6 +14,17 @@ import redis
 REDIS_SERVER = "redis-server"
 
 
+def command_calls(client: redis.Redis, command: str) -> int:
+    """How many times a server ran `command` (INFO commandstats; scripts' calls included). Asking
+    runs INFO, which the next reading of "info" counts."""
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def error_replies(client: redis.Redis, code: str) -> int:
+    """How many error replies starting with `code` a server gave (INFO errorstats)."""
+    return int(client.info("errorstats").get(f"errorstat_{code}", {}).get("count", 0))
+
+
 def stop_process(proc: subprocess.Popen[bytes] | None, kill: bool = False) -> None:
     """SIGTERM (or SIGKILL: a crash) a server process and wait for it, SIGKILL if it lingers."""
     if proc is not None and proc.poll() is None:

@@ -16,7 +16,7 @@ import websocket
 
 from tests.clients import connect, recv_json, recv_type, send_json, wait_for
 from tests.harness import ROOT, ServerProcess, server_pair
-from tests.redis_fixture import RedisServer
+from tests.redis_fixture import RedisServer, command_calls, error_replies
 from wsapp import Emitter
 
 pytestmark = pytest.mark.redis
@@ -185,19 +185,15 @@ def test_emitter_asks_the_primary_its_life_once_and_follows_a_restart(make_redis
     broker: RedisServer = make_redis()
     admin = broker.client()
     r = room()
-
-    def info_calls() -> int:  # this INFO is counted too, by the next reading
-        return int(admin.info("commandstats").get("cmdstat_info", {}).get("calls", 0))
-
     with Emitter(broker.url) as emitter:
-        before = info_calls()
+        before = command_calls(admin, "info")
         assert [emitter.publish(r, n) for n in range(10)] == list(range(1, 11))
-        assert info_calls() - before == 1 + 1  # the first publish (a new room) and the reading above
+        assert command_calls(admin, "info") - before == 1 + 1  # the first publish (a new room), the reading
         broker.stop()
         broker.start()
         admin = broker.client()
         assert emitter.publish(r, "after") == 1
-        assert admin.info("errorstats").get("errorstat_STALE_LIFE", {}).get("count") == 1
+        assert error_replies(admin, "STALE_LIFE") == 1
         assert admin.hget(f"wsapp:room:{{{r}}}:ctr", "seq") == b"1"
         assert emitter.publish(r, "next") == 2
     admin.close()

@@ -16,6 +16,7 @@ import pytest
 
 from tests.clients import get_json, recv_json, send_json, wait_for
 from tests.harness import ServerProcess
+from tests.redis_fixture import error_replies
 from tests.redis_topologies import RedisClusterProcs
 from tests.test_redis_cluster import assert_relay_crosses, rooms_on
 from tests.test_redis_order import Listener, Publisher, member, traffic
@@ -159,10 +160,7 @@ def test_with_full_coverage_other_shards_wait_out_the_election_instead_of_refusi
     bystander.start()
     more_acks([bystander], 20, 10, "traffic before the fault")
 
-    def clusterdown_replies() -> int:
-        return int(node.info("errorstats").get("errorstat_CLUSTERDOWN", {}).get("count", 0))
-
-    refused_before = clusterdown_replies()
+    refused_before = error_replies(node, "CLUSTERDOWN")
     down: list[float] = []  # when the other shard's node said the Cluster was down
     watching = threading.Event()
 
@@ -178,7 +176,7 @@ def test_with_full_coverage_other_shards_wait_out_the_election_instead_of_refusi
     more_acks([bystander], 20, 10, "traffic after the election")
     watching.set()
     watcher.join(5)
-    assert clusterdown_replies() > refused_before  # the Cluster refused the room's calls meanwhile
+    assert error_replies(node, "CLUSTERDOWN") > refused_before  # the Cluster refused the room's calls meanwhile
     acked = bystander.finish()
     assert acked == list(range(1, len(acked) + 1))
     assert down, "the other shard's node never said the Cluster was down"

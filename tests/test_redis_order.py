@@ -20,7 +20,7 @@ import websocket
 
 from tests.clients import connect, get_json, recv_json, recv_type, send_json, wait_for
 from tests.harness import ServerProcess
-from tests.redis_fixture import RedisServer
+from tests.redis_fixture import RedisServer, error_replies
 from tests.test_publish_api import AUTH, KEY, post
 from wsapp import Emitter
 
@@ -404,9 +404,6 @@ def test_publishes_sent_without_waiting_keep_their_order_when_the_script_cache_i
     broker, a, b = two
     admin = broker.client()
 
-    def noscript_replies() -> int:
-        return int(admin.info("errorstats").get("errorstat_NOSCRIPT", {}).get("count", 0))
-
     r = room()
     hearer = Listener(b, r, "hearer")
     hearer.start()
@@ -431,7 +428,7 @@ def test_publishes_sent_without_waiting_keep_their_order_when_the_script_cache_i
             if reply["type"] == "pong":
                 break
     # The retry path really ran: a flush makes a whole batch of calls in flight fail, every time.
-    assert noscript_replies() >= 5 * 2
+    assert error_replies(admin, "NOSCRIPT") >= 5 * 2
     expected = [[("ack", n) for n in range(burst * 40, burst * 40 + 40)] + [("pong", burst * 40 + 40)]
                 for burst in range(5)]
     assert [(m["type"], m["id"]) for m in replies] == [reply for burst in expected for reply in burst]
