@@ -187,13 +187,20 @@ def test_emitter_asks_the_primary_its_life_once_and_follows_a_restart(make_redis
     r = room()
     with Emitter(broker.url) as emitter:
         before = command_calls(admin, "info")
-        assert [emitter.publish(r, n) for n in range(10)] == list(range(1, 11))
+        seqs = [emitter.publish(r, n) for n in range(10)]
+        assert seqs == list(range(1, 11))
         assert command_calls(admin, "info") - before == 1 + 1  # the first publish (a new room), the reading
+        # Each seq names its epoch, the room's numbering life in Redis.
+        first_life = admin.hget(f"wsapp:room:{{{r}}}:ctr", "epoch").decode()
+        assert {seq.epoch for seq in seqs} == {first_life}
         broker.stop()
         broker.start()
         admin = broker.client()
-        assert emitter.publish(r, "after") == 1
+        after = emitter.publish(r, "after")
+        assert after == 1
         assert error_replies(admin, "STALE_LIFE") == 1
         assert admin.hget(f"wsapp:room:{{{r}}}:ctr", "seq") == b"1"
+        # Numbering restarted, and the seq says so: a caller can tell this 1 from the old life's 1.
+        assert after.epoch == admin.hget(f"wsapp:room:{{{r}}}:ctr", "epoch").decode() != first_life
         assert emitter.publish(r, "next") == 2
     admin.close()

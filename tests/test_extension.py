@@ -231,9 +231,13 @@ def test_ws_publish_goes_through_the_hooks(app_server: ServerProcess) -> None:
 def test_publish_from_a_view_and_from_a_greenlet(app_server: ServerProcess) -> None:
     rooms_member = as_user(app_server.ws("/ws"), "erin")
     try:
-        seq = joined(rooms_member, "user:erin")
+        recv_type(rooms_member, "welcome")
+        send_json(rooms_member, type="join", room="user:erin")
+        answer = recv_type(rooms_member, "joined")
+        seq, epoch = answer["seq"], answer["epoch"]
         status, body = post_json(app_server.http("/notify/erin"), {"text": "you have mail"})
-        assert status == 200 and json.loads(body) == {"seq": seq + 1}
+        # rt.publish's seq serialises as a plain int, and carries the epoch the member was told.
+        assert status == 200 and json.loads(body) == {"seq": seq + 1, "epoch": epoch}
         got = recv_type(rooms_member, "message")
         assert (got["seq"], got["from"], got["data"]) == (seq + 1, "server", {"text": "you have mail"})
         assert post_json(app_server.http("/later/user:erin"), {"n": 2})[0] == 202

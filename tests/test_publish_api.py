@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import websocket
 
-from tests.clients import connect, get_json, recv_json, recv_type, send_json
+from tests.clients import connect, get_json, recv_json, recv_type, send_json, wait_for
 from tests.harness import ServerProcess
 from tests.redis_fixture import RedisServer
 
@@ -47,12 +47,23 @@ def post(srv: ServerProcess, body: Any, headers: dict[str, str] | None = AUTH) -
         return err.code, dict(err.headers), json.loads(raw) if raw.startswith(b"{") else {}
 
 
-def member(srv: ServerProcess, r: str) -> websocket.WebSocket:
+def member(srv: ServerProcess, r: str) -> tuple[websocket.WebSocket, str]:
+    """A `/ws` client in room `r`, and the room's epoch its `joined` named."""
     ws = connect(srv.ws("/ws?name=reader"))
     assert recv_json(ws)["type"] == "welcome"
     send_json(ws, type="join", room=r)
-    recv_type(ws, "joined")
-    return ws
+    return ws, recv_type(ws, "joined")["epoch"]
+
+
+def seqs_of(answer: Answer) -> tuple[int, Any]:
+    """(status, seq or seqs) of an answer whose epochs were checked to be one well-formed epoch each."""
+    status, _, body = answer
+    if "seq" in body:
+        assert set(body) == {"seq", "epoch"} and isinstance(body["epoch"], str) and body["epoch"], body
+        return status, body["seq"]
+    assert set(body) == {"seqs", "epochs"} and len(body["epochs"]) == len(body["seqs"]), body
+    assert all(isinstance(epoch, str) and epoch for epoch in body["epochs"]), body
+    return status, body["seqs"]
 
 
 def test_off_without_a_key(server: ServerProcess) -> None:
@@ -62,20 +73,24 @@ def test_off_without_a_key(server: ServerProcess) -> None:
 
 def test_publish_one_and_a_list_in_order(api_server: ServerProcess) -> None:
     r = room()
-    ws = member(api_server, r)
+    ws, epoch = member(api_server, r)
     try:
         _, before = get_json(api_server.http("/stats"))
-        assert post(api_server, {"room": r, "data": {"text": "hi"}})[::2] == (200, {"seq": 1})
+        # Each seq comes with the epoch it belongs to: the one the room's members were told.
+        assert post(api_server, {"room": r, "data": {"text": "hi"}})[::2] == (200, {"seq": 1, "epoch": epoch})
         msg = recv_json(ws)
         assert (msg["type"], msg["seq"], msg["from"], msg["data"]) == ("message", 1, "server", {"text": "hi"})
 
-        batch = [{"room": r, "data": n, "from": "billing"} for n in range(5)] + [{"room": room(), "data": "elsewhere"}]
+        other = room()
+        batch = [{"room": r, "data": n, "from": "billing"} for n in range(5)] + [{"room": other, "data": "elsewhere"}]
         status, _, body = post(api_server, batch)
         assert (status, body["seqs"][:5], body["seqs"][5]) == (200, [2, 3, 4, 5, 6], 1)
+        assert body["epochs"][:5] == [epoch] * 5
+        assert body["epochs"][5] != epoch  # another room, numbered in a life of its own
         assert [(m["seq"], m["data"], m["from"]) for m in (recv_json(ws) for _ in range(5))] == [
             (n + 2, n, "billing") for n in range(5)
         ]
-        assert post(api_server, [])[::2] == (200, {"seqs": []})
+        assert post(api_server, [])[::2] == (200, {"seqs": [], "epochs": []})
         _, after = get_json(api_server.http("/stats"))
         assert after["api_publishes"] - before["api_publishes"] == 7
     finally:
@@ -92,7 +107,7 @@ def test_authorization(api_server: ServerProcess) -> None:
     for wrong in (KEY[:-1], KEY + "x", KEY[:-1] + "K", "é" * len(KEY)):
         status, _, answer = post(api_server, body, {**AUTH, "Authorization": f"Bearer {wrong}"})
         assert (status, answer["error"]) == (403, "forbidden"), wrong
-    assert post(api_server, body, {**AUTH, "Authorization": f"bearer  {KEY}"})[::2] == (200, {"seq": 1})
+    assert seqs_of(post(api_server, body, {**AUTH, "Authorization": f"bearer  {KEY}"})) == (200, 1)
 
 
 def test_too_large_by_length_by_reading_and_by_count(api_server: ServerProcess) -> None:
@@ -118,7 +133,7 @@ def test_too_large_by_length_by_reading_and_by_count(api_server: ServerProcess) 
     assert (status, answer["error"]) == (413, "too_large")
     # Under the limits, a chunked body is fine, and nothing above took a number.
     small: Iterable[bytes] = iter([b'[{"room": "%s",' % r.encode(), b' "data": 1}]'])
-    assert post(api_server, small)[::2] == (200, {"seqs": [1]})
+    assert seqs_of(post(api_server, small)) == (200, [1])
 
 
 @pytest.mark.parametrize(
@@ -147,14 +162,14 @@ def test_bad_requests_get_a_code_and_publish_nothing(
     assert (got_status, answer["error"]) == (status, code)
     assert answer["message"]
     # Not even the valid first item of a bad list was published: the room's first seq is still 1.
-    assert post(api_server, {"room": r, "data": "after"})[::2] == (200, {"seq": 1})
+    assert seqs_of(post(api_server, {"room": r, "data": "after"})) == (200, 1)
 
 
 def test_rate_limited_per_process(make_server: Any) -> None:
     # One connection may send 0.01/s with a burst of 1; the API ten times that: 0.1 messages/s, burst 10.
     srv = make_server(WSAPP_API_KEY=KEY, WSAPP_RATE_LIMIT="0.01", WSAPP_RATE_BURST="1")
     r = room()
-    assert post(srv, [{"room": r, "data": n} for n in range(10)])[::2] == (200, {"seqs": list(range(1, 11))})
+    assert seqs_of(post(srv, [{"room": r, "data": n} for n in range(10)])) == (200, list(range(1, 11)))
     status, headers, answer = post(srv, {"room": r, "data": "one too many"})
     assert (status, answer["error"]) == (429, "rate_limited")
     assert 1 <= int(headers["Retry-After"]) <= 10
@@ -168,12 +183,33 @@ def test_api_publish_reaches_members_of_another_process(redis_server: RedisServe
     env = {"REDIS_URL": redis_server.url, "WSAPP_API_KEY": KEY}
     a, b = make_server(**env), make_server(**env)
     r = room()
-    ws = member(b, r)
+    ws, epoch = member(b, r)
     try:
         send_json(ws, type="publish", room=r, data="member first", id="m")
         assert recv_type(ws, "ack")["seq"] == 1
         status, _, body = post(a, [{"room": r, "data": "api", "from": "backend"}, {"room": r, "data": "api 2"}])
-        assert (status, body) == (200, {"seqs": [2, 3]})
+        assert (status, body) == (200, {"seqs": [2, 3], "epochs": [epoch, epoch]})
         assert [(m["seq"], m["from"]) for m in (recv_json(ws), recv_json(ws))] == [(2, "backend"), (3, "server")]
     finally:
         ws.close()
+
+
+@pytest.mark.redis
+def test_api_answers_503_unavailable_while_redis_is_away_and_publishes_after(make_redis: Any, make_server: Any) -> None:
+    """Without its broker a process cannot number a message: the API says so with a code to retry on,
+    publishes nothing, and numbers on once Redis is back (a restart empties it: a new epoch)."""
+    broker: RedisServer = make_redis()
+    srv = make_server(REDIS_URL=broker.url, WSAPP_API_KEY=KEY)
+    r = room()
+    status, first = seqs_of(post(srv, [{"room": r, "data": 0}]))
+    assert (status, first) == (200, [1])
+    before = post(srv, {"room": r, "data": 1})[2]["epoch"]
+    broker.stop()
+    wait_for(lambda: get_json(srv.http("/healthz"))[0] == 503, timeout=10, what="healthz degraded")
+    status, headers, body = post(srv, [{"room": r, "data": 2}, {"room": r, "data": 3}])
+    assert (status, body["error"], body["seqs"], body["epochs"]) == (503, "unavailable", [], [])
+    assert headers["Retry-After"] == "1" and body["message"]
+    broker.start()
+    wait_for(lambda: get_json(srv.http("/healthz"))[0] == 200, timeout=15, what="healthz ok")
+    status, _, body = post(srv, {"room": r, "data": 4})
+    assert (status, body["seq"]) == (200, 1) and body["epoch"] != before

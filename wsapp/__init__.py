@@ -13,8 +13,8 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "ConnectionClosed", "Emitter", "Identity", "JoinedRoom", "Realtime", "Refuse", "Reject", "Settings", "WebSocket",
-    "create_app",
+    "ConnectionClosed", "Emitter", "Identity", "JoinedRoom", "Realtime", "Refuse", "Reject", "Seq", "Settings",
+    "WebSocket", "create_app",
 ]
 
 _WHERE = {
@@ -26,6 +26,7 @@ _WHERE = {
     "ConnectionClosed": "wsapp.exceptions",
     "Identity": "wsapp.auth",
     "Emitter": "wsapp.emitter",
+    "Seq": "wsapp.backends",
     "Settings": "wsapp.config",
     "create_app": "wsapp.app",
 }

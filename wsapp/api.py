@@ -50,16 +50,22 @@ def publish_api_view() -> Response:
     except _Answer as answer:
         return _json({"error": answer.code, "message": answer.message}, answer.status, answer.headers)
     single, batch = items
-    seqs = []
+    seqs: list[int] = []
+    epochs: list[str] = []  # each seq's numbering life: a batch may straddle a room's restart
     for room, data, sender in batch:
         try:
-            seqs.append(services.hub.post(room, data, sender))
+            seq = services.hub.post(room, data, sender)
         except MessageError as exc:  # `unavailable`: the broker cannot number it now; the earlier ones stand
-            return _json({"error": exc.code, "message": exc.message, "seqs": seqs}, 503, {"Retry-After": "1"})
+            body = {"error": exc.code, "message": exc.message, "seqs": seqs, "epochs": epochs}
+            return _json(body, 503, {"Retry-After": "1"})
+        seqs.append(int(seq))
+        epochs.append(seq.epoch)
         # Like rt.publish: a batch waits for recipients it put over their backlog cap.
         services.outbox.pace_if_needed()
     services.stats.api_publishes += len(seqs)
-    return _json({"seq": seqs[0]} if single else {"seqs": seqs}, 200)
+    if single:
+        return _json({"seq": seqs[0], "epoch": epochs[0]}, 200)
+    return _json({"seqs": seqs, "epochs": epochs}, 200)
 
 
 def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:

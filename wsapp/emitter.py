@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from wsapp import protocol
+from wsapp.backends import Seq
 from wsapp.backends import redis_wire as wire
 from wsapp.backends.redis_connect import detect_cluster, make_client
 from wsapp.config import Settings
@@ -50,8 +51,9 @@ class Emitter:
         # restart, a failover), not on every publish (redis_wire._COUNTER).
         self._lives: dict[str, str] = {}
 
-    def publish(self, room: str, data: Any, sender: str = "server") -> int:
-        """Number, keep and deliver `data` in `room` as a `message` from `sender`; returns its seq.
+    def publish(self, room: str, data: Any, sender: str = "server") -> Seq:
+        """Number, keep and deliver `data` in `room` as a `message` from `sender`; returns its seq (an
+        int with `.epoch`, the room's numbering life it belongs to, as in `joined`).
 
         Raises ValueError for a bad room or sender name, TypeError when `data` is not JSON-serializable,
         and redis.RedisError when Redis cannot be reached (the message may then not have been published).
@@ -81,7 +83,7 @@ class Emitter:
                 continue
             if known == wire.UNKNOWN_LIFE:  # the script says which it looked up
                 self._lives[node] = reply[2].decode()
-            return int(reply[0])
+            return Seq(int(reply[0]), reply[1].decode())
         raise redis.ResponseError("the primary's replication id kept changing while publishing")
 
     def _node_of(self, room: str) -> str:

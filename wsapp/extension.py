@@ -25,6 +25,7 @@ from flask import Flask, Request, Response, current_app, has_app_context, reques
 
 from wsapp import protocol
 from wsapp.auth import JwtAuthenticator
+from wsapp.backends import Seq
 from wsapp.config import Settings
 from wsapp.connection import Connection, MessageHandler
 from wsapp.exceptions import MessageError
@@ -211,9 +212,10 @@ class Realtime:
 
     # ---- publishing -----------------------------------------------------------------------------
 
-    def publish(self, room: str, data: Any, sender: str = "server") -> int:
+    def publish(self, room: str, data: Any, sender: str = "server") -> Seq:
         """Publish `data` to `room` from server code (a view, a greenlet): numbered, kept in history and
-        delivered to its members on every process sharing the broker. Returns the seq. Like a client's
+        delivered to its members on every process sharing the broker. Returns the seq: an int with
+        `.epoch`, the numbering life it belongs to (as in `joined` and `ack`). Like a client's
         burst, a burst of publishes waits while a recipient is over its backlog cap (at most the
         slow-consumer grace, after which that recipient is closed 1013). ValueError for a bad room
         name or sender."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from wsapp import protocol
-from wsapp.backends import Broker, BrokerUnavailable, Numbered, Published
+from wsapp.backends import Broker, BrokerUnavailable, Numbered, Published, Seq
 from wsapp.exceptions import MessageError
 from wsapp.metrics import Stats
 
@@ -221,8 +221,8 @@ class Hub:
         if self._by_id.get(member.id) is member:
             del self._by_id[member.id]
 
-    def publish(self, member: Member, room: str, data: Any, msg_id: object = None) -> int:
-        """Deliver `data` from `member` to the room; returns the room sequence number assigned."""
+    def publish(self, member: Member, room: str, data: Any, msg_id: object = None) -> Seq:
+        """Deliver `data` from `member` to the room; returns the seq assigned (with its epoch)."""
         self._check_member(member, room, msg_id)
         return self.post(room, data, member.name, member, msg_id)
 
@@ -245,11 +245,12 @@ class Hub:
     def _message_parts(self, room: str, sender: str, data: Any) -> tuple[bytes, bytes]:
         return protocol.message_parts(room, sender, int(self._clock() * 1000), data)
 
-    def post(self, room: str, data: Any, sender: str, origin: Member | None = None, msg_id: object = None) -> int:
+    def post(self, room: str, data: Any, sender: str, origin: Member | None = None, msg_id: object = None) -> Seq:
         """Number, keep and deliver `data` in `room` under the name `sender`, whether or not anyone
         here is in the room (server-side publishes); `origin` gets it only if it joined with echo.
-        Returns its seq. MessageError `unavailable` when the broker cannot number it now."""
-        return self.number(room, data, sender, origin, msg_id).seq
+        Returns its seq, with its epoch. MessageError `unavailable` when the broker cannot number it now."""
+        numbered = self.number(room, data, sender, origin, msg_id)
+        return Seq(numbered.seq, numbered.epoch)
 
     def number(self, room: str, data: Any, sender: str, origin: Member | None = None,
                msg_id: object = None) -> Numbered:

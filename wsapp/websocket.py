@@ -21,6 +21,7 @@ import gevent
 from gevent.event import Event
 
 from wsapp import protocol
+from wsapp.backends import Seq
 from wsapp.connection import CAUSE_INTERNAL_ERROR, CAUSE_REJECTED, CLOSE_TIMEOUT, Connection
 from wsapp.exceptions import ConnectionClosed, MessageError, Reject
 from wsapp.frames import OP_BINARY, OP_TEXT, CloseCode, encode_frame
@@ -61,6 +62,8 @@ class JoinedRoom(int):
 
     def __repr__(self) -> str:
         return f"JoinedRoom(seq={int(self)}, epoch={self.epoch!r}, history_gone={self.history_gone})"
+
+    __str__ = int.__repr__  # str(), f-strings and templates show the number, as for any int
 
 
 class WebSocket:
@@ -240,8 +243,9 @@ class WebSocket:
         """The rooms this connection is in."""
         return set(self._services.hub.rooms_of(self._conn))
 
-    def publish(self, room: str, data: Any) -> int:
-        """Publish `data` to `room` as this connection (through `authorize` and `on_publish`); its seq."""
+    def publish(self, room: str, data: Any) -> Seq:
+        """Publish `data` to `room` as this connection (through `authorize` and `on_publish`); its seq
+        (an int with `.epoch`)."""
         self._policy.check(self.identity, PUBLISH, _valid_room(room))
         data = self._policy.filter(self.identity, room, data)
         seq = self._services.hub.post(room, data, self._conn.name, self._conn)

@@ -113,8 +113,9 @@ def check(identity, room, data):  # type: ignore[no-untyped-def]
 
 
 @app.post("/notify/<user>")
-def notify(user: str) -> dict[str, int]:
-    return {"seq": rt.publish(f"user:{user}", request.get_json())}
+def notify(user: str) -> dict[str, object]:
+    seq = rt.publish(f"user:{user}", request.get_json())
+    return {"seq": seq, "epoch": seq.epoch}
 
 
 @app.post("/later/<room>")

@@ -1,15 +1,19 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 
+import orjson
 import pytest
 
+from wsapp.backends import Seq
 from wsapp.backends.memory import MemoryBackend
 from wsapp.exceptions import MessageError
 from wsapp.hub import Hub
 from wsapp.metrics import Stats
+from wsapp.websocket import JoinedRoom
 
 
 class FakeMember:
@@ -203,3 +207,23 @@ def test_epochs_gate_replay_in_memory() -> None:
     other = hub.join(FakeMember("c"), "r", since=0, epoch="another-life")
     assert other.history_gone and other.replay == []
     assert MemoryBackend(10).join("r", "x", "x", None, None, None).epoch != epoch  # a restart is a new epoch
+
+
+def test_a_posted_seq_is_an_int_that_carries_its_epoch() -> None:
+    """`rt.publish`, `ws.publish` and the Emitter return a `Seq`: code that took the seq for an int
+    keeps working (arithmetic, comparisons, str, JSON, pickle), and `.epoch` says which numbering it is."""
+    hub, _ = make_hub()
+    epoch = hub.join(FakeMember("a"), "r").epoch
+    seq = hub.post("r", {"n": 1}, "server")
+    assert isinstance(seq, Seq) and isinstance(seq, int)
+    assert (seq, seq.seq, seq + 1, seq.epoch) == (1, 1, 2, epoch)
+    assert (str(seq), f"{seq}", f"{seq:03d}", repr(seq)) == ("1", "1", "001", f"Seq(1, epoch={epoch!r})")
+    assert json.dumps({"seq": seq}) == '{"seq": 1}' and orjson.dumps(seq) == b"1"
+    again = pickle.loads(pickle.dumps(seq))
+    assert (again, again.epoch) == (1, epoch)
+    assert hub.post("r", 2, "server") == 2 and hub.post("other", 3, "server").epoch != epoch
+    # A member's publish too; and JoinedRoom (ws.join) prints as the number it is.
+    member = FakeMember("b")
+    hub.join(member, "r")
+    assert hub.publish(member, "r", 4).epoch == epoch
+    assert str(JoinedRoom(3, epoch)) == "3"

@@ -24,6 +24,32 @@ class Numbered(NamedTuple):
     epoch: str
 
 
+class Seq(int):
+    """What a server-side publish returns (`rt.publish`, `ws.publish`, `Emitter.publish`): the message's
+    seq, an int as it always was, with `.epoch`, the numbering life that seq belongs to (as in `joined`
+    and `ack`): after a room's history is lost its numbers restart at 1 in a new epoch, so compare
+    epochs before comparing seqs."""
+
+    epoch: str
+
+    def __new__(cls, seq: int, epoch: str) -> Seq:
+        numbered = super().__new__(cls, seq)
+        numbered.epoch = epoch
+        return numbered
+
+    @property
+    def seq(self) -> int:
+        return int(self)
+
+    def __getnewargs__(self) -> tuple[int, str]:  # type: ignore[override]  # pickles with its epoch
+        return int(self), self.epoch
+
+    def __repr__(self) -> str:
+        return f"Seq({int(self)}, epoch={self.epoch!r})"
+
+    __str__ = int.__repr__  # str(), f-strings and templates show the number, as for any int
+
+
 # Told how a publish that nobody waits for ended: (Numbered, None) once numbered, (None,
 # BrokerUnavailable) when it could not be (it did not run, or its outcome is unknown). Must not block.
 Published = Callable[[Numbered | None, BaseException | None], None]
