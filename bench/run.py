@@ -37,6 +37,9 @@ from typing import Any
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host_speed  # bench/host_speed.py, next to this file
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -771,7 +774,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[s
         f"{meta['cpu']}, {meta['cores']} cores; server on core {SERVER_CORE}, load generator on core "
         f"{LOADGEN_CORE}; {meta['duration']} s window after {meta['warmup']} s warm-up; "
         f"{meta['payload']}-byte messages; median of {meta['repeat']} runs per pair (idle case: one run); "
-        f"load average {' '.join(meta['loadavg_before'])} before, {' '.join(meta.get('loadavg_after', []))} after.",
+        f"load average {' '.join(meta['loadavg_before'])} before, {' '.join(meta.get('loadavg_after', []))} after; "
+        f"{host_speed.describe(meta.get('host_before'), meta.get('host_after'))}.",
     ]
     rat = {(r["case"], r["variant"]): r for r in rats}
     main_rows = [r for r in rows if not r["case"].startswith(SEPARATE_TABLES)]
@@ -886,6 +890,7 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
         "repeat": args.repeat,
         "client": args.client,
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
+        "host_before": host_speed.measure(),
         "wsapp_env": args.wsapp_env,
         "baseline": f"{args.baseline} at {git('-C', str(args.baseline), 'rev-parse', '--short', 'HEAD')}"
         if args.baseline else None,
@@ -974,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [median_run(runs[v.name]) for v in variants]
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     meta["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    meta["host_after"] = host_speed.measure()
     meta["raw_logs"] = os.path.relpath(raw, ROOT)
     rats = ratios(rows)
     table = markdown(meta, rows, rats)

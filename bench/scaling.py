@@ -229,7 +229,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
            f"{meta['cpu']}, {meta['cores']} cores; wsapp on core {base.SERVER_CORE}, load generator on core "
            f"{base.LOADGEN_CORE}, Redis on core {meta['redis_core']}; {meta['duration']} s windows, median of "
            f"{meta['repeat']}; load average before {' '.join(meta['loadavg_before'])}, after "
-           f"{' '.join(meta['loadavg_after'])}{baseline}.",
+           f"{' '.join(meta['loadavg_after'])}{baseline}; "
+           f"{base.host_speed.describe(meta.get('host_before'), meta.get('host_after'))}.",
            "",
            "| case | setup | messages/s | deliveries/s | p50 / p99 ms | lost | wsapp CPU µs/message | "
            "Redis CPU µs/message | Redis CPU % | broker messages in per message sent | limit | runs (messages/s) | "
@@ -314,6 +315,7 @@ def main() -> int:
         finally:
             redis_server.stop()
     meta["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    meta["host_after"] = base.host_speed.measure()
     table = markdown(meta, rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2, default=str) + "\n")
