@@ -12,8 +12,6 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
-import redis
-
 from wsapp import protocol
 from wsapp.backends import Seq
 from wsapp.backends import redis_wire as wire
@@ -46,10 +44,6 @@ class Emitter:
         self._publish_script = self._client.register_script(wire.PUBLISH_SCRIPT)
         # A process id of its own: every server delivers what it publishes (none takes it for its echo).
         self._bus = wire.BusIdentity()
-        # The life (replication id, and node id on a Cluster) of each primary published to, as its
-        # script last reported it: passed back, so the script runs INFO only when it changed (a
-        # restart, a failover), not on every publish (redis_wire._COUNTER).
-        self._lives: dict[str, str] = {}
 
     def publish(self, room: str, data: Any, sender: str = "server") -> Seq:
         """Number, keep and deliver `data` in `room` as a `message` from `sender`; returns its seq (an
@@ -67,31 +61,13 @@ class Emitter:
             head, tail = protocol.message_parts(room, sender, int(time.time() * 1000), data)
         except TypeError as exc:  # orjson.JSONEncodeError
             raise TypeError(f"data is not JSON-serializable: {exc}") from None
-        node = self._node_of(room)
-        for _ in range(2):
-            known = self._lives.get(node, wire.UNKNOWN_LIFE)
-            call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history, sharded=self._sharded,
-                                     life=known)
-            try:
-                reply = self._publish_script(keys=call.keys, args=call.args)
-            except redis.ResponseError as exc:
-                # The primary is not the one whose life we passed (restarted, or failed over): nothing
-                # was written. Publish again, letting the script look the life up.
-                if not str(exc).startswith(wire.STALE_LIFE):
-                    raise
-                self._lives.pop(node, None)
-                continue
-            if known == wire.UNKNOWN_LIFE:  # the script says which it looked up
-                self._lives[node] = reply[2].decode()
-            return Seq(int(reply[0]), reply[1].decode())
-        raise redis.ResponseError("the primary's replication id kept changing while publishing")
-
-    def _node_of(self, room: str) -> str:
-        """Which primary the room's publish runs on: its slot's master on a Cluster, else the one."""
-        client = self._client
-        if not isinstance(client, redis.RedisCluster):
-            return ""
-        return str(client.get_node_from_key(wire.room_key(room, "ctr")).name)
+        # No life passed: the script looks the primary's up (INFO) on every publish. A life learned
+        # earlier cannot be passed back: redis-py reconnects inside the call, so after a restart from
+        # a snapshot or a failover it would be the stale one, the very life a kept counter was written
+        # under, and the script would number on in the old epoch (seqs given twice; redis_wire._COUNTER).
+        call = wire.publish_call(self._bus.incarnation, room, head, tail, self._history, sharded=self._sharded)
+        reply = self._publish_script(keys=call.keys, args=call.args)
+        return Seq(int(reply[0]), reply[1].decode())
 
     def close(self) -> None:
         """Close the Redis connections."""

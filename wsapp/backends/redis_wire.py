@@ -111,8 +111,9 @@ NO_LIFE = "-"  # the server will not tell its replication id (INFO refused): cou
 
 # KEYS: ctr, log. ARGV: head, tail, history length, envelope prefix "<incarnation> <room> ", channel,
 # ttl, origin, new epoch, PUBLISH or SPUBLISH, life. Returns {seq, epoch}, and when no life was given
-# the server's life as a third item: a caller without a connection of its own to ask (the Emitter)
-# passes that back next time, so INFO runs only when the life changed.
+# the server's life as a third item. Only a life its caller learned on the very connection the call
+# runs on may be passed (a server's stream: CommandStream.open): one passed back from an earlier call
+# may be the stale life a kept counter was written under, which skips the check (the Emitter passes none).
 PUBLISH_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8").replace("LIFE_ARG", "10") + """
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local s = string.format('%d', seq)
