@@ -110,10 +110,10 @@ UNKNOWN_LIFE = ""  # a caller that does not know its primary's replication id: t
 NO_LIFE = "-"  # the server will not tell its replication id (INFO refused): counters are not checked
 
 # KEYS: ctr, log. ARGV: head, tail, history length, envelope prefix "<incarnation> <room> ", channel,
-# ttl, origin, new epoch, PUBLISH or SPUBLISH, life. Returns {seq, epoch}, and when no life was given
-# the server's life as a third item. Only a life its caller learned on the very connection the call
-# runs on may be passed (a server's stream: CommandStream.open): one passed back from an earlier call
-# may be the stale life a kept counter was written under, which skips the check (the Emitter passes none).
+# ttl, origin, new epoch, PUBLISH or SPUBLISH, life. Returns {seq, epoch}. Only a life its caller learned
+# on the very connection the call runs on may be passed (a server's stream: CommandStream.open): one
+# remembered from an earlier call may be the stale life a kept counter was written under, which skips
+# the check (the Emitter passes none).
 PUBLISH_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8").replace("LIFE_ARG", "10") + """
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local s = string.format('%d', seq)
@@ -129,7 +129,6 @@ if keep > 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
 redis.call(ARGV[9], ARGV[5], ARGV[4] .. s .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. payload)
-if ARGV[10] == '' then return {seq, epoch, life} end
 return {seq, epoch}
 """
 
