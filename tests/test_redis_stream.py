@@ -91,6 +91,14 @@ out["refused"] = outcome(run(flaky("never"))[0])
 out["waited"] = time.monotonic() - began
 out["after"] = run(record("z"))
 out["ran"] = [name.decode() for name in client.lrange("ran", 0, -1)]
+stream.close(1.0)  # as a shard dropped after a topology change: a call that comes late is refused, not lost
+began = time.monotonic()
+try:
+    stream.submit(record("late")).get()
+    out["after_close"] = "answered"
+except Exception as exc:
+    out["after_close"] = type(exc).__name__
+out["after_close_waited"] = time.monotonic() - began
 print(json.dumps(out))
 """
 
@@ -100,7 +108,7 @@ def test_calls_a_settling_redis_refuses_run_again_in_order_and_are_refused_rathe
     """Error replies the owner calls retryable (CLUSTERDOWN, TRYAGAIN: a Cluster settling) are sent
     again after `repair`, before anything newer and in their order. A refused call that a later one
     overtook (Redis stopped refusing in between) gets its refusal instead of running after it, and so
-    does a call still refused when the retry window is over."""
+    does a call still refused when the retry window is over. After `close`, a call is refused at once."""
     window = 0.4
     done = subprocess.run([sys.executable, "-c", RETRY_SCRIPT, str(redis_server.port), str(window)],
                           capture_output=True, text=True, timeout=30, cwd=ROOT)
@@ -113,3 +121,5 @@ def test_calls_a_settling_redis_refuses_run_again_in_order_and_are_refused_rathe
     assert window <= out["waited"] < window + 1.0
     assert out["after"] == [6]  # the stream goes on after a refusal
     assert out["ran"] == ["a", "b", "c", "d", "y", "z"]
+    # Closed: nobody reads or writes any more, so a late call is refused at once (it used to wait forever).
+    assert out["after_close"] == "BrokerUnavailable" and out["after_close_waited"] < 0.5

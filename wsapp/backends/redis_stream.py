@@ -216,12 +216,14 @@ class CommandStream:
         self._read_wake = Event()
         self._writer: gevent.Greenlet | None = None
         self._reader: gevent.Greenlet | None = None
+        self._closed = False
 
     def start(self) -> None:
         self._writer = gevent.spawn(self._write_forever)
         self._reader = gevent.spawn(self._read_forever)
 
     def close(self, timeout: float) -> None:
+        self._closed = True  # from now on submit() refuses at once: nobody would answer
         for greenlet in (self._writer, self._reader):
             if greenlet is not None:
                 greenlet.kill(timeout=timeout)
@@ -255,7 +257,11 @@ class CommandStream:
         """Queue one packed command (`pack_command`); the result's `get()` is its reply (an error
         reply as an exception value), or `BrokerUnavailable` raised. With a `callback`, nobody waits:
         it is called with the reply, or with `BrokerUnavailable` as its second argument, from the
-        greenlet that got the answer (the stream's reader, mostly), in the order commands were sent."""
+        greenlet that got the answer (the stream's reader, mostly), in the order commands were sent.
+        BrokerUnavailable raised at once once the stream is closed (a shard dropped after a topology
+        change while its caller was switched out): its writer and reader are gone."""
+        if self._closed:
+            raise BrokerUnavailable(UNREACHABLE)
         result = Reply(callback)
         self._queue.append((command, result))
         if len(self._queue) == 1:
