@@ -15,6 +15,7 @@ from redis._parsers import _RESP2Parser
 
 from tests.harness import ROOT
 from tests.redis_fixture import RedisServer
+from wsapp.backends import redis_stream
 from wsapp.backends.redis_stream import NOTHING, ReplyReader, pack_command
 
 pytestmark = pytest.mark.redis
@@ -91,6 +92,17 @@ out["refused"] = outcome(run(flaky("never"))[0])
 out["waited"] = time.monotonic() - began
 out["after"] = run(record("z"))
 out["ran"] = [name.decode() for name in client.lrange("ran", 0, -1)]
+# A call written and not answered when the connection breaks may have run: its failure says so.
+own_id = run(pack_command((b"CLIENT", b"ID")))[0]
+blocked = stream.submit(pack_command((b"BLPOP", b"nothing", b"5")))
+deadline = time.monotonic() + 5
+while not any(c["id"] == str(own_id) and c["cmd"] == "blpop" for c in client.client_list()):
+    assert time.monotonic() < deadline, "the BLPOP never reached Redis"
+client.client_kill_filter(_id=own_id)
+try:
+    out["cut"] = outcome(blocked.get())
+except Exception as exc:
+    out["cut"] = [type(exc).__name__, str(exc)]
 stream.close(1.0)  # as a shard dropped after a topology change: a call that comes late is refused, not lost
 began = time.monotonic()
 try:
@@ -121,5 +133,6 @@ def test_calls_a_settling_redis_refuses_run_again_in_order_and_are_refused_rathe
     assert window <= out["waited"] < window + 1.0
     assert out["after"] == [6]  # the stream goes on after a refusal
     assert out["ran"] == ["a", "b", "c", "d", "y", "z"]
+    assert out["cut"] == ["BrokerUnavailable", redis_stream.CUT]  # written, unanswered: it may have run
     # Closed: nobody reads or writes any more, so a late call is refused at once (it used to wait forever).
     assert out["after_close"] == "BrokerUnavailable" and out["after_close_waited"] < 0.5

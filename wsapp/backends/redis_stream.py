@@ -62,6 +62,7 @@ class RetryWindow:
 
 UNREACHABLE = "the broker is unreachable"
 UNKNOWN = "the broker did not answer in time (the message may still be delivered)"
+CUT = "the connection to the broker was lost (the message may still be delivered)"  # sent, not answered
 
 
 def pack_command(args: Sequence[Arg]) -> bytes:
@@ -227,7 +228,7 @@ class CommandStream:
         for greenlet in (self._writer, self._reader):
             if greenlet is not None:
                 greenlet.kill(timeout=timeout)
-        self._drop_connection(BrokerUnavailable(UNREACHABLE))
+        self._drop_connection(BrokerUnavailable(CUT))
         failure = BrokerUnavailable(UNREACHABLE)
         while self._queue:  # nobody will send these now
             self._answer(self._queue.popleft()[1], None, failure)
@@ -236,8 +237,8 @@ class CommandStream:
         """Take a new connection for the commands from now on (the broker was away: the one held may be
         dead without knowing it, or lead to another server now) and return what `identify` says of it.
         What is still queued or in flight fails: it was made for the old connection."""
+        self._drop_connection(BrokerUnavailable(CUT))
         failure = BrokerUnavailable(UNREACHABLE)
-        self._drop_connection(failure)
         while self._queue:
             self._answer(self._queue.popleft()[1], None, failure)
         conn = self._get_connection()
@@ -398,11 +399,13 @@ class CommandStream:
     def _lost(self, conn: Any, exc: BaseException) -> None:
         if conn is not self._conn:
             return  # the other greenlet already dealt with this connection
-        sent = BrokerUnavailable(UNKNOWN if isinstance(exc, redis.TimeoutError) else UNREACHABLE)
+        sent = BrokerUnavailable(UNKNOWN if isinstance(exc, redis.TimeoutError) else CUT)
         self._drop_connection(sent)
         self._on_lost(exc)
 
     def _drop_connection(self, sent: BrokerUnavailable) -> None:
+        """Let go of the connection; what was written on it and not answered fails with `sent` (it may
+        have run), what was refused and held for a resend with UNREACHABLE (it did not)."""
         conn, self._conn = self._conn, None
         if self._again:
             again, self._again[:] = list(self._again), []
