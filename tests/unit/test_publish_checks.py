@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import orjson
 import pytest
 
 from wsapp import protocol
@@ -49,26 +48,3 @@ def test_sender_names() -> None:
     for bad in ("", "x" * 33, "a\nb", None, 3):
         with pytest.raises(MessageError):
             protocol.check_sender(bad)
-
-
-def test_room_names_and_message_heads_are_remembered_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    """check_room and message_parts keep what they made for a name (the regex and two encodings run
-    once per room, not per publish): the answers stay the same, bad names are never kept, and the
-    memory is bounded."""
-    monkeypatch.setattr(protocol, "GOOD_ROOMS_KEPT", 3)
-    monkeypatch.setattr(protocol, "_GOOD_ROOMS", set())
-    monkeypatch.setattr(protocol, "_HEADS", {})
-    monkeypatch.setattr(protocol, "_SENDERS", {})
-    for _ in range(2):
-        for n in range(5):
-            room = f"r{n}"
-            assert protocol.check_room(room) == room
-            assert len(protocol._GOOD_ROOMS) <= 3 and room in protocol._GOOD_ROOMS
-            head, tail = protocol.message_parts(room, f"s{n} é", 7, {"n": n})
-            assert head + b"5" + tail == orjson.dumps(
-                {"type": "message", "room": room, "seq": 5, "from": f"s{n} é", "ts": 7, "data": {"n": n}})
-            assert len(protocol._HEADS) <= 3 and len(protocol._SENDERS) <= 3
-        for bad in ("a b", "x" * 65, ""):
-            with pytest.raises(MessageError) as caught:
-                protocol.check_room(bad)
-            assert caught.value.code == "bad_room" and bad not in protocol._GOOD_ROOMS
