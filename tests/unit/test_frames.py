@@ -238,24 +238,24 @@ def _outcome(parser: FrameParser, pieces: list[bytes]) -> object:
 
 
 def test_the_one_whole_frame_read_gives_what_the_general_parser_gives() -> None:
-    """`feed` takes a shortcut when a read is exactly one whole small frame; fed in two pieces the same
+    """`feed` takes a shortcut when a read is exactly one whole frame of up to 64 KiB; fed in two pieces the same
     bytes take the general path. Both must agree on every frame, good or bad, and leave the parser
     ready for the next message (a fragmented one, here)."""
     rng = random.Random(13)
     samples = [b"", b"a", "é€😀".encode(), b"\xff", b"\xed\xa0\x80", b"ok" + b"\xc3", b"x" * 125]
     frames_tried = 0
     for _ in range(3000):
-        size = rng.choice([0, 1, 2, 5, 60, 124, 125, 126])
-        payload = rng.choice(samples) if rng.random() < 0.3 else bytes(rng.getrandbits(8) for _ in range(size))
+        size = rng.choice([0, 1, 2, 5, 60, 124, 125, 126, 127, 200, 4096] * 3 + [65535, 65536, 70000])
+        payload = rng.choice(samples) if rng.random() < 0.3 else rng.randbytes(size)
         if rng.random() < 0.4:
-            payload = payload.decode("utf-8", "replace").encode()[:125]
+            payload = payload.decode("utf-8", "replace").encode()[:size]
         opcode = rng.choice([OP_TEXT, OP_BINARY, OP_TEXT, 0x0, 0x9, 0x3])
         fin = rng.random() < 0.9
         rsv = rng.choice([0, 0, 0, 0, 4, 2])
         frame = client_frame(opcode, payload, fin=fin, rsv=rsv)
         if rng.random() < 0.05:
             frame = bytes([frame[0], frame[1] & 0x7F]) + frame[6:]  # unmasked
-        limit = rng.choice([MiB, 125, 60, 5])
+        limit = rng.choice([MiB, 125, 60, 5, 4096, 65535])
         for deflate in (False, True):
             whole = FrameParser(limit, 0, deflate=deflate)
             split = FrameParser(limit, 0, deflate=deflate)
@@ -266,3 +266,13 @@ def test_the_one_whole_frame_read_gives_what_the_general_parser_gives() -> None:
                 assert _outcome(whole, [after]) == _outcome(split, [after])
             frames_tried += 1
     assert frames_tried == 6000
+    # Reads the shortcut must refuse whatever their length adds up to: unmasked (the length byte
+    # then reads as 128 + n), a 64-bit length, a frame followed by more bytes.
+    for n in range(0, 126, 5):
+        unmasked = bytes([0x81, n]) + b"x" * n
+        for extra in range(0, 260, 1):
+            data = unmasked + b"y" * extra
+            assert _outcome(FrameParser(MiB), [data]) == _outcome(FrameParser(MiB), [data[:1], data[1:]])
+    long_header = client_frame(OP_TEXT, b"z" * 70000)
+    assert long_header[1] & 0x7F == 127
+    assert _outcome(FrameParser(MiB), [long_header]) == [(OP_TEXT, b"z" * 70000)]
