@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from wsapp import protocol
-from wsapp.backends import Broker, BrokerUnavailable, Numbered, Published, Seq
+from wsapp.backends import Broker, BrokerUnavailable, Published, Seq
 from wsapp.exceptions import MessageError
 from wsapp.metrics import Stats
 
@@ -227,7 +227,7 @@ class Hub:
         return self.post(room, data, member.name, member, msg_id)
 
     def publish_nowait(self, member: Member, room: str, data: Any, done: Published, msg_id: object = None) -> None:
-        """`publish` without waiting for the broker: `done(Numbered(seq, epoch), None)` once the message
+        """`publish` without waiting for the broker: `done(Seq(seq, epoch), None)` once the message
         is numbered, `done(None, BrokerUnavailable)` when it was not (see `unavailable`); in-process, before this
         returns. A member's publishes into a room are numbered in the order it made them.
         MessageError at once for what is refused without asking the broker."""
@@ -249,12 +249,6 @@ class Hub:
         """Number, keep and deliver `data` in `room` under the name `sender`, whether or not anyone
         here is in the room (server-side publishes); `origin` gets it only if it joined with echo.
         Returns its seq, with its epoch. MessageError `unavailable` when the broker cannot number it now."""
-        numbered = self.number(room, data, sender, origin, msg_id)
-        return Seq(numbered.seq, numbered.epoch)
-
-    def number(self, room: str, data: Any, sender: str, origin: Member | None = None,
-               msg_id: object = None) -> Numbered:
-        """`post`, returning the message's seq and the epoch it belongs to."""
         head, tail = self._message_parts(room, sender, data)
         try:
             return self._backend.publish(room, head, tail, origin.id if origin is not None else None)

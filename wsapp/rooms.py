@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from gevent.event import Event
 
 from wsapp import protocol
-from wsapp.backends import BrokerUnavailable, Numbered
+from wsapp.backends import BrokerUnavailable, Seq
 from wsapp.connection import CAUSE_PROTOCOL_ERROR, CAUSE_RATE_LIMIT
 from wsapp.exceptions import MessageError
 from wsapp.frames import OP_TEXT, CloseCode
@@ -53,7 +53,7 @@ class _InFlight:
         self.answered = False
         self.reply: bytes | None = None  # the `ack` or `error` frame's JSON; None: nothing to say
 
-    def __call__(self, numbered: Numbered | None, failure: BaseException | None) -> None:
+    def __call__(self, numbered: Seq | None, failure: BaseException | None) -> None:
         """The broker's answer (hub.publish_nowait's `done`): from the broker's reader, or inline."""
         if numbered is None:
             self.session._count_error(protocol.UNAVAILABLE)
@@ -187,7 +187,7 @@ class RoomsSession:
             if hub.inline:
                 # An in-process broker numbers and delivers before it returns: nothing is ever in
                 # flight, so no entry to keep (1 µs per publish). Membership was checked above.
-                numbered = hub.number(cmd.room, data, conn.name, conn, cmd.id)
+                numbered = hub.post(cmd.room, data, conn.name, conn, cmd.id)
                 if cmd.id is not None:
                     self._reply(protocol.ack(cmd.id, cmd.room, numbered.seq, numbered.epoch))
                 return

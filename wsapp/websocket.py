@@ -40,30 +40,22 @@ BINARY = OP_BINARY
 INBOX_MESSAGES = 64
 
 
-class JoinedRoom(int):
+class JoinedRoom(Seq):
     """What `ws.join` returns: the room's seq at the join (an int, so `seq = ws.join(room)` works as
     before), with the room's `epoch` (give it back with `since` on a later join), whether
     `history_gone` was sent instead of a replay, and the room's `members` (display names)."""
 
-    epoch: str
     history_gone: bool
     members: list[str]
 
     def __new__(cls, seq: int, epoch: str, history_gone: bool = False, members: list[str] | None = None) -> JoinedRoom:
-        joined = super().__new__(cls, seq)
-        joined.epoch = epoch
+        joined = super().__new__(cls, seq, epoch)
         joined.history_gone = history_gone
         joined.members = list(members or ())
         return joined
 
-    @property
-    def seq(self) -> int:
-        return int(self)
-
     def __repr__(self) -> str:
         return f"JoinedRoom(seq={int(self)}, epoch={self.epoch!r}, history_gone={self.history_gone})"
-
-    __str__ = int.__repr__  # str(), f-strings and templates show the number, as for any int
 
 
 class WebSocket:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Protocol, Self
 
 # Called with (room, seq, origin, payload) for every message (seq > 0) and presence event (seq 0) of
 # a room with local members, in the room's seq order; `origin` is the id of the local member it came
@@ -16,23 +16,15 @@ Deliver = Callable[[str, int, str | None, bytes], None]
 RelayFrames = Callable[[bytes], None]
 
 
-class Numbered(NamedTuple):
-    """Where a published message stands in its room: its seq, and the epoch that seq belongs to (a
-    room's numbering restarts in a new epoch when its history is lost: see RoomView)."""
-
-    seq: int
-    epoch: str
-
-
 class Seq(int):
-    """What a server-side publish returns (`rt.publish`, `ws.publish`, `Emitter.publish`): the message's
-    seq, an int as it always was, with `.epoch`, the numbering life that seq belongs to (as in `joined`
-    and `ack`): after a room's history is lost its numbers restart at 1 in a new epoch, so compare
-    epochs before comparing seqs."""
+    """Where a published message stands in its room, as brokers number it and every publish returns it
+    (`rt.publish`, `ws.publish`, `Emitter.publish`): the message's seq, an int as it always was, with
+    `.epoch`, the numbering life that seq belongs to (as in `joined` and `ack`): after a room's history
+    is lost its numbers restart at 1 in a new epoch (see RoomView), so compare epochs before seqs."""
 
     epoch: str
 
-    def __new__(cls, seq: int, epoch: str) -> Seq:
+    def __new__(cls, seq: int, epoch: str) -> Self:
         numbered = super().__new__(cls, seq)
         numbered.epoch = epoch
         return numbered
@@ -50,9 +42,9 @@ class Seq(int):
     __str__ = int.__repr__  # str(), f-strings and templates show the number, as for any int
 
 
-# Told how a publish that nobody waits for ended: (Numbered, None) once numbered, (None,
-# BrokerUnavailable) when it could not be (it did not run, or its outcome is unknown). Must not block.
-Published = Callable[[Numbered | None, BaseException | None], None]
+# Told how a publish that nobody waits for ended: (Seq, None) once numbered, (None, BrokerUnavailable)
+# when it could not be (it did not run, or its outcome is unknown). Must not block.
+Published = Callable[[Seq | None, BaseException | None], None]
 
 
 class BrokerUnavailable(Exception):
@@ -94,12 +86,12 @@ class Broker(Protocol):
         """Carry other processes' relay frames to `deliver`; return the function that shares this
         process's, or None when there are no other processes (the relay then stays local)."""
 
-    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Numbered:
+    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Seq:
         """Number `head + seq + tail`, keep it and deliver it; returns its seq and epoch.
         BrokerUnavailable when it cannot be numbered now."""
 
     def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
-        """`publish` without waiting for the number: `done(Numbered, None)` once numbered (in-process:
+        """`publish` without waiting for the number: `done(Seq, None)` once numbered (in-process:
         before this returns), `done(None, BrokerUnavailable)` when it was not; BrokerUnavailable
         raised at once when the broker is known to be away. A caller's publishes into one room
         are numbered in the order it made them, and `done` is called in that order."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict, deque
 
-from wsapp.backends import Deliver, Numbered, Published, RelayFrames, RoomView
+from wsapp.backends import Deliver, Published, RelayFrames, RoomView, Seq
 
 
 class _RoomLog:
@@ -53,7 +53,7 @@ class MemoryBackend:
     def close(self) -> None:
         """Nothing runs in the background."""
 
-    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Numbered:
+    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Seq:
         log = self._log(room)  # next_seq and append in one lookup: this runs for every message
         seq = log.seq = log.seq + 1
         payload = b"%s%d%s" % (head, seq, tail)
@@ -61,7 +61,7 @@ class MemoryBackend:
             log.messages.append((seq, payload))
         if self._deliver is not None:
             self._deliver(room, seq, origin, payload)
-        return Numbered(seq, log.epoch)
+        return Seq(seq, log.epoch)
 
     def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
         done(self.publish(room, head, tail, origin), None)

@@ -43,7 +43,7 @@ from gevent.lock import Semaphore
 from redis.commands.core import Script
 
 from wsapp import protocol
-from wsapp.backends import BrokerUnavailable, Deliver, Numbered, Published, RelayFrames, RoomView
+from wsapp.backends import BrokerUnavailable, Deliver, Published, RelayFrames, RoomView, Seq
 from wsapp.backends import redis_stream as stream
 from wsapp.backends import redis_wire as wire
 from wsapp.backends.redis_connect import detect_cluster, make_client, node_client, where
@@ -219,7 +219,7 @@ class RedisBackend:
         self._relay_publisher = gevent.spawn(self._publish_relay_forever)
         return self._share_relay
 
-    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Numbered:
+    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Seq:
         return self._healthy_shard(room).publish(room, head, tail, origin)
 
     def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
@@ -660,7 +660,7 @@ class Shard:
 
     # ---- room publishes, joins and leaves: a stream of commands on one connection (redis_stream) --
 
-    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Numbered:
+    def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Seq:
         return self._numbered(self.stream_call(self._publish_command(room, head, tail, origin)))
 
     def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
@@ -683,7 +683,7 @@ class Shard:
         return self._publish_commands.command(self.incarnation, room, head, tail, origin,
                                               self.backend.epochs.propose(), self.life)
 
-    def _numbered(self, reply: Any) -> Numbered:
+    def _numbered(self, reply: Any) -> Seq:
         """The seq and epoch a publish script's reply gives; BrokerUnavailable for an error reply."""
         if isinstance(reply, Exception):  # refused (out of memory, a read-only replica, MOVED): it did not run
             if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
@@ -691,7 +691,7 @@ class Shard:
             elif _another_primary(reply):
                 self.lost(reply)  # start over on a connection that knows where it leads
             raise BrokerUnavailable(f"the broker refused the message ({reply})")
-        return Numbered(int(reply[0]), reply[1].decode())
+        return Seq(int(reply[0]), reply[1].decode())
 
     @staticmethod
     def script_command(script: Script, call: wire.ScriptCall) -> bytes:

@@ -60,6 +60,7 @@ class RetryWindow:
         """A success (or a new connection): the next refusal starts a whole window."""
         self.since = None
 
+
 UNREACHABLE = "the broker is unreachable"
 UNKNOWN = "the broker did not answer in time (the message may still be delivered)"
 CUT = "the connection to the broker was lost (the message may still be delivered)"  # sent, not answered
