@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,36 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # bench/run.py: the servers, pinned and configured as its cases run them
+
+ROOT = run.ROOT
 RECV = {0, 45, 47}  # read, recvfrom, recvmsg (x86-64 syscall numbers)
 SEND = {1, 20, 44, 46}  # write, writev, sendto, sendmsg
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(kind: str, tree: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "WSAPP_RATE_LIMIT": "0", "LOG_LEVEL": "WARNING"}
-    if kind == "node":
-        cmd = ["node", str(ROOT / "bench" / "node" / "reference_server.js")]
-    else:
-        python = tree / ".venv" / "bin" / "python"
-        cmd = [str(python if python.exists() else sys.executable), str(tree / "server.py")]
-    proc = subprocess.Popen(["taskset", "-c", "0", *cmd], cwd=tree, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"{kind} did not start") from None
-            time.sleep(0.05)
+VARIANTS = {  # --servers names: (server, mode, path)
+    "node": ("node", "relay", "/"), "wsapp": ("wsapp", "relay", "/"), "rooms": ("wsapp", "rooms", "/ws"),
+}
 
 
 def turns(trace: str, clients: int) -> list[dict[str, float]]:
@@ -94,15 +71,16 @@ def turns(trace: str, clients: int) -> list[dict[str, float]]:
 
 
 def one(kind: str, tree: Path, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
-    port = free_port()
-    server = start_server(kind, tree, port)
-    mode = "rooms" if kind == "rooms" else "relay"
-    spec = {"url": f"ws://127.0.0.1:{port}/" + ("ws" if mode == "rooms" else ""), "mode": mode,
+    variant = run.Variant(kind, *VARIANTS[kind], tree=tree)
+    server = run.Server(variant, workdir / f"{kind}.log", run.WSAPP_ENV)
+    server.wait_listening()
+    port, mode = server.port, variant.mode
+    spec = {"url": f"ws://127.0.0.1:{port}{variant.path}", "mode": mode,
             "clients": args.clients, "senders": 1, "pattern": "closed", "window": 1, "payloadBytes": args.payload,
             "warmupSeconds": 1, "durationSeconds": args.seconds + 2, "drainSeconds": 1, "client": "raw",
             "room": "bench", "rooms": 1}
     data = workdir / f"{kind}-{port}.perf"
-    loadgen = subprocess.Popen(["taskset", "-c", "1", "node", str(ROOT / "bench" / "loadgen.js"), json.dumps(spec)],
+    loadgen = subprocess.Popen(run.pinned(run.LOADGEN_CORE, ["node", str(run.BENCH / "loadgen.js"), json.dumps(spec)]),
                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert loadgen.stdin is not None
@@ -110,15 +88,14 @@ def one(kind: str, tree: Path, args: argparse.Namespace, workdir: Path) -> dict[
         loadgen.stdin.flush()
         time.sleep(2.0)  # the opening and the warm-up: trace the steady state
         subprocess.run(["perf", "record", "-q", "-e", "raw_syscalls:sys_enter,raw_syscalls:sys_exit", "-p",
-                        str(server.pid), "-o", str(data), "--", "sleep", str(args.seconds)],
+                        str(server.proc.pid), "-o", str(data), "--", "sleep", str(args.seconds)],
                        check=True, stderr=subprocess.DEVNULL)
         out = loadgen.communicate(timeout=120)[0].decode().strip().splitlines()
         result = json.loads(out[-1])
     finally:
         if loadgen.poll() is None:
             loadgen.kill()
-        server.terminate()
-        server.wait()
+        server.stop()
     trace = subprocess.run(["perf", "script", "-i", str(data), "-F", "time,event,trace"], capture_output=True,
                            text=True, check=True).stdout
     got = turns(trace, args.clients)
