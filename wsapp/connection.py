@@ -56,6 +56,9 @@ from wsapp.ratelimit import TokenBucket
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 65536
+PARK_AFTER = 2  # consecutive empty retries after a short read before a connection parks without asking
+PROBE_EVERY = 8  # while it does, one short read in this many asks again
+SMALL_FANOUT = 2048  # bytes a read queued for others, below which an empty retry is not worth its syscall
 # How long a closing handshake may take before the socket is simply shut.
 CLOSE_TIMEOUT = 3.0
 
@@ -309,9 +312,9 @@ class Connection:
     # An idle server holds one of these per client: slots (CPython 3.11 keeps attribute values inline only
     # up to 30 names, which the traffic counters passed: +0.1 µs per delivery), nothing made before needed.
     __slots__ = (
-        "_backlog", "_backlog_bytes", "_dirty", "_drained", "_inflight", "_leftover", "_limiter", "_max_bytes",
-        "_max_frames", "_may_read", "_on_end", "_on_message", "_outbox", "_parser", "_rate_limited", "_raw",
-        "_settings", "_sock", "_stats", "_writer", "bytes_in", "bytes_out", "close_cause", "close_code",
+        "_backlog", "_backlog_bytes", "_dirty", "_drained", "_empty_retries", "_inflight", "_leftover", "_limiter",
+        "_max_bytes", "_max_frames", "_may_read", "_on_end", "_on_message", "_outbox", "_parser", "_rate_limited",
+        "_raw", "_settings", "_sock", "_stats", "_writer", "bytes_in", "bytes_out", "close_cause", "close_code",
         "close_deadline", "closed_by", "control_out", "deflate", "expires_at", "frames_out", "id", "last_ping",
         "last_seen", "messages_in", "name", "opened", "over_capacity_since", "path", "remote_ip", "state",
     )
@@ -338,6 +341,7 @@ class Connection:
         # object: writing to the OS socket would put frames on the wire unencrypted.
         self._raw: Any = sock._sock if type(sock) is gsocket.socket else _TlsWrites(sock)
         self._leftover = leftover  # bytes the client sent right behind its handshake
+        self._empty_retries = 0  # see _read_loop: how the last recvs after a short read went
         self._settings = settings
         self._stats = stats
         self._outbox = outbox
@@ -732,6 +736,7 @@ class Connection:
         feed = parser.feed
         outbox = self._outbox
         data, self._leftover = self._leftover, b""
+        retry = False  # the next recv follows a short read in this wake-up
         while True:
             if not data:
                 may_read = self._may_read
@@ -741,9 +746,13 @@ class Connection:
                 try:
                     data = recv(READ_CHUNK)
                 except BlockingIOError:  # parking: nothing more for now (gevent's recv waits instead)
+                    if retry and self._empty_retries < PARK_AFTER:
+                        self._empty_retries += 1
                     return True
                 if not data:
                     return False
+                if retry:
+                    self._empty_retries = 0
             now = self.last_seen = time.monotonic()
             events = feed(data)
             lone = outbox.write_through = outbox.read(self, len(events), now)
@@ -772,6 +781,23 @@ class Connection:
                 # an exception per message). Otherwise, as at window 4, the next message has often
                 # come in during the fan-out and the recv takes it without another wake-up.
                 return True
+            if park and len(data) < READ_CHUNK:
+                # Ask again: the next message often comes in during the fan-out (at window 4), and this
+                # recv takes it without another wake-up and in the same turn, so both messages' frames
+                # leave in one send per recipient. Unless this read's fan-out was small (a message to a
+                # room of two, or published through Redis), where there is little to coalesce, and the
+                # last retries of this connection came back empty (thousands of publishers at window 1:
+                # an EAGAIN, a syscall and an exception, per message); then park, and ask once every
+                # PROBE_EVERY such reads to learn when that ends.
+                empty = self._empty_retries
+                if empty >= PARK_AFTER and outbox.queued - queued < SMALL_FANOUT:
+                    if empty < PARK_AFTER + PROBE_EVERY:
+                        self._empty_retries = empty + 1
+                        return True
+                    self._empty_retries = PARK_AFTER - 1  # probe: one more empty retry parks again
+                retry = True
+            else:
+                retry = False
             if len(data) == READ_CHUNK and outbox.flush_pending:
                 # More input is probably waiting and recv would not yield: let the writes go out first.
                 gevent.sleep(0)
