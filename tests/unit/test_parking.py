@@ -20,6 +20,7 @@ from wsapp.frames import OP_TEXT
 from wsapp.metrics import Stats
 
 WAIT = 5.0
+ROUNDS = 20  # messages each peer sends while learning (a read more than IDLE_GAP after the last is lone: no retry)
 
 
 class Peer:
@@ -70,7 +71,7 @@ def text(n: int) -> bytes:
     return client_frame(OP_TEXT, b"m%d" % n)
 
 
-def learn_to_park(peers: tuple[Peer, Peer], rounds: int = 12) -> None:
+def learn_to_park(peers: tuple[Peer, Peer], rounds: int = ROUNDS) -> None:
     """Two senders taking turns, one message each at a time (their reads alternate, so neither is a
     lone message written through): every retry after a read comes back empty."""
     for i in range(rounds):
@@ -82,7 +83,7 @@ def learn_to_park(peers: tuple[Peer, Peer], rounds: int = 12) -> None:
 def test_a_connection_learns_to_park_after_empty_retries(peers: tuple[Peer, Peer]) -> None:
     learn_to_park(peers)
     for peer in peers:
-        assert peer.got == [b"m%d" % i for i in range(12)]
+        assert peer.got == [b"m%d" % i for i in range(ROUNDS)]
         assert peer.conn._empty_retries >= PARK_AFTER  # it parks without asking again now
 
 
@@ -97,7 +98,7 @@ def test_a_frame_split_across_wakeups_still_arrives(peers: tuple[Peer, Peer]) ->
         assert time.monotonic() < deadline, "the first half was never read"
         gevent.sleep(0.001)
     peer.send(frame[5:])
-    peer.wait_for(13)
+    peer.wait_for(ROUNDS + 1)
     assert peer.got[-1] == b"split in two"
 
 
@@ -105,12 +106,12 @@ def test_a_burst_after_learning_arrives_whole_and_in_order(peers: tuple[Peer, Pe
     learn_to_park(peers)
     peer = peers[1]
     peer.send(b"".join(text(100 + i) for i in range(200)))
-    peer.wait_for(12 + 200)
-    assert peer.got[12:] == [b"m%d" % (100 + i) for i in range(200)]
+    peer.wait_for(ROUNDS + 200)
+    assert peer.got[ROUNDS:] == [b"m%d" % (100 + i) for i in range(200)]
     # And one at a time again afterwards: the probe every few reads keeps it reading.
     for i in range(20):
         peer.send(text(1000 + i))
-        peer.wait_for(12 + 200 + i + 1)
+        peer.wait_for(ROUNDS + 200 + i + 1)
     assert peer.got[-1] == b"m1019"
 
 
