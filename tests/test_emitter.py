@@ -19,6 +19,7 @@ from tests.harness import ROOT, ServerProcess, server_pair
 from tests.redis_fixture import RedisServer, command_calls, error_replies
 from tests.redis_topologies import RedisProc, free_port, plain_args
 from wsapp import Emitter
+from wsapp.backends import redis_wire as wire
 
 pytestmark = pytest.mark.redis
 
@@ -154,7 +155,11 @@ def test_emitter_trims_history_and_survives_redis_closing_its_connection(redis_s
     emitter = Emitter(redis_server.url, history=2)
     try:
         assert [emitter.publish(r, n) for n in range(3)] == [1, 2, 3]
-        assert [entry_id for entry_id, _ in admin.xrange(f"wsapp:room:{{{r}}}:log")] == [b"2-0", b"3-0"]
+        # The log is trimmed roughly (MAXLEN ~); what a joining member is replayed is the last 2 exactly.
+        assert [entry_id for entry_id, _ in admin.xrange(f"wsapp:room:{{{r}}}:log")][-2:] == [b"2-0", b"3-0"]
+        call = wire.join_call("t.1", r, "m1", "alice", None, 0, history=2)  # life looked up, as the Emitter's
+        _, _, replay, gone, _, _ = admin.register_script(wire.JOIN_SCRIPT)(keys=call.keys, args=call.args)
+        assert ([wire.message_seq(p) for p in replay], gone) == ([2, 3], 1)
 
         # Redis drops idle clients (its `timeout` setting, a proxy, a failover): the next publish
         # reconnects instead of failing, and is published once.

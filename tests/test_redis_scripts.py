@@ -109,3 +109,46 @@ def test_a_server_that_refuses_info_numbers_on_unchecked(
         client.close()
         admin.acl_deluser(user)
         admin.close()
+
+
+def test_the_log_is_trimmed_roughly_but_replays_and_catch_ups_keep_exactly_the_history(
+        redis_server: RedisServer) -> None:
+    """The publish script trims the log with MAXLEN ~ (whole nodes: cheaper); joins and catch-ups still
+    hand out only the last `history` messages, and `since` before them is history_gone, as with an
+    exact trim and as the in-process broker does."""
+    client = redis_server.client()
+    history, total = 10, 250
+    r = room()
+    publish_script = client.register_script(wire.PUBLISH_SCRIPT)
+    join_script = client.register_script(wire.JOIN_SCRIPT)
+    catch_up_script = client.register_script(wire.CATCH_UP_SCRIPT)
+    epoch = wire.new_epoch()
+    for n in range(1, total + 1):
+        call = wire.publish_call("t.1", r, b'{"seq":', b',"n":%d}' % n, history, epoch=epoch, life=wire.NO_LIFE)
+        publish_script(keys=call.keys, args=call.args)
+    assert client.xlen(wire.room_key(r, "log")) > history  # rough: the node holding the last ones stays whole
+
+    def join(since: int | None) -> tuple[list[int], int]:
+        call = wire.join_call("t.1", r, "m1", "alice", None, since, epoch, life=wire.NO_LIFE, history=history)
+        seq, _, replay, gone, _, _ = join_script(keys=call.keys, args=call.args)
+        assert seq == total
+        return [wire.message_seq(p) for p in replay], gone
+
+    last = list(range(total - history + 1, total + 1))
+    assert join(total - 5) == (last[-5:], 0)
+    assert join(total - history) == (last, 0)  # exactly the history: nothing missed
+    assert join(total - history - 1) == (last, 1)  # one before it: gone, and the history replayed
+    assert join(0) == (last, 1)
+    assert join(total) == ([], 0)
+    assert join(None) == ([], 0)
+
+    def catch_up(after: int, in_epoch: str) -> list[int]:
+        call = wire.catch_up_call(r, after, in_epoch, history)
+        found, current, missed = catch_up_script(keys=call.keys, args=call.args)
+        assert (found.decode(), current) == (epoch, total)
+        return [wire.message_seq(p) for p in missed]
+
+    assert catch_up(total - 3, epoch) == last[-3:]
+    assert catch_up(100, epoch) == last  # the caller sees the gap (first > after + 1) and says so
+    assert catch_up(7, "another") == last  # a new epoch: from the start of what is kept
+    client.close()

@@ -42,7 +42,8 @@ def test_join_call_with_and_without_presence_since_and_epoch() -> None:
     assert call.args[:7] == [
         "p1.0:m9", "alice", 4, b'p1.0 r 0 - m9 {"type":"presence"}', "wsapp:room:{r}", wire.PROC_TTL * 1000, 60
     ]
-    assert call.args[8:] == ["e1", "PUBLISH", wire.UNKNOWN_LIFE]
+    assert call.args[8:] == ["e1", "PUBLISH", wire.UNKNOWN_LIFE, 0]
+    assert wire.join_call("p1.0", "r", "m9", "alice", None, None, history=50).args[11] == 50
     assert wire.join_call("p1.0", "r", "m9", "alice", None, None, life="9f" * 20).args[10] == "9f" * 20
     assert wire.join_call("p1.0", "r", "m9", "alice", None, None, sharded=True).args[9] == "SPUBLISH"
     again = wire.join_call("p1.0", "r", "m9", "alice", None, None)
@@ -53,8 +54,8 @@ def test_join_call_with_and_without_presence_since_and_epoch() -> None:
 def test_channels_and_process_keys() -> None:
     assert wire.channel_room(wire.room_channel("a:b.c-d_e").encode()) == "a:b.c-d_e"
     assert wire.channel_room(wire.RELAY_CHANNEL.encode()) is None
-    assert wire.catch_up_call("r", 41, "e1") == wire.ScriptCall(["wsapp:room:{r}:ctr", "wsapp:room:{r}:log"],
-                                                                [41, "e1"])
+    assert wire.catch_up_call("r", 41, "e1", 100) == wire.ScriptCall(
+        ["wsapp:room:{r}:ctr", "wsapp:room:{r}:log"], [41, "e1", 100])
     assert wire.heartbeat_call("abc.2", "r") == wire.ScriptCall(
         ["wsapp:room:{r}:members", "wsapp:room:{r}:procs"], ["abc.2", wire.PROC_TTL * 1000, wire.MEMBERS_TTL])
     assert wire.member_field("abc.2", "m1") == "abc.2:m1"

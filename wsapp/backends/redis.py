@@ -243,7 +243,7 @@ class RedisBackend:
                     self._marking.add(member_id)
                 with shard.members_lock.shared(self._timeout):
                     call = wire.join_call(shard.incarnation, room, member_id, name, presence, since, epoch,
-                                          self.sharded, shard.life)
+                                          self.sharded, shard.life, self._history)
                     reply = shard.stream_call(shard.script_command(shard.join_script, call))
                 if isinstance(reply, Exception):
                     raise reply
@@ -891,7 +891,8 @@ class Shard:
     def _catch_up(self) -> None:
         """After a reconnection: deliver what each room's members missed meanwhile, from its log."""
         for room, epoch, last in self.backend.cursor_rooms(self):
-            found, current, missed = self.run(self._catch_up_script, wire.catch_up_call(room, last, epoch))
+            call = wire.catch_up_call(room, last, epoch, self.backend._history)
+            found, current, missed = self.run(self._catch_up_script, call)
             if found is None:
                 continue  # no counter: the room's next life starts with its next message (RESTARTED)
             current_epoch = found.decode()

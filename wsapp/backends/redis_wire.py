@@ -110,7 +110,10 @@ UNKNOWN_LIFE = ""  # a caller that does not know its primary's replication id: t
 NO_LIFE = "-"  # the server will not tell its replication id (INFO refused): counters are not checked
 
 # KEYS: ctr, log. ARGV: head, tail, history length, envelope prefix "<incarnation> <room> ", channel,
-# ttl, origin, new epoch, PUBLISH or SPUBLISH, life. Returns {seq, epoch}. Only a life its caller learned
+# ttl, origin, new epoch, PUBLISH or SPUBLISH, life. Returns {seq, epoch}. The log is trimmed roughly
+# (`MAXLEN ~`: whole nodes, so it may hold one node more than the history: 100 entries or 4 KiB by
+# Redis's defaults; exact trimming cost 2 of the script's ~12 µs): whoever reads it (JOIN_SCRIPT,
+# CATCH_UP_SCRIPT) takes only the last `history` by seq. Only a life its caller learned
 # on the very connection the call runs on may be passed (a server's stream: CommandStream.open): one
 # remembered from an earlier call may be the stale life a kept counter was written under, which skips
 # the check (the Emitter passes none).
@@ -120,11 +123,11 @@ local s = string.format('%d', seq)
 local payload = ARGV[1] .. s .. ARGV[2]
 local keep = tonumber(ARGV[3])
 if keep > 0 then
-  local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', keep, s .. '-0', 'm', payload)
+  local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', keep, s .. '-0', 'm', payload)
   if type(added) == 'table' and added.err then
     -- the log is ahead of the counter (written by hand, or an old version): it describes another life
     redis.call('DEL', KEYS[2])
-    redis.call('XADD', KEYS[2], 'MAXLEN', keep, s .. '-0', 'm', payload)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', keep, s .. '-0', 'm', payload)
   end
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
@@ -134,7 +137,8 @@ return {seq, epoch}
 
 # KEYS: ctr, log, members, procs. ARGV: field, name, since (-1 = none), presence envelope ('' = none),
 # channel, liveness ttl (ms), members ttl, new epoch, the client's epoch ('' = none), PUBLISH or SPUBLISH,
-# life. Returns {seq, live member names, replay, history gone, epoch, their fields (in the names' order)}.
+# life, history length (0 = all the log holds). Returns {seq, live member names, replay, history gone,
+# epoch, their fields (in the names' order)}.
 JOIN_SCRIPT = _COUNTER.replace("NEW_EPOCH", "8").replace("LIFE_ARG", "11") + _NOW + """
 local me = string.match(ARGV[1], '^([^:]*):')
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -162,19 +166,24 @@ for i = 1, #all, 2 do
 end
 local replay, gone = {}, 0
 local since = tonumber(ARGV[3])
+local keep = tonumber(ARGV[12])
 if since >= 0 then
   if ARGV[9] ~= '' and ARGV[9] ~= epoch then
     gone = 1  -- numbers from another life of the room: replaying by them would skip or repeat
   else
-    local from = '-'
-    if since <= current then from = string.format('%d', since + 1) end
-    for _, entry in ipairs(redis.call('XRANGE', KEYS[2], from, '+')) do replay[#replay + 1] = entry[2][2] end
+    local from = 1
+    if since <= current then from = since + 1 end
+    if keep > 0 and current - keep + 1 > from then from = current - keep + 1 end  -- the log keeps more (~)
+    for _, entry in ipairs(redis.call('XRANGE', KEYS[2], string.format('%d', from), '+')) do
+      replay[#replay + 1] = entry[2][2]
+    end
     if since > current then
       gone = 1
     elseif since < current then
       local oldest = current + 1
       local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
       if #first > 0 then oldest = tonumber(string.match(first[1][1], '^%d+')) end
+      if keep > 0 and current - keep + 1 > oldest then oldest = current - keep + 1 end
       if since + 1 < oldest then gone = 1 end
     end
   end
@@ -194,17 +203,22 @@ if deadline and tonumber(deadline) > now then return 1 end
 return 0
 """
 
-# KEYS: ctr, log. ARGV: after (the last seq delivered), the epoch it was delivered in. Returns {epoch or
-# false, seq, entries after}: after `after` in the same epoch, from the start of the log in another (its
-# messages numbered before the caller came back are delivered too, after the notice of the new epoch).
+# KEYS: ctr, log. ARGV: after (the last seq delivered), the epoch it was delivered in, history length.
+# Returns {epoch or false, seq, entries after}: after `after` in the same epoch, from the start of the
+# log in another (its messages numbered before the caller came back are delivered too, after the notice
+# of the new epoch); never more than the last `history` (0 = all the log holds).
 CATCH_UP_SCRIPT = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local out = {}
 if epoch then
-  local from = '-'
-  if epoch == ARGV[2] then from = string.format('%d', tonumber(ARGV[1]) + 1) end
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], from, '+')) do out[#out + 1] = entry[2][2] end
+  local from = 1
+  if epoch == ARGV[2] then from = tonumber(ARGV[1]) + 1 end
+  local keep = tonumber(ARGV[3])
+  if keep > 0 and current - keep + 1 > from then from = current - keep + 1 end  -- the log keeps more (~)
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], string.format('%d', from), '+')) do
+    out[#out + 1] = entry[2][2]
+  end
 end
 return {epoch, current, out}
 """
@@ -361,9 +375,11 @@ def join_call(
     epoch: str | None = None,
     sharded: bool = False,
     life: str = UNKNOWN_LIFE,
+    history: int = 0,
 ) -> ScriptCall:
     """JOIN_SCRIPT for one member; `presence` (None on a repeated join) goes out in its envelope;
-    `life` as for `publish_call`."""
+    `life` as for `publish_call`; the replay is at most the last `history` messages (0: whatever the
+    log holds)."""
     return ScriptCall(
         keys=[room_key(room, "ctr"), room_key(room, "log"), room_key(room, "members"), room_key(room, "procs")],
         args=[
@@ -378,6 +394,7 @@ def join_call(
             epoch or "",
             publish_command(sharded),
             life,
+            history,
         ],
     )
 
@@ -388,10 +405,10 @@ def heartbeat_call(incarnation: str, room: str) -> ScriptCall:
                       args=[incarnation, PROC_TTL * 1000, MEMBERS_TTL])
 
 
-def catch_up_call(room: str, after: int, epoch: str) -> ScriptCall:
+def catch_up_call(room: str, after: int, epoch: str, history: int) -> ScriptCall:
     """CATCH_UP_SCRIPT: the room's epoch, seq and kept messages after `after` of `epoch` (all of them
-    if the room is in another epoch now)."""
-    return ScriptCall(keys=[room_key(room, "ctr"), room_key(room, "log")], args=[after, epoch])
+    if the room is in another epoch now), at most the last `history`."""
+    return ScriptCall(keys=[room_key(room, "ctr"), room_key(room, "log")], args=[after, epoch, history])
 
 
 # ---- envelopes ----------------------------------------------------------------------------------
