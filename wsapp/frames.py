@@ -122,6 +122,14 @@ def unmask(data: bytes | bytearray | memoryview, mask: bytes, offset: int = 0) -
     return _apply_mask(data, mask)
 
 
+def _check_utf8(payload: bytes) -> None:
+    """A whole text message that is not all ASCII must be valid UTF-8 (1007 otherwise)."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidPayload("text message is not valid UTF-8") from None
+
+
 def parse_close(payload: bytes) -> tuple[int | None, str]:
     """Validate a close frame body: (code or None, reason). Raises on a 1-byte body or a bad code."""
     if not payload:
@@ -193,10 +201,7 @@ class FrameParser:
             if (b0 == 0x81 or b0 == 0x82) and len(data) == length + header and length <= self.max_message_bytes:
                 payload = unmask(data[header:], data[header - 4:header])
                 if b0 == 0x81 and not payload.isascii():
-                    try:
-                        payload.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise InvalidPayload("text message is not valid UTF-8") from None
+                    _check_utf8(payload)
                 return [(b0 & 0x0F, payload)]
         events: list[FrameEvent] = []
         try:
@@ -244,10 +249,7 @@ class FrameParser:
                     self._compressed = False
                     payload = self._inflate_whole(payload)
                 if opcode == OP_TEXT and not payload.isascii():  # isascii: no str made, ~2x faster
-                    try:
-                        payload.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise InvalidPayload("text message is not valid UTF-8") from None
+                    _check_utf8(payload)
                 events.append((opcode, payload))
                 continue
             self._consume_data(buf[pos : pos + take])
