@@ -775,19 +775,18 @@ class Connection:
                 raise parser.failed
             if peer_closed:
                 return False
-            if lone and park and len(data) < READ_CHUNK:
-                # A lone message's sender waits for its fan-out (one in flight, see Outbox): nothing
-                # more is coming, so park instead of a recv that would fail with EAGAIN (a syscall and
-                # an exception per message). Otherwise, as at window 4, the next message has often
-                # come in during the fan-out and the recv takes it without another wake-up.
-                return True
             if park and len(data) < READ_CHUNK:
-                # Ask again: the next message often comes in during the fan-out (at window 4), and this
-                # recv takes it without another wake-up and in the same turn, so both messages' frames
-                # leave in one send per recipient. Unless this read's fan-out was small (a message to a
-                # room of two, or published through Redis), where there is little to coalesce, and the
-                # last retries of this connection came back empty (thousands of publishers at window 1:
-                # an EAGAIN, a syscall and an exception, per message); then park, and ask once every
+                if lone:
+                    # A lone message's sender waits for its fan-out (one in flight, see Outbox): nothing
+                    # more is coming, so park instead of a recv that would fail with EAGAIN (a syscall
+                    # and an exception per message).
+                    return True
+                # Otherwise ask again: the next message often comes in during the fan-out (at window 4),
+                # and this recv takes it without another wake-up and in the same turn, so both messages'
+                # frames leave in one send per recipient. Unless this read's fan-out was small (a message
+                # to a room of two, or published through Redis), where there is little to coalesce, and
+                # the last retries of this connection came back empty (thousands of publishers at window
+                # 1: an EAGAIN, a syscall and an exception, per message); then park, and ask once every
                 # PROBE_EVERY such reads to learn when that ends.
                 empty = self._empty_retries
                 if empty >= PARK_AFTER and outbox.queued - queued < SMALL_FANOUT:
