@@ -56,6 +56,14 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
+# The first seq a reader of a room's log may hand out (`kept_from`), from `keep` (the history length,
+# 0 = all the log holds) and `current` (the room's seq): the log is trimmed by whole nodes (MAXLEN ~),
+# so it may hold older entries than the history, which readers must not replay.
+_KEPT_FROM = """
+local kept_from = 1
+if keep > 0 then kept_from = math.max(1, current - keep + 1) end
+"""
+
 # Make the counter (with a new epoch, dropping the old life's log) when it is missing, or when it was
 # written under another `life` of the server: a replica promoted in a failover, or a server restarted
 # from a snapshot, may miss the last numbers it gave, and numbering on from there would hand them out
@@ -167,13 +175,13 @@ end
 local replay, gone = {}, 0
 local since = tonumber(ARGV[3])
 local keep = tonumber(ARGV[12])
+""" + _KEPT_FROM + """
 if since >= 0 then
   if ARGV[9] ~= '' and ARGV[9] ~= epoch then
     gone = 1  -- numbers from another life of the room: replaying by them would skip or repeat
   else
-    local from = 1
-    if since <= current then from = since + 1 end
-    if keep > 0 and current - keep + 1 > from then from = current - keep + 1 end  -- the log keeps more (~)
+    local from = kept_from
+    if since <= current then from = math.max(since + 1, kept_from) end
     for _, entry in ipairs(redis.call('XRANGE', KEYS[2], string.format('%d', from), '+')) do
       replay[#replay + 1] = entry[2][2]
     end
@@ -182,8 +190,7 @@ if since >= 0 then
     elseif since < current then
       local oldest = current + 1
       local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-      if #first > 0 then oldest = tonumber(string.match(first[1][1], '^%d+')) end
-      if keep > 0 and current - keep + 1 > oldest then oldest = current - keep + 1 end
+      if #first > 0 then oldest = math.max(tonumber(string.match(first[1][1], '^%d+')), kept_from) end
       if since + 1 < oldest then gone = 1 end
     end
   end
@@ -211,11 +218,11 @@ CATCH_UP_SCRIPT = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local out = {}
+local keep = tonumber(ARGV[3])
+""" + _KEPT_FROM + """
 if epoch then
-  local from = 1
-  if epoch == ARGV[2] then from = tonumber(ARGV[1]) + 1 end
-  local keep = tonumber(ARGV[3])
-  if keep > 0 and current - keep + 1 > from then from = current - keep + 1 end  -- the log keeps more (~)
+  local from = kept_from
+  if epoch == ARGV[2] then from = math.max(tonumber(ARGV[1]) + 1, kept_from) end
   for _, entry in ipairs(redis.call('XRANGE', KEYS[2], string.format('%d', from), '+')) do
     out[#out + 1] = entry[2][2]
   end
