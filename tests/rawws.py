@@ -60,9 +60,11 @@ class RawClient:
             self.handshake(headers or {})
 
     def handshake(
-        self, extra: dict[str, str], method: str = "GET", version: str = "HTTP/1.1", then: bytes = b""
+        self, extra: dict[str, str], method: str = "GET", version: str = "HTTP/1.1", then: bytes = b"",
+        then_apart: bool = False,
     ) -> int:
-        """Send the upgrade request (and `then` in the same write: frames right behind it); the status."""
+        """Send the upgrade request (and `then`: frames right behind it, in the same write or, with
+        `then_apart`, in a second segment before the 101 is read); the status."""
         headers = {
             "Host": f"{self.host}:{self.port}",
             "Upgrade": "websocket",
@@ -72,7 +74,13 @@ class RawClient:
         }
         headers.update(extra)
         lines = [f"{method} {self.path} {version}"] + [f"{k}: {v}" for k, v in headers.items() if v is not None]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + then)
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if then_apart:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.sendall(request)
+            self.sock.sendall(then)
+        else:
+            self.sock.sendall(request + then)
         head = self._read_until(b"\r\n\r\n")
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         self.status = int(status_line.split()[1])

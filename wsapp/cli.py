@@ -74,15 +74,23 @@ def raise_fd_limit() -> None:
 DEFER_ACCEPT_SECONDS = 1
 
 
-def defer_accept(listener: Any) -> None:
-    """Linux: be woken for a connection once its request has arrived (TCP_DEFER_ACCEPT), not at the
-    TCP handshake, so the request greenlet reads at once instead of first parking on its socket:
-    about a tenth of a WebSocket handshake's server CPU (docs/PERFORMANCE.md, "Connect time"). A
-    client that sends nothing is accepted after about a second, and WSAPP_HANDSHAKE_TIMEOUT drops it."""
+def tune_listener(listener: Any) -> None:
+    """The listening socket's options, which accepted connections inherit on Linux.
+
+    TCP_DEFER_ACCEPT: be woken for a connection once its request has arrived, not at the TCP
+    handshake, so the request greenlet reads at once instead of first parking on its socket: about a
+    tenth of a WebSocket handshake's server CPU (docs/PERFORMANCE.md, "Connect time"). A client that
+    sends nothing is accepted after about a second, and WSAPP_HANDSHAKE_TIMEOUT drops it.
+    TCP_NODELAY: every connection needs it (WsappHandler.handle); set here, a setsockopt per
+    connection is saved where the kernel copies it to accepted sockets (the handler checks once)."""
+    if listener.family not in (socket.AF_INET, socket.AF_INET6):
+        return
     option = getattr(socket, "TCP_DEFER_ACCEPT", None)
-    if option is not None and listener.family in (socket.AF_INET, socket.AF_INET6):
+    if option is not None:
         with contextlib.suppress(OSError):
             listener.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS)
+    with contextlib.suppress(OSError):
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def tune_gevent() -> None:
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         logs.fatal(f"cannot listen on {settings.host}:{settings.port}: {exc}")
         return 1
-    defer_accept(server.socket)
+    tune_listener(server.socket)
     logs.route_gevent_errors()
     try:
         return serve(app_ref, settings, server)

@@ -728,7 +728,10 @@ class Connection:
     def close_socket(self) -> None:
         """Free the file descriptor (after the end: abort() only shuts the socket down)."""
         self.abort()
-        self._sock.close()
+        sock = self._sock
+        if type(sock) is gsocket.socket and sock._io_refs > 0:
+            sock._io_refs -= 1  # the handler's hold (WsappHandler._take_socket)
+        sock.close()
 
     def _read_loop(self, on_message: MessageHandler, limiter: TokenBucket | None, park: bool) -> bool:
         recv = self._raw.recv if park else self._sock.recv

@@ -42,8 +42,14 @@ class WsappHandler(WebSocketHandler):
 
     def handle(self) -> None:
         # Small frames must leave at once: Nagle + delayed ACK would add ~40 ms stalls to fan-out.
-        with contextlib.suppress(OSError):
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Linux copies it from a listener that has it (wsapp.cli.tune_listener): asked once per server.
+        server = self.server.__dict__
+        inherited = server.get("wsapp_nodelay_inherited")
+        if inherited is None:
+            inherited = server["wsapp_nodelay_inherited"] = _has_nodelay(self.socket)
+        if not inherited:
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # A client that opens TCP and never finishes its request is dropped after this long.
         self.socket.settimeout(self._services().settings.handshake_timeout)
         super().handle()
@@ -134,15 +140,24 @@ class WsappHandler(WebSocketHandler):
         The connection reads the socket itself from here on; closing the reader frees its 8 KiB
         buffer, a quarter of what an idle connection used to cost (docs/PERFORMANCE.md).
         """
-        self.socket.settimeout(0.0)
-        try:
-            # Non-blocking: the buffered bytes, or whatever is already there, or b"".
-            leftover = self.rfile.read1(65536)
-        except OSError:
-            leftover = b""
-        finally:
-            self.socket.settimeout(None)
-        self.rfile.close()
+        rfile = self.rfile
+        raw = getattr(rfile, "raw", None)
+        if raw is not None:
+            # Only what the reader holds: with its raw stream saying "nothing now", read1 returns the
+            # buffered bytes or b"" without a recv. Bytes still in the kernel are the connection's to
+            # read; asking for them here cost a recv failing with EAGAIN and its exception on nearly
+            # every upgrade (the client waits for the 101 before it sends).
+            raw.readinto = _nothing_now
+            leftover = rfile.read1(65536)
+        else:  # not pywsgi's buffered socket reader: a non-blocking read of whatever is there
+            self.socket.settimeout(0.0)
+            try:
+                leftover = rfile.read1(65536)
+            except OSError:
+                leftover = b""
+            finally:
+                self.socket.settimeout(None)
+        rfile.close()
         return leftover
 
     def _refuse(self, refusal: Refuse) -> None:
@@ -230,14 +245,18 @@ class WsappHandler(WebSocketHandler):
     def _take_socket(self) -> tuple[Any, bool]:
         """The connection's socket from here on, and whether the event loop can watch it for us.
 
-        pywsgi closes its socket when the request greenlet ends; a plain socket is detached from it
-        into one the connection owns, so the connection may outlive that greenlet."""
+        The server closes a request's socket when its greenlet ends; a plain socket gets the hold a
+        file object of it (`makefile`) would take, so that close only marks it closed and the
+        connection, which may outlive that greenlet, frees it (Connection.close_socket). Detaching
+        the descriptor into a new socket did the same for ~4 µs a handshake (a new socket object and
+        its event-loop watchers; docs/PERFORMANCE.md, "Connect time")."""
         sock = self.socket
         self.socket = None  # pywsgi's handle() neither reads more requests nor closes it
         if type(sock) is not gsocket.socket:  # TLS: served in this greenlet, closed by pywsgi after
             return sock, False
-        raw = sock._sock  # its plain ints: the wrapper's properties make enums of them, for nothing here
-        return gsocket.socket(raw.family, raw.type, raw.proto, fileno=sock.detach()), True
+        sock._io_refs += 1
+        sock.settimeout(None)  # the handshake's timeout is over; gevent's recv waits as long as it takes
+        return sock, True
 
     def log_request(self) -> None:
         """One line per HTTP request (a WebSocket's is its close line); never the query string."""
@@ -353,3 +372,16 @@ def _status_code(status: object) -> int:
         return int(str(status).split(None, 1)[0])
     except (ValueError, IndexError):
         return 0
+
+
+def _has_nodelay(sock: Any) -> bool:
+    """Whether an accepted socket came with TCP_NODELAY (inherited from its listener)."""
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    except (OSError, AttributeError):
+        return False
+
+
+def _nothing_now(_buffer: Any) -> None:
+    """A raw stream's readinto when it has nothing now (what a non-blocking socket's gives)."""
+    return None
