@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import secrets
 import socket
 import ssl
 import time
@@ -50,6 +49,7 @@ from wsapp.frames import (
     encode_close,
     encode_frame,
 )
+from wsapp.ids import random_hex
 from wsapp.metrics import Stats
 from wsapp.ratelimit import TokenBucket
 
@@ -331,7 +331,7 @@ class Connection:
         deflate: DeflateParams | None = None,
         head: bytes = b"",
     ) -> None:
-        self.id = secrets.token_hex(6)
+        self.id = random_hex(6)
         self.name = ""
         self.remote_ip = remote_ip
         self.path = path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import TYPE_CHECKING, Any
 
 from gevent.event import Event
@@ -13,6 +12,7 @@ from wsapp.connection import CAUSE_PROTOCOL_ERROR, CAUSE_RATE_LIMIT
 from wsapp.exceptions import MessageError
 from wsapp.frames import OP_TEXT, CloseCode
 from wsapp.hub import unavailable
+from wsapp.ids import random_hex
 from wsapp.policy import JOIN, PUBLISH, Policy
 from wsapp.ratelimit import TokenBucket
 
@@ -38,7 +38,7 @@ def display_name(requested: str | None) -> str:
         name = requested.strip()
         if 1 <= len(name) <= protocol.MAX_SENDER_CHARS and name.isprintable():
             return name
-    return "guest-" + secrets.token_hex(2)
+    return "guest-" + random_hex(2)
 
 
 class _InFlight:
