@@ -23,7 +23,7 @@ from typing import Any
 import gevent
 from gevent.pywsgi import WSGIServer
 
-from wsapp import logs
+from wsapp import greenlets, logs
 from wsapp.config import Settings
 from wsapp.exceptions import ConfigError
 from wsapp.services import EXTENSION_KEY, Services, services_of
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_arbiter(app_ref, settings)
     server = WSGIServer((settings.host, settings.port), None, handler_class=_handler_class(), log=None,
-                        error_log=PYWSGI_ERRORS, backlog=1024)
+                        error_log=PYWSGI_ERRORS, backlog=1024, spawn=greenlets.spawn)
     try:
         server.init_socket()
     except OSError as exc:
