@@ -1,4 +1,4 @@
-"""Request greenlets used again: the single-process server's `spawn` (gevent's StreamServer).
+"""Request greenlets used again: the `spawn` of wsapp's servers (gevent's StreamServer).
 
 gevent's servers start a new greenlet for each connection. On Python 3.11 a new greenlet also maps a
 fresh 16 KiB stack for its Python frames when it starts and unmaps it when it ends (two system calls
@@ -6,7 +6,8 @@ and page faults): with the greenlet itself, ~11 µs more per connection than swi
 waits (a micro-benchmark, docs/PERFORMANCE.md "Connect time"), against ~190 µs of server CPU for a
 whole WebSocket handshake. A request greenlet that is done waits here for the next connection
 instead, up to MAX_SPARE of them. Each job runs in a fresh `contextvars` context, as in a new
-greenlet, so nothing a request set there is seen by the next.
+greenlet, so nothing a request set there is seen by the next. `python server.py` passes `spawn`;
+gunicorn workers pass a `Bounded`, which also caps the connections a worker takes at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+from gevent.lock import Semaphore
 from greenlet import GreenletExit, getcurrent, greenlet
 
 # Enough for the handshakes of a burst of connections in flight at once; each waiting one keeps its
@@ -35,6 +37,51 @@ def spawn(func: Callable[..., Any], *args: Any) -> None:
 
 def spare_count() -> int:
     return len(_spare)
+
+
+class Bounded:
+    """What a gevent server takes a `Pool` for, over these greenlets: at most `size` requests at once.
+    The server asks `full()` before it accepts, stops accepting while it is, and starts again when
+    the semaphore it links to (`_semaphore`, the name gevent's BaseServer uses for its Pool's) is
+    released by a request that ended."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._semaphore = Semaphore(size)
+
+    def full(self) -> bool:
+        return self._semaphore.locked()
+
+    def __len__(self) -> int:
+        """Requests running (a server's `stop()` waits for them when there are any)."""
+        return self._size - self._semaphore.counter
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no request runs (BaseServer.stop), at most `timeout` seconds."""
+        taken = 0
+        try:
+            with gevent.Timeout(timeout, False):
+                while taken < self._size:
+                    self._semaphore.acquire()
+                    taken += 1
+        finally:
+            for _ in range(taken):
+                self._semaphore.release()
+        return taken == self._size
+
+    def kill(self, block: bool = True, timeout: float | None = None) -> None:
+        """BaseServer.stop's last step for a Pool; requests here end with their connections (drain)."""
+
+    def spawn(self, func: Callable[..., Any], *args: Any) -> None:
+        if not self._semaphore.acquire(blocking=False):  # the server checked full(): never waits here
+            raise RuntimeError("more requests than the server allows at once")
+        spawn(self._run, func, args)
+
+    def _run(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            func(*args)
+        finally:
+            self._semaphore.release()
 
 
 def _work(func: Callable[..., Any], args: tuple[Any, ...]) -> None:

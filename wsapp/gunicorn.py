@@ -19,7 +19,6 @@ import sys
 from typing import Any
 
 import gevent
-from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
@@ -29,7 +28,7 @@ from gunicorn.http.wsgi import base_environ
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import VERSION, GeventPyWSGIWorker
 
-from wsapp import logs
+from wsapp import greenlets, logs
 from wsapp.cli import PYWSGI_ERRORS, drain_services, load_app, setup_logging, tune_gc, tune_gevent, tune_listener
 from wsapp.config import Settings
 from wsapp.exceptions import ConfigError
@@ -178,7 +177,7 @@ class Worker(GeventPyWSGIWorker):
         # A WebSocket holds its greenlet for hours and the registry answers 503 beyond
         # WSAPP_MAX_CONNECTIONS, so the pool leaves worker_connections slots above that for HTTP
         # requests and those refusals instead of silently leaving connections in the backlog.
-        pool = Pool(services.settings.max_connections + self.worker_connections)
+        pool = greenlets.Bounded(services.settings.max_connections + self.worker_connections)
         server = _Server(listener, application=self.wsgi, spawn=pool, log=None, error_log=PYWSGI_ERRORS,
                          handler_class=_counting_handler(), environ=environ, **ssl_args)
         server.worker = self

@@ -120,3 +120,41 @@ def test_a_killed_job_ends_its_greenlet_instead_of_serving_again() -> None:
     gevent.sleep(0)
     gevent.sleep(0)
     assert victim.dead and victim not in greenlets._spare
+
+
+def test_a_bounded_server_takes_no_more_than_its_size_and_accepts_again_when_one_ends() -> None:
+    """gevent's StreamServer with `spawn=Bounded(1)`: the second connection's handler runs only once
+    the first one's has returned (the server stops accepting while full, and starts again)."""
+    from gevent import socket as gsocket
+    from gevent.server import StreamServer
+
+    handled: list[str] = []
+    release = Event()
+    second_in = Event()
+
+    def handle(sock: gsocket.socket, _address: object) -> None:
+        name = sock.recv(16).decode()
+        handled.append(name)
+        if name == "first":
+            release.wait(5)
+        else:
+            second_in.set()
+
+    pool = greenlets.Bounded(1)
+    server = StreamServer(("127.0.0.1", 0), handle, spawn=pool)
+    server.start()
+    try:
+        first = gsocket.create_connection(("127.0.0.1", server.server_port))
+        first.sendall(b"first")
+        second = gsocket.create_connection(("127.0.0.1", server.server_port))
+        second.sendall(b"second")
+        assert not second_in.wait(0.05), "the second was handled while the first held the only slot"
+        assert handled == ["first"] and pool.full() and len(pool) == 1
+        release.set()
+        assert second_in.wait(5)
+        assert handled == ["first", "second"]
+        first.close()
+        second.close()
+    finally:
+        server.stop(timeout=1)
+    assert len(pool) == 0 and not pool.full() and pool.join(0.1)
