@@ -140,23 +140,13 @@ class WsappHandler(WebSocketHandler):
         The connection reads the socket itself from here on; closing the reader frees its 8 KiB
         buffer, a quarter of what an idle connection used to cost (docs/PERFORMANCE.md).
         """
-        rfile = self.rfile
-        raw = getattr(rfile, "raw", None)
-        if raw is not None:
-            # Only what the reader holds: with its raw stream saying "nothing now", read1 returns the
-            # buffered bytes or b"" without a recv. Bytes still in the kernel are the connection's to
-            # read; asking for them here cost a recv failing with EAGAIN and its exception on nearly
-            # every upgrade (the client waits for the 101 before it sends).
-            raw.readinto = _nothing_now
-            leftover = rfile.read1(65536)
-        else:  # not pywsgi's buffered socket reader: a non-blocking read of whatever is there
-            self.socket.settimeout(0.0)
-            try:
-                leftover = rfile.read1(65536)
-            except OSError:
-                leftover = b""
-            finally:
-                self.socket.settimeout(None)
+        rfile = self.rfile  # pywsgi's `makefile("rb")`: a BufferedReader over the socket, TLS or not
+        # Only what the reader holds: with its raw stream saying "nothing now", read1 returns the
+        # buffered bytes or b"" without a recv. Bytes still in the kernel are the connection's to
+        # read; asking for them here cost a recv failing with EAGAIN and its exception on nearly
+        # every upgrade (the client waits for the 101 before it sends).
+        rfile.raw.readinto = _nothing_now
+        leftover: bytes = rfile.read1(65536)
         rfile.close()
         return leftover
 
@@ -378,7 +368,7 @@ def _has_nodelay(sock: Any) -> bool:
     """Whether an accepted socket came with TCP_NODELAY (inherited from its listener)."""
     try:
         return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-    except (OSError, AttributeError):
+    except OSError:
         return False
 
 
