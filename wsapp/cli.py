@@ -70,12 +70,36 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+# Connections the kernel queues for accept() (capped by net.core.somaxconn).
+LISTEN_BACKLOG = 1024
 # How long the kernel holds a connection that has sent nothing before handing it over anyway.
 DEFER_ACCEPT_SECONDS = 1
 
 
+def listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening TCP socket with `tune_listener`'s options set before it
+    listens: Linux copies a listener's options to a connection when it is made, so one that came in
+    between `listen()` and the options (a health check or a load generator polling the port; gevent's
+    server looks up its own host name between the two) would lack them, and the handler, which asks
+    the first accepted socket whether TCP_NODELAY is inherited, would then set it on every
+    connection. SO_REUSEADDR as gevent and socket.create_server set it; IPv6 for a host with a colon."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if os.name == "posix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tune_listener(sock)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def tune_listener(listener: Any) -> None:
-    """The listening socket's options, which accepted connections inherit on Linux.
+    """The listening socket's options, which accepted connections inherit on Linux (`listen` sets
+    them before the socket listens; set later, connections made meanwhile miss them).
 
     TCP_DEFER_ACCEPT: be woken for a connection once its request has arrived, not at the TCP
     handshake, so the request greenlet reads at once instead of first parking on its socket: about a
@@ -135,14 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         from wsapp.gunicorn import run_arbiter
 
         return run_arbiter(app_ref, settings)
-    server = WSGIServer((settings.host, settings.port), None, handler_class=_handler_class(), log=None,
-                        error_log=PYWSGI_ERRORS, backlog=1024, spawn=greenlets.spawn)
     try:
-        server.init_socket()
+        listener = listen(settings.host, settings.port, LISTEN_BACKLOG)
+        listener.setblocking(False)  # as gevent's own listeners: its accept loop waits on the event loop
     except OSError as exc:
         logs.fatal(f"cannot listen on {settings.host}:{settings.port}: {exc}")
         return 1
-    tune_listener(server.socket)
+    server = WSGIServer(listener, None, handler_class=_handler_class(), log=None, error_log=PYWSGI_ERRORS,
+                        spawn=greenlets.spawn)
+    server.init_socket()
     logs.route_gevent_errors()
     try:
         return serve(app_ref, settings, server)

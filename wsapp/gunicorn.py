@@ -29,7 +29,7 @@ from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import VERSION, GeventPyWSGIWorker
 
 from wsapp import greenlets, logs
-from wsapp.cli import PYWSGI_ERRORS, drain_services, load_app, setup_logging, tune_gc, tune_gevent, tune_listener
+from wsapp.cli import PYWSGI_ERRORS, drain_services, listen, load_app, setup_logging, tune_gc, tune_gevent
 from wsapp.config import Settings
 from wsapp.exceptions import ConfigError
 from wsapp.metrics_share import ENV_DIR, prepare_dir, remove_dir
@@ -259,10 +259,7 @@ class _Arbiter(BaseApplication):  # type: ignore[misc]
 
 
 def _bind(settings: Settings) -> socket.socket:
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    listener = socket.create_server((settings.host, settings.port), family=family, backlog=LISTEN_BACKLOG)
-    tune_listener(listener)
-    return listener
+    return listen(settings.host, settings.port, LISTEN_BACKLOG)
 
 
 def run_arbiter(app_ref: str, settings: Settings) -> int:
