@@ -185,6 +185,7 @@ class Server:
 
     def __init__(self, variant: Variant, log_path: Path, wsapp_env: dict[str, str], deflate: bool = False) -> None:
         self.port = free_port()
+        self.answers_http = variant.server != "node"  # Node's reference server has no HTTP handler
         env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1"}
         if variant.server == "node":
             cmd = ["node", str(BENCH / "node" / "reference_server.js")]
@@ -201,16 +202,26 @@ class Server:
         self.ps = psutil.Process(self.proc.pid)  # taskset execs the server: same pid
 
     def wait_listening(self, timeout: float = 20.0) -> None:
+        """Until wsapp answers an HTTP request, not merely accepts TCP: it listens before it has loaded
+        its app (a taken port fails at once), and a measurement started at the first accepted
+        connection counted the app's loading in the opening's CPU and time and left it out of the idle
+        RSS. Node's reference server listens once it is loaded, and answers no plain request."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    if not self.answers_http:
+                        return
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    sock.settimeout(max(0.1, deadline - time.monotonic()))
+                    if sock.recv(64).startswith(b"HTTP/1."):
+                        return
             except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"server not listening on {self.port} after {timeout} s: {self.log_tail()}")
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server not answering on {self.port} after {timeout} s: {self.log_tail()}")
 
     def cpu_seconds(self) -> float:
         t = self.ps.cpu_times()

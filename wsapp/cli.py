@@ -159,13 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         from wsapp.gunicorn import run_arbiter
 
         return run_arbiter(app_ref, settings)
+    handler_class = _handler_class()  # its imports (Flask, gevent-websocket) before the port opens
     try:
         listener = listen(settings.host, settings.port, LISTEN_BACKLOG)
         listener.setblocking(False)  # as gevent's own listeners: its accept loop waits on the event loop
     except OSError as exc:
         logs.fatal(f"cannot listen on {settings.host}:{settings.port}: {exc}")
         return 1
-    server = WSGIServer(listener, None, handler_class=_handler_class(), log=None, error_log=PYWSGI_ERRORS,
+    server = WSGIServer(listener, None, handler_class=handler_class, log=None, error_log=PYWSGI_ERRORS,
                         spawn=greenlets.spawn)
     server.init_socket()
     logs.route_gevent_errors()
