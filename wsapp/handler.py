@@ -46,7 +46,9 @@ class WsappHandler(WebSocketHandler):
         server = self.server.__dict__
         inherited = server.get("wsapp_nodelay_inherited")
         if inherited is None:
-            inherited = server["wsapp_nodelay_inherited"] = _has_nodelay(self.socket)
+            inherited = _has_nodelay(self.socket)
+            if inherited is not None:  # a socket that could not say (already reset) decides nothing
+                server["wsapp_nodelay_inherited"] = inherited
         if not inherited:
             with contextlib.suppress(OSError):
                 self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -364,12 +366,13 @@ def _status_code(status: object) -> int:
         return 0
 
 
-def _has_nodelay(sock: Any) -> bool:
-    """Whether an accepted socket came with TCP_NODELAY (inherited from its listener)."""
+def _has_nodelay(sock: Any) -> bool | None:
+    """Whether an accepted socket came with TCP_NODELAY (inherited from its listener); None when
+    the socket cannot tell."""
     try:
         return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
     except OSError:
-        return False
+        return None
 
 
 def _nothing_now(_buffer: Any) -> None:

@@ -28,7 +28,7 @@ def accepted(tuned: bool) -> tuple[socket.socket, socket.socket]:
 def test_accepted_sockets_inherit_nodelay_from_a_tuned_listener() -> None:
     conn, client = accepted(tuned=True)
     try:
-        assert _has_nodelay(conn)
+        assert _has_nodelay(conn) is True
     finally:
         conn.close()
         client.close()
@@ -37,7 +37,7 @@ def test_accepted_sockets_inherit_nodelay_from_a_tuned_listener() -> None:
 def test_an_untuned_listener_gives_sockets_without_nodelay() -> None:
     conn, client = accepted(tuned=False)
     try:
-        assert not _has_nodelay(conn)  # so the handler sets it on each connection itself
+        assert _has_nodelay(conn) is False  # so the handler sets it on each connection itself
     finally:
         conn.close()
         client.close()
@@ -63,8 +63,8 @@ def test_a_connection_made_as_the_listener_opens_inherits_its_options() -> None:
     client = socket.create_connection(listener.getsockname())
     conn = accept_one(listener, client)
     try:
-        assert not _has_nodelay(early)
-        assert _has_nodelay(conn)
+        assert _has_nodelay(early) is False
+        assert _has_nodelay(conn) is True
         assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
         assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
     finally:
@@ -79,3 +79,11 @@ def test_listen_on_a_taken_port_raises() -> None:
             listen("127.0.0.1", taken.getsockname()[1], 16)
     finally:
         taken.close()
+
+
+def test_a_socket_that_cannot_tell_decides_nothing() -> None:
+    # The handler caches the first definite answer per server; a socket already gone gives none.
+    conn, client = accepted(tuned=False)
+    conn.close()
+    client.close()
+    assert _has_nodelay(conn) is None
