@@ -27,6 +27,7 @@ import selectors
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -661,6 +662,53 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# Per-run ratios: (key, label, higher is better).
+PAIRED_KEYS = [("deliveries_per_s", "deliveries/s", True), ("p50_ms", "p50", False),
+               ("cpu_us_per_delivery", "CPU/delivery", False), ("handshakes_per_s", "handshakes/s", True),
+               ("cpu_us_per_handshake", "CPU/handshake", False)]
+
+
+def paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each wsapp run against the Node run (and, with --baseline, the baseline tree's run) of the same
+    repeat, which ran next to it: the host's speed drifts by 10-50 % over minutes here, so a median of
+    per-run ratios says more than a ratio of medians taken minutes apart."""
+    out = []
+    by = {(r["case"], r["variant"]): r for r in rows}
+    for (case, variant), r in by.items():
+        against = ["node"] + ([variant.replace("wsapp", "base")] if variant.startswith("wsapp") else [])
+        for other in against:
+            o = by.get((case, other))
+            if variant == "node" or o is None or case == "burst" or not r.get("repeats") or not o.get("repeats"):
+                continue
+            entry: dict[str, Any] = {"case": case, "variant": variant, "against": other}
+            for key, _label, _higher in PAIRED_KEYS:
+                pairs = [(a.get(key), b.get(key)) for a, b in zip(r["repeats"], o["repeats"], strict=False)]
+                vals = [a / b for a, b in pairs if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b]
+                if vals:
+                    entry[key] = vals
+            if len(entry) > 3:
+                out.append(entry)
+    return out
+
+
+def paired_markdown(pairs: list[dict[str, Any]], titles: dict[str, str]) -> list[str]:
+    lines = ["", "Per-run ratios (each run ÷ the run next to it in the same repeat): median, range, and in how "
+             "many runs the first was better.", "", "| case | server ÷ against | " +
+             " | ".join(label for _k, label, _h in PAIRED_KEYS) + " |", "|---|---|" + "---|" * len(PAIRED_KEYS)]
+    for e in pairs:
+        cells = []
+        for key, _label, higher in PAIRED_KEYS:
+            vals = sorted(e.get(key) or [])
+            if not vals:
+                cells.append("")
+                continue
+            better = sum(1 for v in vals if (v > 1) == higher and v != 1)
+            cells.append(f"{statistics.median(vals):.2f}x ({vals[0]:.2f}-{vals[-1]:.2f}), {better}/{len(vals)}")
+        lines.append(f"| {titles.get(e['case'], e['case'])} | {LABELS[e['variant']]} ÷ {LABELS[e['against']]} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def fmt(v: Any, digits: int = 1, ratio: bool = False) -> str:
     if v is None:
         return "-"
@@ -815,6 +863,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], rats: list[dict[s
     deflate = [r for r in rows if r["case"].startswith("z-")]
     if deflate:
         lines += deflate_markdown(meta, deflate, rat, titles)
+    pairs = paired(rows)
+    if pairs:
+        lines += paired_markdown(pairs, titles)
     notes = [f"- {LABELS[r['variant']]}, {r['case']}: {'; '.join(r['problems'])}" for r in rows if r.get("problems")]
     if notes:
         lines += ["", "Problems seen:", *notes]
