@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -265,7 +266,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         which = " (baseline)" if baseline else ""
         if broker == "redis" and mem and r.get("messages_per_s") and mem.get("messages_per_s"):
             lines.append(f"- {case} {mode}{which}: Redis ÷ in-process = "
-                         f"{r['messages_per_s'] / mem['messages_per_s']:.2f}x messages/s")
+                         f"{r['messages_per_s'] / mem['messages_per_s']:.2f}x messages/s{per_run(r, mem)}")
         old = by.get((part, case, mode, broker, procs, True))
         if not baseline and old and r.get("server_us_per_message") and old.get("server_us_per_message"):
             lines.append(f"- {case} {mode} {broker}, {procs} process(es): this checkout ÷ baseline = "
@@ -274,6 +275,17 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if lines:
         out += ["", *lines]
     return "\n".join(out) + "\n"
+
+
+def per_run(r: dict[str, Any], other: dict[str, Any]) -> str:
+    """Each run's messages/s ÷ the other setup's run of the same repeat (they ran one after the other;
+    the host's speed drifts over minutes): median and range."""
+    vals = sorted(a["messages_per_s"] / b["messages_per_s"] for a, b in
+                  zip(r.get("repeats") or [], other.get("repeats") or [], strict=False)
+                  if a.get("messages_per_s") and b.get("messages_per_s"))
+    if len(vals) < 2:
+        return ""
+    return f" (run by run: median {statistics.median(vals):.2f}x, {vals[0]:.2f}-{vals[-1]:.2f}x)"
 
 
 def main() -> int:
