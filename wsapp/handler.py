@@ -23,7 +23,7 @@ from wsapp.exceptions import Refuse
 from wsapp.extension import ENV_CONNECTION, ENV_IDENTITY, ENV_SUBPROTOCOL, WebSocketRoute
 from wsapp.frames import CloseCode
 from wsapp.handshake import accept_key, check_upgrade, is_upgrade, query_value, select_subprotocol
-from wsapp.request_headers import parse_headers
+from wsapp.request_headers import environ_headers, parse_headers
 from wsapp.rooms import display_name
 from wsapp.route_match import endpoint_for
 from wsapp.services import Services, services_of
@@ -67,6 +67,13 @@ class WsappHandler(WebSocketHandler):
         """The request headers, as pywsgi's own parser gives them, without its `email` parser for
         plain header blocks (wsapp/request_headers.py)."""
         return parse_headers(fp)
+
+    def _headers(self) -> Any:  # pywsgi's: the HTTP_* pairs of the environ, from self.headers
+        pairs = environ_headers(self.headers)
+        return super()._headers() if pairs is None else pairs
+
+    def _check_http_version(self) -> bool:  # pywsgi's, which parses the version into ints each time
+        return self.request_version in _USUAL_VERSIONS or super()._check_http_version()
 
     def _services(self) -> Services:
         return services_of(self.server.application)
@@ -355,6 +362,9 @@ def close_code_label(code: int) -> str:
     if 1000 <= code <= 1015:
         return str(code)
     return "other"
+
+
+_USUAL_VERSIONS = ("HTTP/1.1", "HTTP/1.0")  # what pywsgi's _check_http_version accepts, surely
 
 
 def _status_code(status: object) -> int:

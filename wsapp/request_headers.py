@@ -29,6 +29,10 @@ _PLAIN_BLOCK = re.compile(rf"(?:{_NAME}:[^\r\n]*\r?\n)*(?:\r?\n)?")
 _HEADER = re.compile(rf"({_NAME}):[ \t]*([^\r\n]*)\r?\n")
 
 
+# Marks a message whose every header came from a plain `name: value` line (environ_headers).
+PLAIN = "wsapp_plain"
+
+
 class TooManyHeaders(client.HTTPException, ValueError):
     """More header lines than http.client allows. A ValueError too, so that pywsgi answers 400 and
     logs one line, as for any bad request, instead of also printing a traceback to stderr."""
@@ -59,8 +63,23 @@ def parse_headers(fp: Any) -> Any:
             message = OldMessage()
             message._headers = pairs  # what the feed parser's `set_raw` would have appended, in order
             message.set_payload("")  # the empty body the feed parser leaves after the headers
+            message.__dict__[PLAIN] = True  # every pair a plain line (see environ_headers)
             return message
     return Parser(_class=OldMessage).parsestr(text)
+
+
+def environ_headers(message: Any) -> Any:
+    """The `HTTP_*` environ pairs of a message `parse_headers` built from plain lines, as pywsgi's
+    `WSGIHandler._headers` makes them (it formats each pair as a line again and splits it): names
+    with `_` dropped, CONTENT_TYPE and CONTENT_LENGTH left to get_environ, values stripped. None for
+    any other message (continuation lines and the like: pywsgi's own then)."""
+    if not message.__dict__.get(PLAIN):
+        return None
+    return [("HTTP_" + key, value.strip()) for name, value in message._headers
+            if "_" not in name and (key := name.replace("-", "_").upper()) not in _LEFT_TO_ENVIRON]
+
+
+_LEFT_TO_ENVIRON = ("CONTENT_TYPE", "CONTENT_LENGTH")
 
 
 def _parses_body(name: str, value: str) -> bool:

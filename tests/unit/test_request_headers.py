@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from gevent.pywsgi import WSGIHandler, headers_factory
 
-from wsapp.request_headers import TooManyHeaders, parse_headers
+from wsapp.handler import WsappHandler
+from wsapp.request_headers import TooManyHeaders, environ_headers, parse_headers
 
 UPGRADE = (b"Host: 127.0.0.1:8080\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
@@ -103,9 +104,10 @@ def described(message: Any) -> dict[str, Any] | None:
     }
 
 
-def environ(message: Any) -> dict[str, Any]:
-    """What gevent.pywsgi's get_environ makes of the message (a request to `/`)."""
-    handler = WSGIHandler.__new__(WSGIHandler)
+def environ(message: Any, handler_class: type = WSGIHandler) -> dict[str, Any]:
+    """What gevent.pywsgi's get_environ makes of the message (a request to `/`), through pywsgi's
+    handler or wsapp's (whose `_headers` takes a plain message's pairs as they are)."""
+    handler = handler_class.__new__(handler_class)
     handler.headers = message
     handler.command, handler.path, handler.request_version = "GET", "/", "HTTP/1.1"
     handler.client_address = ("192.0.2.1", 40000)
@@ -130,11 +132,12 @@ def assert_same(data: bytes) -> None:
             want: Any = environ(ref_msg)
         except Exception as exc:  # pywsgi's own environ can fail on what the feed parser made
             want = type(exc)
-        try:
-            got: Any = environ(our_msg)
-        except Exception as exc:
-            got = type(exc)
-        assert got == want
+        for handler_class in (WSGIHandler, WsappHandler):
+            try:
+                got: Any = environ(our_msg, handler_class)
+            except Exception as exc:
+                got = type(exc)
+            assert got == want, handler_class
 
 
 @pytest.mark.parametrize("data", BLOCKS, ids=range(len(BLOCKS)))
@@ -182,3 +185,28 @@ def test_random_blocks(seed: int) -> None:
                 lines.append(b"".join(rng.choices(PIECES, k=rng.randint(1, 5))))
         tail = rng.choice([b"\r\n", b"\n", b"", b"\r\nbody"])
         assert_same(b"".join(lines) + tail)
+
+
+def test_a_plain_upgrade_gives_its_environ_pairs_without_pywsgi_reformatting_them() -> None:
+    message, error, _ = ours(b"Host: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX_Under: 1\r\n"
+                             b"Content-Length: 0\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n")
+    assert error is None
+    assert environ_headers(message) == [("HTTP_HOST", "a"), ("HTTP_UPGRADE", "websocket"),
+                                        ("HTTP_CONNECTION", "Upgrade"), ("HTTP_COOKIE", "a=1"), ("HTTP_COOKIE", "b=2")]
+    assert environ(message, WsappHandler)["HTTP_COOKIE"] == "a=1; b=2"  # joined by get_environ, as before
+    folded, _, _ = ours(b"Host: a\r\nX-Folded: 1\r\n 2\r\n\r\n")  # continuation: the email parser's
+    assert environ_headers(folded) is None
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0", "HTTP/0.9", "HTTP/2.0", "HTTP/1.10", "HTTP/01.1",
+                                     "HTTP/1", "HTTP/x.1", "http/1.1", "HTTP/1.-1", "HTTP/ 1.1", ""])
+def test_http_version_check_is_pywsgis(version: str) -> None:
+    def check(handler_class: type) -> Any:
+        handler = handler_class.__new__(handler_class)
+        handler.request_version = version
+        try:
+            return handler._check_http_version()
+        except Exception as exc:
+            return type(exc)
+
+    assert check(WsappHandler) == check(WSGIHandler)
