@@ -25,7 +25,7 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 def accept_key(key: str) -> str:
     """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key (RFC 6455 4.2.2)."""
-    return binascii.b2a_base64(hashlib.sha1(key.encode("ascii") + GUID).digest(), newline=False).decode("ascii")
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + GUID).digest()).decode("ascii")
 
 
 def is_upgrade(environ: Mapping[str, Any]) -> bool:

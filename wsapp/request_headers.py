@@ -5,7 +5,8 @@ package's feed parser: about a quarter of the Python time of a WebSocket handsha
 (docs/PERFORMANCE.md, "Connect time"). `parse_headers` here reads the lines exactly as
 `http.client` does (same line and count limits, same errors) and, when every line is a plain
 `name: value` line (a name of visible ASCII without `:`, a value without CR or LF, each line
-ended by LF or CRLF), builds the same `OldMessage` from one regular expression. Anything else
+ended by LF or CRLF), builds the same `OldMessage` from one regular expression (a `PlainMessage`,
+whose header lookups and environ pairs skip work pywsgi would repeat). Anything else
 (continuation lines, a line without a colon, a stray CR, an unterminated last line, a multipart or
 message Content-Type) goes to the `email` parser as before, so pywsgi's outcome, its 400s and
 its environ stay exactly what they were (tests/unit/test_request_headers.py compares both).
@@ -29,8 +30,30 @@ _PLAIN_BLOCK = re.compile(rf"(?:{_NAME}:[^\r\n]*\r?\n)*(?:\r?\n)?")
 _HEADER = re.compile(rf"({_NAME}):[ \t]*([^\r\n]*)\r?\n")
 
 
-# Marks a message whose every header came from a plain `name: value` line (environ_headers).
-PLAIN = "wsapp_plain"
+class PlainMessage(OldMessage):  # type: ignore[misc]  # gevent's class, untyped
+    """The `OldMessage` of a block of plain lines, with a faster `get`.
+
+    pywsgi asks a request's message for a header about seven times (Transfer-Encoding,
+    Content-Length, Connection, Content-Type, Upgrade), and the `email` package's `get` lowercases
+    every name each time. This one looks names up in a dict of the first value of each, rebuilt when
+    the header list is replaced or grows (`del`, `__setitem__`, `set_raw`, `add_header`) or a value is
+    replaced in place (`replace_header`); the value is given as the `email` package gives it.
+    """
+
+    def get(self, name: str, failobj: Any = None) -> Any:
+        headers = self._headers
+        index = self.__dict__.get("_index")
+        if index is None or index[0] is not headers or index[1] != len(headers):
+            first: dict[str, tuple[str, str]] = {}
+            for key, value in headers:
+                first.setdefault(key.lower(), (key, value))
+            index = self.__dict__["_index"] = (headers, len(headers), first)
+        found = index[2].get(name.lower())
+        return failobj if found is None else self.policy.header_fetch_parse(*found)
+
+    def replace_header(self, _name: str, _value: Any) -> None:
+        self.__dict__.pop("_index", None)
+        super().replace_header(_name, _value)
 
 
 class TooManyHeaders(client.HTTPException, ValueError):
@@ -60,10 +83,9 @@ def parse_headers(fp: Any) -> Any:
     if _PLAIN_BLOCK.fullmatch(text):
         pairs = _HEADER.findall(text)
         if not any(_parses_body(name, value) for name, value in pairs):
-            message = OldMessage()
+            message = PlainMessage()
             message._headers = pairs  # what the feed parser's `set_raw` would have appended, in order
             message.set_payload("")  # the empty body the feed parser leaves after the headers
-            message.__dict__[PLAIN] = True  # every pair a plain line (see environ_headers)
             return message
     return Parser(_class=OldMessage).parsestr(text)
 
@@ -73,7 +95,7 @@ def environ_headers(message: Any) -> Any:
     `WSGIHandler._headers` makes them (it formats each pair as a line again and splits it): names
     with `_` dropped, CONTENT_TYPE and CONTENT_LENGTH left to get_environ, values stripped. None for
     any other message (continuation lines and the like: pywsgi's own then)."""
-    if not message.__dict__.get(PLAIN):
+    if not isinstance(message, PlainMessage):
         return None
     return [("HTTP_" + key, value.strip()) for name, value in message._headers
             if "_" not in name and (key := name.replace("-", "_").upper()) not in _LEFT_TO_ENVIRON]

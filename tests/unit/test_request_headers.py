@@ -12,10 +12,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from gevent.pywsgi import WSGIHandler, headers_factory
+from gevent.pywsgi import OldMessage, WSGIHandler, headers_factory
 
 from wsapp.handler import WsappHandler
-from wsapp.request_headers import TooManyHeaders, environ_headers, parse_headers
+from wsapp.request_headers import PlainMessage, TooManyHeaders, environ_headers, parse_headers
 
 UPGRADE = (b"Host: 127.0.0.1:8080\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
@@ -91,7 +91,7 @@ def described(message: Any) -> dict[str, Any] | None:
     if message is None:
         return None
     return {
-        "type": type(message),
+        "type": OldMessage if isinstance(message, OldMessage) else type(message),  # a PlainMessage is one
         "status": message.status,
         "headers": list(message._headers),
         "payload": ([described(part) for part in message.get_payload()] if message.is_multipart()
@@ -210,3 +210,29 @@ def test_http_version_check_is_pywsgis(version: str) -> None:
             return type(exc)
 
     assert check(WsappHandler) == check(WSGIHandler)
+
+
+def test_plain_message_lookups_follow_every_change_as_the_email_package_does() -> None:
+    block = b"Host: a\r\nContent-Length: 5\r\nX-Dup: 1\r\nx-dup: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+    plain, _, _ = ours(block)
+    reference_msg, _, _ = reference(block)
+    assert isinstance(plain, PlainMessage) and not isinstance(reference_msg, PlainMessage)
+    names = ["host", "HOST", "content-length", "x-dup", "X-DUP", "transfer-encoding", "missing", "new", "Other"]
+
+    def same() -> None:
+        for name in names:
+            assert plain.get(name) == reference_msg.get(name), name
+            assert plain.get(name, "fallback") == reference_msg.get(name, "fallback"), name
+            assert (name in plain) == (name in reference_msg), name
+            assert plain[name] == reference_msg[name], name
+
+    same()
+    for change in (lambda m: m.__delitem__("content-length"),  # what pywsgi does for a chunked body
+                   lambda m: m.__setitem__("New", "3"),
+                   lambda m: m.replace_header("x-dup", "9"),  # in place: same list, same length
+                   lambda m: m.add_header("Other", "v", p="q"),
+                   lambda m: m.set_raw("Host", "second"),
+                   lambda m: m.__delitem__("x-dup")):
+        change(plain)
+        change(reference_msg)
+        same()
