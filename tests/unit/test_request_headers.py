@@ -77,9 +77,25 @@ def ours(data: bytes) -> tuple[Any, Any, bytes]:
     return _run(lambda fp: parse_headers(fp), data)
 
 
-def _run(parse: Any, data: bytes) -> tuple[Any, Any, bytes]:
+class Trickle(io.RawIOBase):
+    """A raw stream that gives at most `step` bytes per read, as a socket may (segments)."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data, self._step = data, step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._step, len(self._data))
+        buffer[:n], self._data = self._data[:n], self._data[n:]
+        return n
+
+
+def _run(parse: Any, data: bytes, step: int | None = None) -> tuple[Any, Any, bytes]:
     """(message or None, exception or None, what is left unread in the stream)."""
-    fp = io.BufferedReader(io.BytesIO(data))  # what pywsgi's rfile is: a BufferedReader
+    # What pywsgi's rfile is: a BufferedReader (over a socket that may give the bytes in pieces).
+    fp = io.BufferedReader(io.BytesIO(data) if step is None else Trickle(data, step))
     try:
         message, error = parse(fp), None
     except Exception as exc:
@@ -236,3 +252,15 @@ def test_plain_message_lookups_follow_every_change_as_the_email_package_does() -
         change(plain)
         change(reference_msg)
         same()
+
+
+@pytest.mark.parametrize("step", [1, 7, 40])
+def test_a_block_arriving_in_pieces_reads_the_same(step: int) -> None:
+    # A socket may give the request in pieces: the reader holds part of the block at a time.
+    for data in [*BLOCKS[:-4], b"Host: a\r\nUpgrade: websocket\r\n\r\n\x81\x85frame"]:
+        ref_msg, ref_err, ref_rest = _run(headers_factory, data, step)
+        our_msg, our_err, our_rest = _run(lambda fp: parse_headers(fp), data, step)
+        assert type(our_err) is (TooManyHeaders if isinstance(ref_err, client.HTTPException) else type(ref_err))
+        assert str(our_err) == str(ref_err)
+        assert described(our_msg) == described(ref_msg)
+        assert our_rest == ref_rest
