@@ -77,11 +77,12 @@ DEFER_ACCEPT_SECONDS = 1
 
 
 def listen(host: str, port: int, backlog: int) -> socket.socket:
-    """A bound, listening TCP socket with `tune_listener`'s options set before it
-    listens: Linux copies a listener's options to a connection when it is made, so one that came in
-    between `listen()` and the options (a health check or a load generator polling the port; gevent's
-    server looks up its own host name between the two) would lack them, and the handler, which asks
-    the first accepted socket whether TCP_NODELAY is inherited, would then set it on every
+    """A bound, listening TCP socket with `tune_listener`'s options set before it listens.
+
+    Linux copies a listener's options to a connection when the connection is made, so one that came
+    in between `listen()` and the options (a health check or a load generator polling the port;
+    gevent's server looked up its own host name between the two) would lack them, and the handler,
+    which asks the first accepted socket whether TCP_NODELAY is inherited, would then set it on every
     connection. SO_REUSEADDR as gevent and socket.create_server set it; IPv6 for a host with a colon."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
