@@ -259,11 +259,9 @@ class WsappHandler(WebSocketHandler):
 
     def log_request(self) -> None:
         """One line per HTTP request (a WebSocket's is its close line); never the query string."""
-        if self.__dict__.get("code") == 101:  # an upgrade (its line is the connection's close line)
+        if self.code == 101:  # an upgrade (its line is the connection's close line)
             return
         code = _status_code(self.status)
-        if code == 101:
-            return
         services = self._services()
         services.stats.http_requests += 1
         refusal: Refuse | None = getattr(self, "_refusal", None)
