@@ -668,26 +668,31 @@ PAIRED_KEYS = [("deliveries_per_s", "deliveries/s", True), ("p50_ms", "p50", Fal
                ("cpu_us_per_handshake", "CPU/handshake", False)]
 
 
+def run_ratios(runs: list[dict[str, Any]], others: list[dict[str, Any]], key: str) -> list[float]:
+    """`key` of each run ÷ the same of the other setup's run of the same repeat (they ran next to each
+    other: the host's speed drifts by 10-50 % over minutes here, so a median of these says more than
+    a ratio of medians taken minutes apart). Pairs missing the figure are left out."""
+    pairs = [(a.get(key), b.get(key)) for a, b in zip(runs, others, strict=False)]
+    return [a / b for a, b in pairs if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b]
+
+
 def paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each wsapp run against the Node run (and, with --baseline, the baseline tree's run) of the same
-    repeat, which ran next to it: the host's speed drifts by 10-50 % over minutes here, so a median of
-    per-run ratios says more than a ratio of medians taken minutes apart."""
+    """Each wsapp variant's runs against Node's (and, with --baseline, the baseline tree's) by
+    `run_ratios`, for every PAIRED_KEYS figure the case has."""
     out = []
     by = {(r["case"], r["variant"]): r for r in rows}
     for (case, variant), r in by.items():
+        if variant == "node" or case == "burst" or not r.get("repeats"):
+            continue
         against = ["node"] + ([variant.replace("wsapp", "base")] if variant.startswith("wsapp") else [])
         for other in against:
             o = by.get((case, other))
-            if variant == "node" or o is None or case == "burst" or not r.get("repeats") or not o.get("repeats"):
+            if o is None or not o.get("repeats"):
                 continue
-            entry: dict[str, Any] = {"case": case, "variant": variant, "against": other}
-            for key, _label, _higher in PAIRED_KEYS:
-                pairs = [(a.get(key), b.get(key)) for a, b in zip(r["repeats"], o["repeats"], strict=False)]
-                vals = [a / b for a, b in pairs if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b]
-                if vals:
-                    entry[key] = vals
-            if len(entry) > 3:
-                out.append(entry)
+            ratios = {key: vals for key, _label, _higher in PAIRED_KEYS
+                      if (vals := run_ratios(r["repeats"], o["repeats"], key))}
+            if ratios:
+                out.append({"case": case, "variant": variant, "against": other, **ratios})
     return out
 
 

@@ -278,11 +278,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def per_run(r: dict[str, Any], other: dict[str, Any]) -> str:
-    """Each run's messages/s ÷ the other setup's run of the same repeat (they ran one after the other;
-    the host's speed drifts over minutes): median and range."""
-    vals = sorted(a["messages_per_s"] / b["messages_per_s"] for a, b in
-                  zip(r.get("repeats") or [], other.get("repeats") or [], strict=False)
-                  if a.get("messages_per_s") and b.get("messages_per_s"))
+    """Each run's messages/s ÷ the other setup's run of the same repeat (`run.run_ratios`): median
+    and range."""
+    vals = sorted(base.run_ratios(r.get("repeats") or [], other.get("repeats") or [], "messages_per_s"))
     if len(vals) < 2:
         return ""
     return f" (run by run: median {statistics.median(vals):.2f}x, {vals[0]:.2f}-{vals[-1]:.2f}x)"
