@@ -36,6 +36,8 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--format", choices=["flamegraph", "raw", "speedscope"], default="flamegraph")
     p.add_argument("--clients", type=int, help="clients (default: the case's)")
+    p.add_argument("--nonblocking", action="store_true",
+                   help="py-spy reads without pausing the server (less distortion, some bad samples)")
     args = p.parse_args()
     py_spy = shutil.which("py-spy") or str(run.ROOT / ".venv" / "bin" / "py-spy")
     case = next(c for c in run.CASES if c.name == args.case)
@@ -48,7 +50,8 @@ def main() -> int:
         server.wait_listening()
         spy_cmd = run.pinned(run.LOADGEN_CORE, [py_spy, "record", "-r", str(args.rate), "-d",
                                                 str(int(args.seconds)), "-p", str(server.proc.pid),
-                                                "-f", args.format, "-o", str(args.out)])
+                                                "-f", args.format, "-o", str(args.out)]
+                               + (["--nonblocking"] if args.nonblocking else []))
         if case.connect:
             spy_cmd[spy_cmd.index("-d") + 1] = "120"  # stopped (SIGINT) once every client is in
             spy = subprocess.Popen(spy_cmd)
