@@ -61,10 +61,11 @@ class RawClient:
 
     def handshake(
         self, extra: dict[str, str], method: str = "GET", version: str = "HTTP/1.1", then: bytes = b"",
-        then_apart: bool = False,
+        then_apart: bool = False, head_apart: bool = False,
     ) -> int:
         """Send the upgrade request (and `then`: frames right behind it, in the same write or, with
-        `then_apart`, in a second segment before the 101 is read); the status."""
+        `then_apart`, in a second segment before the 101 is read; with `head_apart`, the request
+        itself goes in two segments, cut inside a header line); the status."""
         headers = {
             "Host": f"{self.host}:{self.port}",
             "Upgrade": "websocket",
@@ -75,10 +76,11 @@ class RawClient:
         headers.update(extra)
         lines = [f"{method} {self.path} {version}"] + [f"{k}: {v}" for k, v in headers.items() if v is not None]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if then_apart:
+        if then_apart or head_apart:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.sendall(request)
-            self.sock.sendall(then)
+            cut = len(request) // 2 if head_apart else len(request)
+            self.sock.sendall(request[:cut])
+            self.sock.sendall(request[cut:] + then if head_apart else then)
         else:
             self.sock.sendall(request + then)
         head = self._read_until(b"\r\n\r\n")

@@ -88,17 +88,18 @@ def test_client_close_handshake_echoes_code(relay_server: ServerProcess) -> None
     ws.shutdown()
 
 
-@pytest.mark.parametrize("apart", [False, True], ids=["same-write", "second-segment"])
-def test_frames_right_behind_the_handshake_are_served(relay_server: ServerProcess, apart: bool) -> None:
+@pytest.mark.parametrize("apart", ["", "frames", "head"], ids=["same-write", "second-segment", "head-in-two"])
+def test_frames_right_behind_the_handshake_are_served(relay_server: ServerProcess, apart: str) -> None:
     """A client that sends its first frames right behind the upgrade request loses none of them:
-    in the same write they are already in pywsgi's buffer when the connection takes the socket over;
-    in a second segment they may be there or still in the kernel, which the connection reads."""
+    in the same write they come with the request (the one-look reader of wsapp/upgrade_request.py
+    keeps them, or pywsgi's buffer when the head came in pieces, as with `head`); in a second segment
+    they may be there or still in the kernel, which the connection reads."""
     listener = connect(relay_server.ws("/"))
     wait_for(lambda: get_json(relay_server.http("/stats"))[1]["relay_clients"] == 1, what="listener")
     eager = RawClient(relay_server.ws("/"), upgrade=False)
     try:
         behind = client_frame(0x1, b"first") + client_frame(0x2, b"second") + client_frame(0x9, b"hb")
-        assert eager.handshake({}, then=behind, then_apart=apart) == 101
+        assert eager.handshake({}, then=behind, then_apart=apart == "frames", head_apart=apart == "head") == 101
         assert listener.recv() == "first"
         assert listener.recv() == b"second"
         pong = eager.recv_until_pong()

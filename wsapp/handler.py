@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import request as flask_request
 from gevent import socket as gsocket
-from gevent.pywsgi import WSGIHandler
+from gevent.pywsgi import Input, WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
 
 from wsapp.auth import Identity, client_ip
@@ -27,6 +27,7 @@ from wsapp.request_headers import environ_headers, parse_headers
 from wsapp.rooms import display_name
 from wsapp.route_match import endpoint_for
 from wsapp.services import Services, services_of
+from wsapp.upgrade_request import PlainUpgrade, read_plain_upgrade
 
 log = logging.getLogger(__name__)
 # One line per HTTP request (never its query string: tokens travel there).
@@ -37,8 +38,30 @@ class WsappHandler(WebSocketHandler):
     """gevent-websocket's handler with wsapp's admission checks and wsapp's own connection object."""
 
     _refusal: Refuse | None = None
+    _leftover = b""  # what a plain upgrade's client sent behind its head (wsapp/upgrade_request.py)
     socket: Any  # pywsgi's; None once the connection has taken it
     status: Any  # pywsgi's: the status line's bytes, or a str saying what failed
+
+    def __init__(self, sock: Any, address: Any, server: Any, rfile: Any = None) -> None:
+        # pywsgi's, but its request reader (`makefile`) is made when a request needs it: a plain
+        # upgrade request is read without one (`handle_one_request`).
+        self.socket = sock
+        self.client_address = address
+        self.server = server
+        if rfile is not None:
+            self.__dict__["rfile"] = rfile
+
+    @property
+    def rfile(self) -> Any:
+        """pywsgi's buffered reader of the socket, made on first use."""
+        reader = self.__dict__.get("rfile")
+        if reader is None:
+            reader = self.__dict__["rfile"] = self.socket.makefile("rb", -1)
+        return reader
+
+    @rfile.setter
+    def rfile(self, reader: Any) -> None:
+        self.__dict__["rfile"] = reader
 
     def handle(self) -> None:
         # Small frames must leave at once: Nagle + delayed ACK would add ~40 ms stalls to fan-out.
@@ -62,6 +85,36 @@ class WsappHandler(WebSocketHandler):
             # at the top of the greenlet, where its saved stack is small.
             self.__dict__.clear()
             then()
+
+    def handle_one_request(self) -> Any:
+        """pywsgi's, but a plain upgrade request (the usual one) is read in one look at the socket
+        instead of line by line through a reader (wsapp/upgrade_request.py); anything else, or a
+        socket with a reader already (its buffer may hold the request), is pywsgi's as before."""
+        sock = self.socket
+        if "rfile" in self.__dict__ or type(sock) is not gsocket.socket:
+            return super().handle_one_request()
+        try:
+            request = read_plain_upgrade(sock, self.server.get_environ(), self.client_address)
+        except OSError:  # reset, or the handshake timeout: pywsgi ends such connections quietly too
+            return None
+        if request is None:
+            return super().handle_one_request()
+        self._start_plain_upgrade(request)
+        self.handle_one_response()
+        return None if self.close_connection else True
+
+    def _start_plain_upgrade(self, request: PlainUpgrade) -> None:
+        """The state pywsgi's `handle_one_request` leaves before it calls `handle_one_response`."""
+        self.requestline = request.requestline
+        self.response_length = 0
+        self.command, self.path, self.request_version = "GET", request.path, "HTTP/1.1"
+        self.headers = request.headers
+        self.content_length = None
+        self.close_connection = request.close_connection
+        self.environ = request.environ
+        self.wsgi_input = Input(None, None)  # no body: nothing to discard after the response
+        self._leftover = request.leftover
+        self.application = self.server.application
 
     def MessageClass(self, fp: Any, *_args: Any) -> Any:  # pywsgi's name
         """The request headers, as pywsgi's own parser gives them, without its `email` parser for
@@ -149,7 +202,9 @@ class WsappHandler(WebSocketHandler):
         The connection reads the socket itself from here on; closing the reader frees its 8 KiB
         buffer, a quarter of what an idle connection used to cost (docs/PERFORMANCE.md).
         """
-        rfile = self.rfile  # pywsgi's `makefile("rb")`: a BufferedReader over the socket, TLS or not
+        rfile = self.__dict__.get("rfile")  # pywsgi's `makefile("rb")`: a BufferedReader over the socket
+        if rfile is None:  # a plain upgrade, read without one
+            return self._leftover
         # Only what the reader holds: with its raw stream saying "nothing now", read1 returns the
         # buffered bytes or b"" without a recv. Bytes still in the kernel are the connection's to
         # read; asking for them here cost a recv failing with EAGAIN and its exception on nearly

@@ -1,0 +1,138 @@
+"""A plain WebSocket upgrade request read in one look at the socket, instead of pywsgi's line by line.
+
+pywsgi reads a request through a buffered file over the socket (`makefile`): the request line, then
+each header line, then it builds the environ from the parsed message. For the usual upgrade request
+(one TCP segment, `GET <path> HTTP/1.1`, plain `name: value` lines, no body) `read_plain_upgrade`
+looks at what the kernel holds (`MSG_PEEK`), and only if the whole head is there and plain builds
+the environ pywsgi would build and then takes the head's bytes off the socket. Anything else
+(a head in pieces, a request with a body, a continuation line, TLS, HTTP/1.0, a plain GET) is
+left where it is for pywsgi to read as it always does, so its outcomes (400s, 414s, keep-alive)
+stay its own. tests/unit/test_upgrade_request.py compares the handler state and environ of both.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import socket
+from http import client
+from typing import Any
+
+from gevent.pywsgi import unquote_latin1
+
+from wsapp.request_headers import PlainMessage
+
+# The most a first look takes: pywsgi's reader asks the socket for its buffer's size, 8 KiB. A head
+# that does not fit is read by pywsgi.
+LOOK_BYTES = io.DEFAULT_BUFFER_SIZE
+_REQUEST_LINE = re.compile(r"GET ([\x21-\x7e]+) HTTP/1\.1\r\n")
+_NAME = r"[\x21-\x39\x3b-\x7e]+"  # as wsapp.request_headers: visible ASCII but ':'
+# A header line from a line's start: a block is plain when every line but the blank last one is one.
+_HEADER = re.compile(rf"^({_NAME}):[ \t]*([^\r\n]*)\r\n", re.MULTILINE)
+# Headers that make a request more than a plain upgrade for pywsgi (a body, a 100-continue, the
+# content type it reads through the message): such requests are pywsgi's.
+_BODY_HEADERS = frozenset(("content-length", "transfer-encoding", "content-type", "expect"))
+
+
+class PlainUpgrade:
+    """What `read_plain_upgrade` took off the socket: the handler state pywsgi's `read_request` and
+    `get_environ` would have set, and the bytes the client sent behind the head."""
+
+    __slots__ = ("close_connection", "environ", "headers", "leftover", "path", "requestline")
+
+    def __init__(self, requestline: str, path: str, headers: Any, environ: dict[str, Any],
+                 close_connection: bool) -> None:
+        self.requestline = requestline
+        self.path = path
+        self.headers = headers  # a PlainMessage, as wsapp.request_headers gives pywsgi
+        self.environ = environ
+        self.close_connection = close_connection  # pywsgi's reading of Connection
+        self.leftover = b""
+
+
+def parse_plain_upgrade(data: bytes, base_environ: dict[str, Any], client_address: Any) -> tuple[
+        PlainUpgrade, int] | None:
+    """The upgrade request at the start of `data` and the length of its head, or None when it is not a
+    whole plain upgrade request (pywsgi's to read then)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    text = data[:end + 4].decode("latin-1")
+    line = _REQUEST_LINE.match(text)
+    if line is None:
+        return None
+    block = text[line.end():]
+    pairs = _HEADER.findall(block)
+    # Each line gives at most one match, from its start; a line that is not plain gives none (a bare
+    # CR or LF splits or spoils one). The blank line that ends the block counts to the limit too.
+    if len(pairs) != block.count("\n") - 1 or len(pairs) >= _MAX_HEADERS:
+        return None
+    path = line.group(1)
+    route, query = path.split("?", 1) if "?" in path else (path, "")
+    env = dict(base_environ)  # in pywsgi's get_environ's order
+    env["REQUEST_METHOD"] = "GET"
+    env["SCRIPT_NAME"] = ""
+    env["PATH_INFO"] = unquote_latin1(route)
+    env["QUERY_STRING"] = query
+    env["SERVER_PROTOCOL"] = "HTTP/1.1"
+    if isinstance(client_address, tuple):
+        env["REMOTE_ADDR"] = str(client_address[0])
+        env["REMOTE_PORT"] = str(client_address[1])
+    connection = upgrade = None  # the first of each, as pywsgi's header lookups give them
+    for name, value in pairs:
+        known = _NAMES.get(name) or _learn(name)
+        if known is _BODY:
+            return None
+        if known is _CONNECTION:
+            connection = value.lower() if connection is None else connection
+        elif known is _UPGRADE:
+            upgrade = value.lower() if upgrade is None else upgrade
+        if known[1]:  # its environ key (none for names with "_", which pywsgi drops)
+            value = value.strip()
+            if known[1] in env:
+                env[known[1]] += ("; " if "COOKIE" in known[1] else ",") + value
+            else:
+                env[known[1]] = value
+    # An upgrade for wsapp (handshake.is_upgrade) that pywsgi takes for one too (its environ then
+    # gives the reader itself as wsgi.input, unterminated).
+    if env.get("HTTP_UPGRADE", "").lower() != "websocket" or not (connection == "upgrade" or upgrade == "websocket"):
+        return None
+    env["wsgi.input"] = io.BytesIO()  # an upgrade has no body: the socket is the connection's
+    env["wsgi.input_terminated"] = False
+    headers = PlainMessage()
+    headers._headers = pairs
+    headers.set_payload("")
+    return PlainUpgrade(text[:line.end() - 2], path, headers, env, connection == "close"), end + 4
+
+
+_MAX_HEADERS: int = getattr(client, "_MAXHEADERS")  # noqa: B009 - private in typeshed, public in effect
+# What a header name means here: its lowercase form and its environ key (None when pywsgi leaves it
+# out), learnt once per spelling; a few names are told apart by identity.
+_BODY = ("body", None)  # Content-Length and the like: not a plain upgrade
+_CONNECTION = ("connection", "HTTP_CONNECTION")
+_UPGRADE = ("upgrade", "HTTP_UPGRADE")
+_SPECIAL = {"connection": _CONNECTION, "upgrade": _UPGRADE, **{name: _BODY for name in _BODY_HEADERS}}
+_NAMES: dict[str, tuple[str, str | None]] = {}
+_NAMES_KEPT = 512  # spellings remembered; a client inventing names only costs itself the lookups
+
+
+def _learn(name: str) -> tuple[str, str | None]:
+    lowered = name.lower()
+    known = _SPECIAL.get(lowered) or (lowered, None if "_" in name else "HTTP_" + name.replace("-", "_").upper())
+    if len(_NAMES) < _NAMES_KEPT:
+        _NAMES[name] = known
+    return known
+
+
+def read_plain_upgrade(sock: Any, base_environ: dict[str, Any], client_address: Any) -> PlainUpgrade | None:
+    """The plain upgrade request waiting on `sock` (a gevent socket), taken off it; None, with nothing
+    read, when what is there is anything else. Waits, within the socket's timeout, for the first
+    bytes; socket errors are raised."""
+    data = sock.recv(LOOK_BYTES, socket.MSG_PEEK)
+    parsed = parse_plain_upgrade(data, base_environ, client_address)
+    if parsed is None:
+        return None
+    request, head = parsed
+    # All of it (the kernel holds at least that much now): what follows the head is the connection's.
+    request.leftover = sock.recv(len(data))[head:]
+    return request
