@@ -25,9 +25,9 @@ from gevent.pywsgi import OldMessage
 # characters 0x21-0x7E except ':'), narrowed to one that needs no further rule: a non-empty name,
 # then the value up to the line end. The parser strips spaces and tabs before the value (the
 # compat32 policy's `header_source_parse`), keeps those after it, and drops the CR LF.
-_NAME = r"[\x21-\x39\x3b-\x7e]+"
-_PLAIN_BLOCK = re.compile(rf"(?:{_NAME}:[^\r\n]*\r?\n)*(?:\r?\n)?")
-_HEADER = re.compile(rf"({_NAME}):[ \t]*([^\r\n]*)\r?\n")
+HEADER_NAME = r"[\x21-\x39\x3b-\x7e]+"
+_PLAIN_BLOCK = re.compile(rf"(?:{HEADER_NAME}:[^\r\n]*\r?\n)*(?:\r?\n)?")
+_HEADER = re.compile(rf"({HEADER_NAME}):[ \t]*([^\r\n]*)\r?\n")
 
 
 class PlainMessage(OldMessage):  # type: ignore[misc]  # gevent's class, untyped
@@ -97,11 +97,17 @@ def environ_headers(message: Any) -> Any:
     any other message (continuation lines and the like: pywsgi's own then)."""
     if not isinstance(message, PlainMessage):
         return None
-    return [("HTTP_" + key, value.strip()) for name, value in message._headers
-            if "_" not in name and (key := name.replace("-", "_").upper()) not in _LEFT_TO_ENVIRON]
+    return [(key, value.strip()) for name, value in message._headers
+            if (key := environ_key(name)) is not None and key not in _LEFT_TO_ENVIRON]
 
 
-_LEFT_TO_ENVIRON = ("CONTENT_TYPE", "CONTENT_LENGTH")
+def environ_key(name: str) -> str | None:
+    """The environ key pywsgi gives a header's value (`HTTP_` and the name in upper case, `-` as
+    `_`), or None for a name with `_`, which pywsgi leaves out."""
+    return None if "_" in name else "HTTP_" + name.replace("-", "_").upper()
+
+
+_LEFT_TO_ENVIRON = ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH")
 
 
 def _parses_body(name: str, value: str) -> bool:

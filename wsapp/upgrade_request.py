@@ -20,15 +20,14 @@ from typing import Any
 
 from gevent.pywsgi import unquote_latin1
 
-from wsapp.request_headers import PlainMessage
+from wsapp.request_headers import HEADER_NAME, PlainMessage, environ_key
 
 # The most a first look takes: pywsgi's reader asks the socket for its buffer's size, 8 KiB. A head
 # that does not fit is read by pywsgi.
 LOOK_BYTES = io.DEFAULT_BUFFER_SIZE
 _REQUEST_LINE = re.compile(r"GET ([\x21-\x7e]+) HTTP/1\.1\r\n")
-_NAME = r"[\x21-\x39\x3b-\x7e]+"  # as wsapp.request_headers: visible ASCII but ':'
 # A header line from a line's start: a block is plain when every line but the blank last one is one.
-_HEADER = re.compile(rf"^({_NAME}):[ \t]*([^\r\n]*)\r\n", re.MULTILINE)
+_HEADER = re.compile(rf"^({HEADER_NAME}):[ \t]*([^\r\n]*)\r\n", re.MULTILINE)
 # Headers that make a request more than a plain upgrade for pywsgi (a body, a 100-continue, the
 # content type it reads through the message): such requests are pywsgi's.
 _BODY_HEADERS = frozenset(("content-length", "transfer-encoding", "content-type", "expect"))
@@ -55,7 +54,9 @@ def parse_plain_upgrade(data: bytes, base_environ: dict[str, Any], client_addres
     """The upgrade request at the start of `data` and the length of its head, or None when it is not a
     whole plain upgrade request (pywsgi's to read then)."""
     end = data.find(b"\r\n\r\n")
-    if end < 0:
+    # http.client's limits, read here as wsapp.request_headers reads them: a head no longer than one
+    # allowed line has no line over the limit.
+    if end < 0 or end + 4 > getattr(client, "_MAXLINE"):  # noqa: B009 - private in typeshed
         return None
     text = data[:end + 4].decode("latin-1")
     line = _REQUEST_LINE.match(text)
@@ -65,7 +66,7 @@ def parse_plain_upgrade(data: bytes, base_environ: dict[str, Any], client_addres
     pairs = _HEADER.findall(block)
     # Each line gives at most one match, from its start; a line that is not plain gives none (a bare
     # CR or LF splits or spoils one). The blank line that ends the block counts to the limit too.
-    if len(pairs) != block.count("\n") - 1 or len(pairs) >= _MAX_HEADERS:
+    if len(pairs) != block.count("\n") - 1 or len(pairs) >= getattr(client, "_MAXHEADERS"):  # noqa: B009
         return None
     path = line.group(1)
     route, query = path.split("?", 1) if "?" in path else (path, "")
@@ -80,19 +81,21 @@ def parse_plain_upgrade(data: bytes, base_environ: dict[str, Any], client_addres
         env["REMOTE_PORT"] = str(client_address[1])
     connection = upgrade = None  # the first of each, as pywsgi's header lookups give them
     for name, value in pairs:
-        known = _NAMES.get(name) or _learn(name)
-        if known is _BODY:
+        key = _KEYS.get(name)
+        if key is None:
+            key = _learn(name)
+        if key == _BODY:
             return None
-        if known is _CONNECTION:
+        if key == "HTTP_CONNECTION":
             connection = value.lower() if connection is None else connection
-        elif known is _UPGRADE:
+        elif key == "HTTP_UPGRADE":
             upgrade = value.lower() if upgrade is None else upgrade
-        if known[1]:  # its environ key (none for names with "_", which pywsgi drops)
+        if key != _DROPPED:
             value = value.strip()
-            if known[1] in env:
-                env[known[1]] += ("; " if "COOKIE" in known[1] else ",") + value
+            if key in env:  # repeated: joined as pywsgi's get_environ joins them
+                env[key] += ("; " if "COOKIE" in key else ",") + value
             else:
-                env[known[1]] = value
+                env[key] = value
     # An upgrade for wsapp (handshake.is_upgrade) that pywsgi takes for one too (its environ then
     # gives the reader itself as wsgi.input, unterminated).
     if env.get("HTTP_UPGRADE", "").lower() != "websocket" or not (connection == "upgrade" or upgrade == "websocket"):
@@ -105,23 +108,18 @@ def parse_plain_upgrade(data: bytes, base_environ: dict[str, Any], client_addres
     return PlainUpgrade(text[:line.end() - 2], path, headers, env, connection == "close"), end + 4
 
 
-_MAX_HEADERS: int = getattr(client, "_MAXHEADERS")  # noqa: B009 - private in typeshed, public in effect
-# What a header name means here: its lowercase form and its environ key (None when pywsgi leaves it
-# out), learnt once per spelling; a few names are told apart by identity.
-_BODY = ("body", None)  # Content-Length and the like: not a plain upgrade
-_CONNECTION = ("connection", "HTTP_CONNECTION")
-_UPGRADE = ("upgrade", "HTTP_UPGRADE")
-_SPECIAL = {"connection": _CONNECTION, "upgrade": _UPGRADE, **{name: _BODY for name in _BODY_HEADERS}}
-_NAMES: dict[str, tuple[str, str | None]] = {}
-_NAMES_KEPT = 512  # spellings remembered; a client inventing names only costs itself the lookups
+# A header name's environ key (request_headers.environ_key), learnt once per spelling; or one of:
+_DROPPED = "-"  # a name with "_", which pywsgi leaves out of the environ
+_BODY = "+"  # Content-Length and the like: not a plain upgrade
+_KEYS: dict[str, str] = {}
+_KEYS_KEPT = 512  # spellings remembered; a client inventing names only costs itself the lookups
 
 
-def _learn(name: str) -> tuple[str, str | None]:
-    lowered = name.lower()
-    known = _SPECIAL.get(lowered) or (lowered, None if "_" in name else "HTTP_" + name.replace("-", "_").upper())
-    if len(_NAMES) < _NAMES_KEPT:
-        _NAMES[name] = known
-    return known
+def _learn(name: str) -> str:
+    key = _BODY if name.lower() in _BODY_HEADERS else environ_key(name) or _DROPPED
+    if len(_KEYS) < _KEYS_KEPT:
+        _KEYS[name] = key
+    return key
 
 
 def read_plain_upgrade(sock: Any, base_environ: dict[str, Any], client_address: Any) -> PlainUpgrade | None:

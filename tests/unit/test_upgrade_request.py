@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import random
 import socket
+from http import client as http_client
 from types import SimpleNamespace
 from typing import Any
 
@@ -161,3 +162,17 @@ def test_a_reset_or_a_timeout_is_the_sockets_error() -> None:
             read_plain_upgrade(a, dict(BASE), PEER)
         b.close()
         assert read_plain_upgrade(a, dict(BASE), PEER) is None  # end of stream: pywsgi's to see
+
+
+def test_http_clients_limits_are_read_when_a_request_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lowered at run time, as tests/unit/test_request_headers.py lowers them for pywsgi's path: a
+    request with more lines than allowed, or a head longer than one allowed line (this reader does not
+    measure each line), is left to pywsgi."""
+    request = TAKEN[15]  # 99 header lines, 1,167 bytes
+    assert parse_plain_upgrade(request, dict(BASE), PEER) is not None
+    monkeypatch.setattr(http_client, "_MAXHEADERS", 99)
+    assert parse_plain_upgrade(request, dict(BASE), PEER) is None
+    monkeypatch.setattr(http_client, "_MAXHEADERS", 100)
+    monkeypatch.setattr(http_client, "_MAXLINE", 1000)
+    assert parse_plain_upgrade(request, dict(BASE), PEER) is None
+    assert parse_plain_upgrade(TAKEN[0], dict(BASE), PEER) is not None
