@@ -49,10 +49,11 @@ class PlainUpgrade:
         self.leftover = b""
 
 
-def parse_plain_upgrade(data: bytes, base_environ: dict[str, Any], client_address: Any) -> tuple[
+def parse_plain_upgrade(data: bytes, env: dict[str, Any], client_address: Any) -> tuple[
         PlainUpgrade, int] | None:
     """The upgrade request at the start of `data` and the length of its head, or None when it is not a
-    whole plain upgrade request (pywsgi's to read then)."""
+    whole plain upgrade request (pywsgi's to read then). `env` is the server's base environ for this
+    request, a dict of its own (pywsgi's `server.get_environ()`), filled in here as the request's."""
     end = data.find(b"\r\n\r\n")
     # http.client's limits, read here as wsapp.request_headers reads them: a head no longer than one
     # allowed line has no line over the limit.
@@ -70,8 +71,7 @@ def parse_plain_upgrade(data: bytes, base_environ: dict[str, Any], client_addres
         return None
     path = line.group(1)
     route, query = path.split("?", 1) if "?" in path else (path, "")
-    env = dict(base_environ)  # in pywsgi's get_environ's order
-    env["REQUEST_METHOD"] = "GET"
+    env["REQUEST_METHOD"] = "GET"  # in pywsgi's get_environ's order
     env["SCRIPT_NAME"] = ""
     env["PATH_INFO"] = unquote_latin1(route)
     env["QUERY_STRING"] = query
@@ -122,12 +122,12 @@ def _learn(name: str) -> str:
     return key
 
 
-def read_plain_upgrade(sock: Any, base_environ: dict[str, Any], client_address: Any) -> PlainUpgrade | None:
+def read_plain_upgrade(sock: Any, env: dict[str, Any], client_address: Any) -> PlainUpgrade | None:
     """The plain upgrade request waiting on `sock` (a gevent socket), taken off it; None, with nothing
     read, when what is there is anything else. Waits, within the socket's timeout, for the first
     bytes; socket errors are raised."""
     data = sock.recv(LOOK_BYTES, socket.MSG_PEEK)
-    parsed = parse_plain_upgrade(data, base_environ, client_address)
+    parsed = parse_plain_upgrade(data, env, client_address)
     if parsed is None:
         return None
     request, head = parsed
