@@ -179,6 +179,18 @@ def test_publish_commands_pack_what_publish_call_would() -> None:
     assert sharded.command("p1.3", "lobby", head, tail, "m7", "e1") == expected
 
 
+def test_relay_commands_pack_what_pack_command_would() -> None:
+    from wsapp.backends.redis_stream import pack_command
+
+    commands = wire.RelayCommands()
+    for incarnation, frame in (("p1.3", b"hello"), ("p1.3", b""), ("p1.4", bytes(range(256)) * 3)):
+        expected = pack_command((b"PUBLISH", wire.RELAY_CHANNEL, wire.relay_prefix(incarnation) + frame))
+        assert commands.command(incarnation, frame) == expected
+    sharded = wire.RelayCommands(sharded=True)
+    expected = pack_command((b"SPUBLISH", wire.RELAY_CHANNEL, wire.relay_prefix("p1.3") + b"x"))
+    assert sharded.command("p1.3", b"x") == expected
+
+
 def test_replication_life_is_the_replication_id_and_on_a_cluster_the_node_id_too() -> None:
     info = (b"# Replication\r\nrole:master\r\nconnected_slaves:1\r\nmaster_failover_state:no-failover\r\n"
             b"master_replid:" + b"9f" * 20 + b"\r\nmaster_replid2:" + b"0" * 40 + b"\r\n")

@@ -64,8 +64,7 @@ MAX_BACKOFF = 2.0
 TOPOLOGY_POLL = 0.5
 SETTLE_PAUSE = 0.05  # between sends of calls a settling Cluster refused (CLUSTERDOWN), within the stream's retry window
 PUBLISH_BATCH = 512  # rooms per pipeline when registering or keeping members alive
-RELAY_BATCH = 256  # relay frames per pipeline (still one PUBLISH each)
-RELAY_BACKLOG = 10000  # relay frames waiting for Redis; past this the sender waits (pacing) until half have gone
+RELAY_BACKLOG = 10000  # relay frames sent to Redis, not answered yet; past this the sender waits until half are
 RESTARTED_TEXT = "the room's numbering restarted (its counter was lost in the broker): new epoch"
 GAP_TEXT = "some messages were missed while the broker was away and are no longer kept"
 SUBSCRIBED = frozenset({"subscribe", "ssubscribe"})
@@ -161,11 +160,10 @@ class RedisBackend:
         self.epochs = wire.EpochProposals()
         # Local rooms and their members (for re-registering after a reconnect).
         self._members: dict[str, dict[str, str]] = {}
-        # Relay frames on their way to Redis, in the order this process's clients sent them.
+        # Relay frames go to Redis on the relay shard's command stream, in the order this process's
+        # clients sent them; those not answered yet are counted (the sender's pacing).
         self._relay_deliver: RelayFrames | None = None
-        self._relay_queue: deque[bytes] = deque()
-        self._relay_wake = Event()
-        self._relay_publisher: gevent.Greenlet | None = None
+        self._relay_inflight = 0
         self._relay_drained = Event()
         # What /stats and /metrics show of the broker (see `counters`).
         self.reconnects = 0
@@ -216,7 +214,6 @@ class RedisBackend:
 
     def attach_relay(self, deliver: RelayFrames) -> RelayFrames | None:
         self._relay_deliver = deliver
-        self._relay_publisher = gevent.spawn(self._publish_relay_forever)
         return self._share_relay
 
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Seq:
@@ -306,9 +303,8 @@ class RedisBackend:
 
     def close(self) -> None:
         self._closing.set()
-        for greenlet in (self._topology, self._relay_publisher):
-            if greenlet is not None:
-                greenlet.kill(timeout=self._timeout)
+        if self._topology is not None:
+            self._topology.kill(timeout=self._timeout)
         for shard in list(self._shards.values()):
             shard.close()
         if self._cluster is not None:
@@ -468,54 +464,42 @@ class RedisBackend:
             except Exception:
                 log.exception("broker: delivering a relay message from another process failed")
 
-    # ---- the relay: one PUBLISH per message, sent from one greenlet -----------------------------
+    # ---- the relay: one PUBLISH per message, on the relay shard's command stream ----------------
 
     def _share_relay(self, frame: bytes) -> None:
-        """Queue one of this process's relay frames for the others. The sender's reader does not wait
-        on Redis round trips, only when Redis falls RELAY_BACKLOG frames behind: then it waits (pacing
-        its client, as for a slow local reader) until half of them have gone."""
+        """Send one of this process's relay frames to the others. The sender's reader does not wait
+        on Redis round trips, only when RELAY_BACKLOG frames are unanswered: then it waits (pacing its
+        client, as for a slow local reader) until half of them have been answered."""
         shard = self.relay_shard()
         if shard is None or not shard.healthy:
             return  # like rooms: while the broker is away, local clients only
-        queue = self._relay_queue
-        if len(queue) >= RELAY_BACKLOG:
+        if self._relay_inflight >= RELAY_BACKLOG:
             self._relay_waits += 1
-            while len(queue) >= RELAY_BACKLOG // 2 and shard.healthy:
+            while self._relay_inflight >= RELAY_BACKLOG // 2 and shard.healthy:
                 self._relay_drained.clear()
                 self._relay_drained.wait(self._timeout)
             if not shard.healthy:
                 return
-        queue.append(frame)
-        if len(queue) == 1:
-            self._relay_wake.set()
+        try:
+            shard.share_relay(frame, self._relay_answered)
+        except BrokerUnavailable:  # the stream was closed (a shard dropped): the frame stays here, as above
+            return
+        self._relay_inflight += 1
 
-    def _publish_relay_forever(self) -> None:
-        queue = self._relay_queue
-        command = wire.publish_command(self.sharded)
-        while True:
-            if len(queue) < RELAY_BACKLOG // 2:
-                self._relay_drained.set()
-            if not queue:
-                self._relay_wake.clear()
-                self._relay_wake.wait()
-                continue
-            batch = [queue.popleft() for _ in range(min(len(queue), RELAY_BATCH))]
+    def _relay_answered(self, reply: Any, failure: BaseException | None) -> None:
+        """A relay PUBLISH's reply (the stream's reader), or its failure (the broker went away: the
+        frame is dropped, the relay keeps nothing; the shard already knows)."""
+        self._relay_inflight -= 1
+        if self._relay_inflight == RELAY_BACKLOG // 2 - 1:
+            self._relay_drained.set()
+        if failure is None and isinstance(reply, Exception):
             shard = self.relay_shard()
-            if shard is None:
-                queue.clear()
-                continue
-            prefix = wire.relay_prefix(shard.incarnation)
-
-            def send(batch: list[bytes] = batch, prefix: bytes = prefix, shard: Shard = shard) -> None:
-                pipe = shard.client.pipeline(transaction=False)
-                for frame in batch:
-                    pipe.execute_command(command, wire.RELAY_CHANNEL, prefix + frame)
-                pipe.execute()
-
-            # Broker down: the batch is dropped (the relay keeps nothing) and _share_relay stops queueing.
-            if shard.call(send) is None and not shard.healthy:
-                queue.clear()
-                self._relay_drained.set()
+            if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
+                self.topology_changed()  # the relay channel's slot moved: its subscription moves with it
+            elif _another_primary(reply) and shard is not None:
+                shard.lost(reply)
+            else:
+                log.debug("broker: a relay frame was refused (%s)", reply)
 
 
 class Shard:
@@ -568,6 +552,7 @@ class Shard:
         self._settling = False  # a CLUSTERDOWN/TRYAGAIN reply came: pause before sending again
         self._beat_window = stream.RetryWindow()  # how long the heartbeat rides out a settling Cluster
         self._publish_commands = wire.PublishCommands(self.publish_script.sha, backend._history, self._sharded)
+        self._relay_commands = wire.RelayCommands(self._sharded)
 
     @property
     def where(self) -> str:
@@ -659,6 +644,10 @@ class Shard:
                 del self._confirming[message["channel"]]
 
     # ---- room publishes, joins and leaves: a stream of commands on one connection (redis_stream) --
+
+    def share_relay(self, frame: bytes, answered: stream.Answered) -> None:
+        """PUBLISH one relay frame on the stream (no caller waits: `answered` is told)."""
+        self._stream.submit(self._relay_commands.command(self.incarnation, frame), answered)
 
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Seq:
         return self._numbered(self.stream_call(self._publish_command(room, head, tail, origin)))

@@ -435,6 +435,25 @@ def relay_prefix(incarnation: str) -> bytes:
     return envelope(incarnation, RELAY_ROOM, 0, b"")
 
 
+class RelayCommands:
+    """`PUBLISH wsapp:relay <prefix><frame>` (SPUBLISH on a Cluster) of one relay frame, packed as RESP:
+    the same bytes as `pack_command`, with the command, the channel and the incarnation's envelope
+    prefix packed once. Every relay frame a process's clients send goes through here."""
+
+    __slots__ = ("_head", "_incarnation", "_prefix")
+
+    def __init__(self, sharded: bool = False) -> None:
+        self._head = b"*3\r\n" + _bulk(publish_command(sharded).encode()) + _bulk(RELAY_CHANNEL.encode())
+        self._incarnation = ""
+        self._prefix = b""
+
+    def command(self, incarnation: str, frame: bytes) -> bytes:
+        if incarnation != self._incarnation:
+            self._incarnation, self._prefix = incarnation, relay_prefix(incarnation)
+        prefix = self._prefix
+        return b"%s$%d\r\n%s%s\r\n" % (self._head, len(prefix) + len(frame), prefix, frame)
+
+
 class Envelope(NamedTuple):
     """One message off the broker. A NamedTuple: the subscriber decodes one per relay frame."""
 
