@@ -393,3 +393,42 @@ def test_relay_crosses_processes_with_type_and_bytes(pair: tuple[ServerProcess, 
     finally:
         for ws in (sender, local, remote):
             ws.close()
+
+
+def test_relay_goes_on_across_a_broker_restart(
+    make_redis: Callable[[], RedisServer], make_server: Callable[..., ServerProcess]
+) -> None:
+    """The relay's frames travel on the command stream, which Redis's restart cuts: while Redis is
+    away a process relays to its own clients only and keeps nothing for later, and once Redis is
+    back frames cross again on the new connection, each delivered once (the sender hears nothing of
+    its own, its neighbour nothing twice)."""
+    broker = make_redis()
+    env = {"REDIS_URL": broker.url, "WSAPP_RATE_LIMIT": "0"}
+    a, b = make_server(**env), make_server(**env)
+    sender, local, remote = connect(a.ws("/")), connect(a.ws("/")), connect(b.ws("/"))
+    try:
+        for srv, count in ((a, 2), (b, 1)):
+            wait_for(lambda srv=srv, count=count: get_json(srv.http("/stats"))[1]["relay_clients"] == count,
+                     what=f"{count} relay clients")
+        sender.send("before")
+        for ws in (local, remote):
+            assert ws.recv_data() == (TEXT, b"before")
+
+        broker.stop()
+        for srv in (a, b):
+            wait_for(lambda srv=srv: health(srv)[0] == 503, what="healthz 503")
+        sender.send("during")  # a's own clients only
+        assert local.recv_data() == (TEXT, b"during")
+
+        broker.start()
+        for srv in (a, b):
+            wait_for(lambda srv=srv: health(srv)[0] == 200, timeout=10, what="healthz 200")
+        sender.send("after")
+        assert local.recv_data() == (TEXT, b"after")
+        assert remote.recv_data() == (TEXT, b"after")  # not "during": the relay keeps nothing
+        remote.send("marker from b")  # behind a's "after" on the one relay channel
+        assert sender.recv_data() == (TEXT, b"marker from b")
+        assert local.recv_data() == (TEXT, b"marker from b")
+    finally:
+        for ws in (sender, local, remote):
+            ws.close()
