@@ -218,12 +218,18 @@ class Outbox:
                 observe(end - arrived, messages)
             arrivals.clear()
 
-    def after_remote(self, arrived: float) -> None:
-        """After each delivery from the broker's subscriber, which began at `arrived` (monotonic): time
-        its fan-out with the flush that will send it, and wait if a recipient is over its cap."""
+    def after_remote(self, arrived: float, pace: bool = True) -> None:
+        """After each delivery from the broker, which began at `arrived` (monotonic): time its fan-out
+        with the flush that will send it, and (`pace`: the broker's subscriber) wait if a recipient is
+        over its cap."""
         if self._scheduled:
             self.arrivals.append((arrived, 1))
-        self.pace_if_needed()
+        if pace:
+            self.pace_if_needed()
+
+    def must_wait(self) -> bool:
+        """Whether a producer would wait now (a recipient over its cap, or the process over its budget)."""
+        return bool(self.congested) or self.queued > self.max_queued
 
     def released(self, nbytes: int) -> None:
         """`nbytes` of some backlog went to the kernel or were dropped."""
@@ -235,7 +241,7 @@ class Outbox:
     def pace_if_needed(self) -> None:
         """For any producer (a reader, the broker's subscriber, a view publishing): wait if what it just
         queued put a recipient or the process over its cap."""
-        if self.congested or self.queued > self.max_queued:
+        if self.must_wait():
             self.pace()
 
     def pace(self) -> None:

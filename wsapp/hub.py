@@ -85,8 +85,9 @@ class Hub:
         stats: Stats,
         max_rooms: int,
         clock: Callable[[], float] = time.time,
-        after_remote: Callable[[float], None] | None = None,
+        after_remote: Callable[[float, bool], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        must_wait: Callable[[], bool] | None = None,
     ) -> None:
         self._backend = backend
         self._frame = frame
@@ -97,6 +98,8 @@ class Hub:
         # paces there, and times the fan-out. An inline broker delivers inside the publisher's own
         # call, and the publisher paces itself.
         self._after_remote = None if backend.inline else after_remote
+        # Whether producers must wait now (see Deliver's `early`); None: never.
+        self._must_wait = must_wait
         self._monotonic = monotonic
         # room -> {live member: echo}
         self._rooms: dict[str, dict[Member, bool]] = {}
@@ -255,13 +258,16 @@ class Hub:
         except BrokerUnavailable as exc:
             raise unavailable(exc, msg_id) from None
 
-    def deliver(self, room: str, seq: int, origin: str | None, payload: bytes) -> None:
+    def deliver(self, room: str, seq: int, origin: str | None, payload: bytes, early: bool = False) -> bool:
         """One room event from the broker, in the room's order: to every live member (the origin only
-        for its own message with echo on), and to the gates of members still joining."""
+        for its own message with echo on), and to the gates of members still joining. `early`: see
+        `backends.Deliver` (refused while producers must wait; never waits)."""
         live = self._rooms.get(room)
         gates = self._joining.get(room)
         if not live and not gates:
-            return
+            return True
+        if early and self._must_wait is not None and self._must_wait():
+            return False
         after_remote = self._after_remote
         arrived = self._monotonic() if after_remote is not None else 0.0
         skip = self._by_id.get(origin) if origin is not None else None
@@ -283,7 +289,8 @@ class Hub:
         if seq:  # messages, not presence, count as messages out
             self._stats.messages_out += sent
         if after_remote is not None:
-            after_remote(arrived)
+            after_remote(arrived, not early)
+        return True
 
     def _fan_out(self, room: str, payload: bytes, skip: Member | None = None) -> int:
         """Frame `payload` once and send it to the room's live members but `skip`; how many took it."""

@@ -63,7 +63,8 @@ def build_services(settings: Settings) -> Services:
                     stats)
     registry = Registry(settings, stats, outbox)
     # After each delivery from another process, the broker's subscriber waits like any producer.
-    hub = Hub(backend, _text_frame, stats, settings.max_rooms, after_remote=outbox.after_remote)
+    hub = Hub(backend, _text_frame, stats, settings.max_rooms, after_remote=outbox.after_remote,
+              must_wait=outbox.must_wait)
     relay = RelayGroup(settings, stats, backend, after_remote=outbox.after_remote)
 
     def gauges() -> dict[str, float]:

@@ -227,3 +227,29 @@ def test_a_posted_seq_is_an_int_that_carries_its_epoch() -> None:
     hub.join(member, "r")
     assert hub.publish(member, "r", 4).epoch == epoch
     assert str(JoinedRoom(3, epoch)) == "3"
+
+
+def test_an_early_delivery_is_refused_while_producers_must_wait_and_never_waits_itself() -> None:
+    """A broker delivering its own publish from the publish's answer (`early`) is not its subscriber:
+    while a recipient is congested (or the process over budget) the hub refuses, so the event comes
+    through the subscriber, which waits; when it accepts, it times the fan-out but does not pace."""
+    broker = LateBroker()
+    after: list[bool] = []
+    busy = [False]
+    hub = Hub(broker, lambda payload: payload, Stats(), 4, after_remote=lambda arrived, pace: after.append(pace),
+              must_wait=lambda: busy[0])
+    member = FakeMember("m")
+    hub.join(member, "r")
+    for event in broker.stream:  # the member's own presence: it goes live
+        hub.deliver(*event)
+    member.frames.clear(), after.clear()
+
+    busy[0] = True
+    assert hub.deliver("r", 1, "someone-else", b"one", early=True) is False
+    assert (member.frames, after) == ([], [])  # nothing delivered, nothing timed, nobody waited
+    assert hub.deliver("r", 1, "someone-else", b"one") is True  # the subscriber's turn: it paces
+    assert (member.frames, after) == ([b"one"], [True])
+    busy[0] = False
+    assert hub.deliver("r", 2, "someone-else", b"two", early=True) is True
+    assert (member.frames, after) == ([b"one", b"two"], [True, False])
+    assert hub.deliver("empty-room", 1, None, b"x", early=True) is True  # no local members: nothing to refuse

@@ -197,3 +197,16 @@ def test_replication_life_is_the_replication_id_and_on_a_cluster_the_node_id_too
     assert wire.replication_life(info) == ("master", "9f" * 20)
     assert wire.replication_life(info, b"ab" * 20) == ("master", "ab" * 20 + "-" + "9f" * 20)
     assert wire.replication_life(b"# Replication\r\nrole:slave\r\n") == ("slave", wire.NO_LIFE)
+
+
+def test_a_cursor_says_which_message_is_a_rooms_next() -> None:
+    cursors = wire.Cursors()
+    assert not cursors.is_next("r", 1, "e1")  # a room without a cursor: its first event goes by the subscription
+    cursors.start("r", "e1", 4)
+    assert cursors.is_next("r", 5, "e1")
+    assert not cursors.is_next("r", 6, "e1")  # 5 is still on its way
+    assert not cursors.is_next("r", 5, "e2")  # another epoch: the subscription tells members it restarted
+    assert not cursors.is_next("r", 4, "e1")
+    assert cursors.offer("r", 5, "e1") is wire.Verdict.DELIVER
+    assert cursors.offer("r", 5, "e1") is wire.Verdict.REPEAT  # the subscription's copy of an early delivery
+    assert cursors.is_next("r", 6, "e1")

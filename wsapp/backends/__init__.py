@@ -7,10 +7,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, Self
 
-# Called with (room, seq, origin, payload) for every message (seq > 0) and presence event (seq 0) of
-# a room with local members, in the room's seq order; `origin` is the id of the local member it came
-# from (skipped unless it asked for echoes), None when it came from elsewhere.
-Deliver = Callable[[str, int, str | None, bytes], None]
+
+class Deliver(Protocol):
+    """Called with (room, seq, origin, payload) for every message (seq > 0) and presence event (seq 0)
+    of a room with local members, in the room's seq order; `origin` is the id of the local member it
+    came from (skipped unless it asked for echoes), None when it came from elsewhere.
+
+    `early=True`: a broker delivering one of this process's publishes from its answer, before the
+    copy its subscriber will get (which it then drops). The subscriber waits after each delivery
+    while a local recipient is congested or the process is over its byte budget; the answer's reader
+    must not, so early deliveries are refused (False, nothing delivered) while producers must wait,
+    and the event comes through the subscriber in its turn. Otherwise True."""
+
+    def __call__(self, room: str, seq: int, origin: str | None, payload: bytes, early: bool = False) -> bool: ...
+
+
 # Called with a ready-made frame one of another process's relay (`/`) clients sent; also the type of
 # the function that shares one of this process's relay frames with the others.
 RelayFrames = Callable[[bytes], None]

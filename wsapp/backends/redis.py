@@ -443,6 +443,27 @@ class RedisBackend:
             self.notify(room, protocol.error(protocol.HISTORY_GONE, RESTARTED_TEXT, room=room, epoch=epoch))
         self.notify(room, payload, seq, origin)
 
+    def numbered(self, room: str, numbered: Seq, origin: str | None, head: bytes, tail: bytes) -> None:
+        """One of this process's publishes came back numbered (the stream's reply): deliver it to the
+        local members now if it is the room's next message here, rather than when its copy comes in on
+        the subscription (then a REPEAT). Redis writes a publish's reply before the subscription's copy,
+        and wsapp often woke for the reply alone: the copy then waited a whole event-loop turn (the
+        flush of everything else queued), ~0.3-1 ms at 10 senders into a room of 100. Not while a local
+        join waits for its own presence event (that must reach the room's local members first), nor
+        while producers must wait (the hub refuses: see Deliver's `early`)."""
+        deliver = self._deliver
+        if deliver is None or self._marking or room not in self._members:
+            return
+        seq, epoch = numbered.seq, numbered.epoch
+        if not self._cursors.is_next(room, seq, epoch):
+            return  # an earlier message (another process's) is still on its way: the subscription keeps the order
+        try:
+            if not deliver(room, seq, origin, b"%s%d%s" % (head, seq, tail), early=True):
+                return
+        except Exception:
+            log.exception("broker: delivering a room event failed")
+        self._cursors.offer(room, seq, epoch)
+
     def notify(self, room: str, payload: bytes, seq: int = 0, origin: str | None = None) -> None:
         if self._deliver is not None:
             try:
@@ -650,7 +671,9 @@ class Shard:
         self._stream.submit(self._relay_commands.command(self.incarnation, frame), answered)
 
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Seq:
-        return self._numbered(self.stream_call(self._publish_command(room, head, tail, origin)))
+        numbered = self._numbered(self.stream_call(self._publish_command(room, head, tail, origin)))
+        self.backend.numbered(room, numbered, origin, head, tail)
+        return numbered
 
     def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
         """`publish` whose caller does not wait: `done` is told from the stream's reader."""
@@ -662,6 +685,7 @@ class Shard:
                 except BrokerUnavailable as exc:
                     failure = exc
                 else:
+                    self.backend.numbered(room, numbered, origin, head, tail)
                     done(numbered, None)
                     return
             done(None, failure)

@@ -534,6 +534,10 @@ class Cursors:
             return Verdict.REPEAT
         return Verdict.DELIVER
 
+    def is_next(self, room: str, seq: int, epoch: str) -> bool:
+        """Whether message `seq` of `epoch` is the room's next here: its predecessor delivered, same epoch."""
+        return self._rooms.get(room) == (epoch, seq - 1)
+
     def start(self, room: str, epoch: str, seq: int) -> None:
         """Where a room's delivery starts (its first local join), unless events already set it."""
         self._rooms.setdefault(room, (epoch, seq))
