@@ -136,3 +136,60 @@ def test_calls_a_settling_redis_refuses_run_again_in_order_and_are_refused_rathe
     assert out["cut"] == ["BrokerUnavailable", redis_stream.CUT]  # written, unanswered: it may have run
     # Closed: nobody reads or writes any more, so a late call is refused at once (it used to wait forever).
     assert out["after_close"] == "BrokerUnavailable" and out["after_close_waited"] < 0.5
+
+
+# A process's relay frames on its stream, with a backlog of 8 (RELAY_BACKLOG is 10,000): Redis holds
+# every write while paused (CLIENT PAUSE WRITE: PUBLISH is a write), so frames stay unanswered.
+RELAY_PACING_SCRIPT = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, sys, time, gevent, redis
+import wsapp.backends.redis as rb
+from wsapp.backends import redis_wire as wire
+from wsapp.config import Settings
+
+rb.RELAY_BACKLOG = 8
+backend = rb.RedisBackend(Settings.from_env({"REDIS_URL": f"redis://127.0.0.1:{sys.argv[1]}/0"}))
+backend.attach(lambda *event, **how: True)
+share = backend.attach_relay(lambda frame: None)
+admin = redis.Redis(port=int(sys.argv[1]), socket_timeout=2)
+watcher = admin.pubsub()
+watcher.subscribe(wire.RELAY_CHANNEL)
+assert watcher.get_message(timeout=2)["type"] == "subscribe"
+out = {"healthy": backend.healthy}
+admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+for n in range(8):
+    share(b"frame %d" % n)  # none of these waits: 8 unanswered
+out["waits_before"] = backend.counters["broker_relay_waits"]
+ninth = gevent.spawn(share, b"frame 8")
+gevent.sleep(0)  # it runs until it waits for the backlog to drain
+out["ninth_waiting"] = not ninth.dead
+out["waits_during"] = backend.counters["broker_relay_waits"]
+admin.execute_command("CLIENT", "UNPAUSE")
+ninth.join(0.5)  # replies come within milliseconds of the pause ending
+out["ninth_done"] = ninth.dead
+got = []
+deadline = time.monotonic() + 5
+while len(got) < 9 and time.monotonic() < deadline:
+    message = watcher.get_message(timeout=1)
+    if message and message["type"] == "message":
+        got.append(wire.parse_envelope(message["data"]).payload.decode())
+out["published"] = got
+out["still_healthy"] = backend.healthy
+backend.close()
+print(json.dumps(out))
+"""
+
+
+def test_a_relay_sender_waits_while_its_backlog_is_unanswered_then_every_frame_goes_in_order(
+        redis_server: RedisServer) -> None:
+    """The relay's pacing on the stream: past RELAY_BACKLOG unanswered frames the sender waits (and it
+    is counted) until half have been answered, then its frame goes; nothing is dropped or reordered."""
+    done = subprocess.run([sys.executable, "-c", RELAY_PACING_SCRIPT, str(redis_server.port)],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["healthy"] and out["still_healthy"]
+    assert (out["waits_before"], out["ninth_waiting"], out["waits_during"]) == (0, True, 1)
+    assert out["ninth_done"]
+    assert out["published"] == [f"frame {n}" for n in range(9)]
