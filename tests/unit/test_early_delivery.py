@@ -1,4 +1,4 @@
-"""A process's own publish delivered from the numbering's reply (RedisBackend.numbered), without Redis:
+"""A process's own publish delivered from the numbering's reply (RedisBackend.deliver_own), without Redis:
 when it is the room's next message here it goes at once and its copy from the subscription is dropped;
 otherwise it waits for the subscription, which keeps the room's order."""
 
@@ -38,7 +38,7 @@ def copy(backend: RedisBackend, seq: int, payload: bytes, epoch: str = "e1", ori
 def test_the_rooms_next_message_goes_from_the_reply_and_its_copy_is_dropped() -> None:
     delivered: list[tuple[Any, ...]] = []
     backend = backend_with(delivered, [True])
-    backend.numbered("r", Seq(5, "e1"), "m1", b'{"seq":', b"}")
+    backend.deliver_own("r", Seq(5, "e1"), "m1", b'{"seq":', b"}")
     assert delivered == [("r", 5, "m1", b'{"seq":5}', True)]
     backend.on_message(copy(backend, 5, b'{"seq":5}'))
     assert len(delivered) == 1  # the copy: a repeat
@@ -50,14 +50,14 @@ def test_anything_else_waits_for_the_subscription() -> None:
     delivered: list[tuple[Any, ...]] = []
     accept = [True]
     backend = backend_with(delivered, accept)
-    backend.numbered("r", Seq(6, "e1"), "m1", b"<", b">")  # 5 (another process's) is still on its way
-    backend.numbered("r", Seq(5, "e2"), "m1", b"<", b">")  # another epoch: the subscription says it restarted
-    backend.numbered("elsewhere", Seq(1, "e1"), "m1", b"<", b">")  # no local member
+    backend.deliver_own("r", Seq(6, "e1"), "m1", b"<", b">")  # 5 (another process's) is still on its way
+    backend.deliver_own("r", Seq(5, "e2"), "m1", b"<", b">")  # another epoch: the subscription says it restarted
+    backend.deliver_own("elsewhere", Seq(1, "e1"), "m1", b"<", b">")  # no local member
     backend._marking.add("m9")  # a local join waits for its own presence: it must reach members first
-    backend.numbered("r", Seq(5, "e1"), "m1", b"<", b">")
+    backend.deliver_own("r", Seq(5, "e1"), "m1", b"<", b">")
     backend._marking.clear()
     accept[0] = False  # producers must wait: the hub refuses, and the cursor stays
-    backend.numbered("r", Seq(5, "e1"), "m1", b"<", b">")
+    backend.deliver_own("r", Seq(5, "e1"), "m1", b"<", b">")
     assert delivered == []
     assert backend._cursors.position("r") == ("e1", 4)
     backend.on_message(copy(backend, 5, b"<5>"))

@@ -443,7 +443,7 @@ class RedisBackend:
             self.notify(room, protocol.error(protocol.HISTORY_GONE, RESTARTED_TEXT, room=room, epoch=epoch))
         self.notify(room, payload, seq, origin)
 
-    def numbered(self, room: str, numbered: Seq, origin: str | None, head: bytes, tail: bytes) -> None:
+    def deliver_own(self, room: str, numbered: Seq, origin: str | None, head: bytes, tail: bytes) -> None:
         """One of this process's publishes came back numbered (the stream's reply): deliver it to the
         local members now if it is the room's next message here, rather than when its copy comes in on
         the subscription (then a REPEAT). Redis writes a publish's reply before the subscription's copy,
@@ -672,7 +672,7 @@ class Shard:
 
     def publish(self, room: str, head: bytes, tail: bytes, origin: str | None) -> Seq:
         numbered = self._numbered(self.stream_call(self._publish_command(room, head, tail, origin)))
-        self.backend.numbered(room, numbered, origin, head, tail)
+        self.backend.deliver_own(room, numbered, origin, head, tail)
         return numbered
 
     def publish_nowait(self, room: str, head: bytes, tail: bytes, origin: str | None, done: Published) -> None:
@@ -685,7 +685,7 @@ class Shard:
                 except BrokerUnavailable as exc:
                     failure = exc
                 else:
-                    self.backend.numbered(room, numbered, origin, head, tail)
+                    self.backend.deliver_own(room, numbered, origin, head, tail)
                     done(numbered, None)
                     return
             done(None, failure)
