@@ -138,8 +138,9 @@ def test_calls_a_settling_redis_refuses_run_again_in_order_and_are_refused_rathe
     assert out["after_close"] == "BrokerUnavailable" and out["after_close_waited"] < 0.5
 
 
-# A process's relay frames on its stream, with a backlog of 8 (RELAY_BACKLOG is 10,000): Redis holds
-# every write while paused (CLIENT PAUSE WRITE: PUBLISH is a write), so frames stay unanswered.
+# A process's relay frames on its stream, with an echo window of 8 frames' bytes (RELAY_ECHO_WINDOW is
+# 64 KiB): Redis holds every write while paused (CLIENT PAUSE WRITE: PUBLISH is a write), so no copy
+# comes back on the process's own subscription.
 RELAY_PACING_SCRIPT = r"""
 from gevent import monkey
 monkey.patch_all()
@@ -148,7 +149,7 @@ import wsapp.backends.redis as rb
 from wsapp.backends import redis_wire as wire
 from wsapp.config import Settings
 
-rb.RELAY_BACKLOG = 8
+rb.RELAY_ECHO_WINDOW = 8 * len(b"frame 0")
 backend = rb.RedisBackend(Settings.from_env({"REDIS_URL": f"redis://127.0.0.1:{sys.argv[1]}/0"}))
 backend.attach(lambda *event, **how: True)
 share = backend.attach_relay(lambda frame: None)
@@ -159,14 +160,14 @@ assert watcher.get_message(timeout=2)["type"] == "subscribe"
 out = {"healthy": backend.healthy}
 admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
 for n in range(8):
-    share(b"frame %d" % n)  # none of these waits: 8 unanswered
+    share(b"frame %d" % n)  # none of these waits: 8 frames' bytes not back yet
 out["waits_before"] = backend.counters["broker_relay_waits"]
 ninth = gevent.spawn(share, b"frame 8")
-gevent.sleep(0)  # it runs until it waits for the backlog to drain
+gevent.sleep(0)  # it runs until it waits for the earlier frames to come back
 out["ninth_waiting"] = not ninth.dead
 out["waits_during"] = backend.counters["broker_relay_waits"]
 admin.execute_command("CLIENT", "UNPAUSE")
-ninth.join(0.5)  # replies come within milliseconds of the pause ending
+ninth.join(0.5)  # the copies come back within milliseconds of the pause ending
 out["ninth_done"] = ninth.dead
 got = []
 deadline = time.monotonic() + 5
@@ -176,20 +177,22 @@ while len(got) < 9 and time.monotonic() < deadline:
         got.append(wire.parse_envelope(message["data"]).payload.decode())
 out["published"] = got
 out["still_healthy"] = backend.healthy
+out["reconnects"] = backend.counters["broker_reconnects"]
 backend.close()
 print(json.dumps(out))
 """
 
 
-def test_a_relay_sender_waits_while_its_backlog_is_unanswered_then_every_frame_goes_in_order(
+def test_a_relay_sender_waits_while_its_frames_have_not_come_back_then_every_frame_goes_in_order(
         redis_server: RedisServer) -> None:
-    """The relay's pacing on the stream: past RELAY_BACKLOG unanswered frames the sender waits (and it
-    is counted) until half have been answered, then its frame goes; nothing is dropped or reordered."""
+    """The relay's pacing: past RELAY_ECHO_WINDOW bytes of the process's frames not back on its own
+    subscription (Redis buffers those for it) the sender waits, counted, until half are back; then its
+    frame goes. Nothing is dropped or reordered, and the subscription is never lost to it."""
     done = subprocess.run([sys.executable, "-c", RELAY_PACING_SCRIPT, str(redis_server.port)],
                           capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    assert out["healthy"] and out["still_healthy"]
+    assert out["healthy"] and out["still_healthy"] and out["reconnects"] == 0
     assert (out["waits_before"], out["ninth_waiting"], out["waits_during"]) == (0, True, 1)
     assert out["ninth_done"]
     assert out["published"] == [f"frame {n}" for n in range(9)]

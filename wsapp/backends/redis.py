@@ -33,6 +33,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, TypeVar
 
 import gevent
@@ -64,7 +65,12 @@ MAX_BACKOFF = 2.0
 TOPOLOGY_POLL = 0.5
 SETTLE_PAUSE = 0.05  # between sends of calls a settling Cluster refused (CLUSTERDOWN), within the stream's retry window
 PUBLISH_BATCH = 512  # rooms per pipeline when registering or keeping members alive
-RELAY_BACKLOG = 10000  # relay frames sent to Redis, not answered yet; past this the sender waits until half are
+# Bytes of this process's relay frames sent to Redis whose copy has not come back on its own subscription
+# yet; past this a relay sender waits until half have. Redis buffers those copies for this process's
+# subscriber, and cuts a subscriber off past its client-output-buffer-limit for pub/sub (32 MB, or 8 MB
+# for 60 s, by default; some deployments set far less): a flood on one process must not cost that
+# process its own subscription. Half of 128 KiB stays under even tight limits.
+RELAY_ECHO_WINDOW = 64 * 1024
 RESTARTED_TEXT = "the room's numbering restarted (its counter was lost in the broker): new epoch"
 GAP_TEXT = "some messages were missed while the broker was away and are no longer kept"
 SUBSCRIBED = frozenset({"subscribe", "ssubscribe"})
@@ -161,9 +167,12 @@ class RedisBackend:
         # Local rooms and their members (for re-registering after a reconnect).
         self._members: dict[str, dict[str, str]] = {}
         # Relay frames go to Redis on the relay shard's command stream, in the order this process's
-        # clients sent them; those not answered yet are counted (the sender's pacing).
+        # clients sent them; the bytes whose copy has not come back yet pace the senders (RELAY_ECHO_WINDOW),
+        # counted for the relay shard's incarnation they were sent under.
         self._relay_deliver: RelayFrames | None = None
-        self._relay_inflight = 0
+        self._relay_lag = 0
+        self._relay_lag_incarnation = ""
+        self._relay_lag_of = b""  # that incarnation's relay envelope prefix
         self._relay_drained = Event()
         # What /stats and /metrics show of the broker (see `counters`).
         self.reconnects = 0
@@ -185,7 +194,8 @@ class RedisBackend:
     def counters(self) -> dict[str, int]:
         """`broker_reconnects`: times a subscription was lost and made again (Redis restarted, a shard
         came back, or Redis cut off a subscriber that fell behind past its client-output-buffer-limit);
-        `broker_relay_waits`: times a relay sender waited for Redis to take its backlog;
+        `broker_relay_waits`: times a relay sender waited for its process's earlier relay frames to come
+        back from Redis (RELAY_ECHO_WINDOW);
         `broker_messages_in`: messages this process received from the broker (its rooms' and the relay's)."""
         return {
             "broker_reconnects": self.reconnects,
@@ -419,6 +429,8 @@ class RedisBackend:
         if room == wire.RELAY_ROOM:
             if not own:
                 self._on_relay(payload)
+            elif data.startswith(self._relay_lag_of):
+                self._relay_came_back(len(payload))
             return
         if not seq and origin is not None and room in self._members:
             try:
@@ -488,32 +500,45 @@ class RedisBackend:
     # ---- the relay: one PUBLISH per message, on the relay shard's command stream ----------------
 
     def _share_relay(self, frame: bytes) -> None:
-        """Send one of this process's relay frames to the others. The sender's reader does not wait
-        on Redis round trips, only when RELAY_BACKLOG frames are unanswered: then it waits (pacing its
-        client, as for a slow local reader) until half of them have been answered."""
+        """Send one of this process's relay frames to the others. The sender's reader does not wait on
+        Redis round trips, only while RELAY_ECHO_WINDOW bytes of this process's frames have not come
+        back on its own subscription: then it waits (pacing its client, as for a slow local reader)
+        until half have, or a timeout passes with none coming back (lost with a subscription: counted
+        as back)."""
         shard = self.relay_shard()
         if shard is None or not shard.healthy:
             return  # like rooms: while the broker is away, local clients only
-        if self._relay_inflight >= RELAY_BACKLOG:
+        if self._relay_lag >= RELAY_ECHO_WINDOW:
             self._relay_waits += 1
-            while self._relay_inflight >= RELAY_BACKLOG // 2 and shard.healthy:
+            while self._relay_lag >= RELAY_ECHO_WINDOW // 2 and shard.healthy:
                 self._relay_drained.clear()
-                self._relay_drained.wait(self._timeout)
+                if not self._relay_drained.wait(self._timeout):
+                    self._relay_lag = 0
             if not shard.healthy:
                 return
+        if shard.incarnation != self._relay_lag_incarnation:  # a new subscription: earlier copies will not come
+            self._relay_lag, self._relay_lag_incarnation = 0, shard.incarnation
+            self._relay_lag_of = wire.relay_prefix(shard.incarnation)
+        size = len(frame)
         try:
-            shard.share_relay(frame, self._relay_answered)
+            shard.share_relay(frame, partial(self._relay_answered, size))
         except BrokerUnavailable:  # the stream was closed (a shard dropped): the frame stays here, as above
             return
-        self._relay_inflight += 1
+        self._relay_lag += size
 
-    def _relay_answered(self, reply: Any, failure: BaseException | None) -> None:
-        """A relay PUBLISH's reply (the stream's reader), or its failure (the broker went away: the
-        frame is dropped, the relay keeps nothing; the shard already knows)."""
-        self._relay_inflight -= 1
-        if self._relay_inflight == RELAY_BACKLOG // 2 - 1:
+    def _relay_came_back(self, size: int) -> None:
+        lag = self._relay_lag = max(0, self._relay_lag - size)
+        if lag < RELAY_ECHO_WINDOW // 2 and not self._relay_drained.is_set():
             self._relay_drained.set()
-        if failure is None and isinstance(reply, Exception):
+
+    def _relay_answered(self, size: int, reply: Any, failure: BaseException | None) -> None:
+        """A relay PUBLISH's reply (the stream's reader), or its failure (the broker went away: the
+        frame is dropped, the relay keeps nothing; the shard already knows). A frame that was not
+        published will not come back."""
+        if failure is not None:
+            self._relay_came_back(size)
+        elif isinstance(reply, Exception):
+            self._relay_came_back(size)
             shard = self.relay_shard()
             if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
                 self.topology_changed()  # the relay channel's slot moved: its subscription moves with it
