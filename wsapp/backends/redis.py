@@ -69,7 +69,7 @@ PUBLISH_BATCH = 512  # rooms per pipeline when registering or keeping members al
 # yet; past this a relay sender waits until half have. Redis buffers those copies for this process's
 # subscriber, and cuts a subscriber off past its client-output-buffer-limit for pub/sub (32 MB, or 8 MB
 # for 60 s, by default; some deployments set far less): a flood on one process must not cost that
-# process its own subscription. Half of 128 KiB stays under even tight limits.
+# process its own subscription. 64 KiB stays under even tight limits (the tests set 256 KiB).
 RELAY_ECHO_WINDOW = 64 * 1024
 RESTARTED_TEXT = "the room's numbering restarted (its counter was lost in the broker): new epoch"
 GAP_TEXT = "some messages were missed while the broker was away and are no longer kept"
@@ -521,7 +521,7 @@ class RedisBackend:
             self._relay_lag_of = wire.relay_prefix(shard.incarnation)
         size = len(frame)
         try:
-            shard.share_relay(frame, partial(self._relay_answered, size))
+            shard.share_relay(frame, partial(self._relay_answered, shard, size))
         except BrokerUnavailable:  # the stream was closed (a shard dropped): the frame stays here, as above
             return
         self._relay_lag += size
@@ -531,21 +531,16 @@ class RedisBackend:
         if lag < RELAY_ECHO_WINDOW // 2 and not self._relay_drained.is_set():
             self._relay_drained.set()
 
-    def _relay_answered(self, size: int, reply: Any, failure: BaseException | None) -> None:
+    def _relay_answered(self, shard: Shard, size: int, reply: Any, failure: BaseException | None) -> None:
         """A relay PUBLISH's reply (the stream's reader), or its failure (the broker went away: the
         frame is dropped, the relay keeps nothing; the shard already knows). A frame that was not
-        published will not come back."""
+        published will not come back; a refusal is handled as a room publish's is."""
         if failure is not None:
             self._relay_came_back(size)
         elif isinstance(reply, Exception):
             self._relay_came_back(size)
-            shard = self.relay_shard()
-            if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
-                self.topology_changed()  # the relay channel's slot moved: its subscription moves with it
-            elif _another_primary(reply) and shard is not None:
-                shard.lost(reply)
-            else:
-                log.debug("broker: a relay frame was refused (%s)", reply)
+            shard.refused(reply)
+            log.debug("broker: a relay frame was refused (%s)", reply)
 
 
 class Shard:
@@ -723,13 +718,19 @@ class Shard:
 
     def _numbered(self, reply: Any) -> Seq:
         """The seq and epoch a publish script's reply gives; BrokerUnavailable for an error reply."""
-        if isinstance(reply, Exception):  # refused (out of memory, a read-only replica, MOVED): it did not run
-            if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
-                self.backend.topology_changed()
-            elif _another_primary(reply):
-                self.lost(reply)  # start over on a connection that knows where it leads
+        if isinstance(reply, Exception):
+            self.refused(reply)
             raise BrokerUnavailable(f"the broker refused the message ({reply})")
         return Seq(int(reply[0]), reply[1].decode())
+
+    def refused(self, reply: Exception) -> None:
+        """A publish Redis refused (out of memory, a read-only replica, MOVED): it did not run. A moved
+        slot remaps the Cluster; a server that is no longer the primary makes this shard start over on
+        a connection that knows where it leads."""
+        if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
+            self.backend.topology_changed()
+        elif _another_primary(reply):
+            self.lost(reply)
 
     @staticmethod
     def script_command(script: Script, call: wire.ScriptCall) -> bytes:
